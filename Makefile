@@ -1,0 +1,34 @@
+# Two commands: `make quickstart` (set up, run the main job offline) and `make test` (set up, lint, test).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.utune-installed
+
+.PHONY: install test lint quickstart bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# Reinstall when the dependencies change. torch/torchvision: the pair that installs from this
+# machine's local wheels (see README, "Installing"); CPU and CUDA both run on it.
+$(STAMP): pyproject.toml | $(PY)
+	$(PIP) install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check utune tests bench
+	$(VENV)/bin/ruff format --check utune tests bench
+
+test: lint
+	$(PY) -m pytest -q -p no:cacheprovider
+
+quickstart: $(STAMP)
+	$(VENV)/bin/utune inspect vit_base_patch16_224 --depth 2
+	$(VENV)/bin/utune apply specs/vit_b16_cifar100/utuning_dual.yaml model.pretrained=false --dry-run --verify
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,264 @@
+"""Checkpoints: atomic writes, damage detection, exact resume after SIGKILL, run-level train/eval."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from utune.errors import CheckpointError
+from utune.train import checkpoint as ck
+from utune.train import run as run_mod
+from utune.train.config import DataConfig, TrainConfig
+from utune.train.loop import fit
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_train_loop import digits_loaders, read_jsonl, snapshot, tiny_vit, train_cfg  # noqa: E402
+
+TESTS_DIR = Path(__file__).parent
+REPO = TESTS_DIR.parent
+
+
+def _save(ckpt_dir: Path, step: int, value: float, tags: tuple[str, ...] = ("latest",)) -> Path:
+    weights = {"head.weight": torch.full((3, 4), value), "head.bias": torch.zeros(3)}
+    return ck.save_checkpoint(ckpt_dir, step=step, weights=weights, state={"step": step, "x": value}, tags=tags)
+
+
+def test_checkpoint_layout_and_pruning(tmp_path: Path) -> None:
+    d = tmp_path / "checkpoints"
+    _save(d, 1, 1.0, ("latest", "best"))
+    _save(d, 2, 2.0)
+    _save(d, 3, 3.0)
+    assert sorted(p.name for p in d.iterdir()) == ["best.txt", "latest.txt", "step-00000001", "step-00000003"]
+    weights, state, folder = ck.load_checkpoint(tmp_path)
+    assert folder.name == "step-00000003" and state["x"] == 3.0 and weights["head.weight"][0, 0] == 3.0
+    assert ck.load_checkpoint(tmp_path, "best")[1]["step"] == 1
+    # state.pt is plain data: torch's safe loader reads it.
+    assert torch.load(folder / "state.pt", weights_only=True)["step"] == 3
+
+
+@pytest.mark.parametrize("crash_in", ["_publish", "_write_pointer"])
+def test_crash_before_the_switch_keeps_the_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crash_in: str
+) -> None:
+    d = tmp_path / "checkpoints"
+    _save(d, 1, 1.0)
+
+    def crash(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(ck, crash_in, crash)
+    with pytest.raises(KeyboardInterrupt):
+        _save(d, 2, 2.0)
+    monkeypatch.undo()
+    # The new checkpoint's files were completely written (a temp or unreferenced folder)...
+    leftovers = [p for p in d.iterdir() if p.is_dir() and p.name != "step-00000001"]
+    assert len(leftovers) == 1 and (leftovers[0] / "state.pt").is_file()
+    # ...but the pointer still names the old one, which loads.
+    weights, state, folder = ck.load_checkpoint(d)
+    assert folder.name == "step-00000001" and state["x"] == 1.0
+    _save(d, 3, 3.0)  # the next save clears the debris
+    assert sorted(p.name for p in d.iterdir() if p.is_dir()) == ["step-00000003"]
+
+
+def test_sigkill_during_writes_leaves_a_loadable_checkpoint(tmp_path: Path) -> None:
+    # A real kill -9 while a writer saves large checkpoints back to back.
+    script = tmp_path / "writer.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import torch
+        from pathlib import Path
+        from utune.train.checkpoint import save_checkpoint
+        big = torch.randn(4_000_000)
+        for step in range(1, 10_000):
+            save_checkpoint(Path({str(tmp_path / "ck")!r}), step=step, weights={{"w": big + step}},
+                            state={{"step": step, "pad": big}})
+    """)
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "ck" / "latest.txt").exists() or not any((tmp_path / "ck").glob(".tmp-*")):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)  # a temp folder exists: the kill lands mid-write
+    finally:
+        proc.wait()
+    weights, state, _ = ck.load_checkpoint(tmp_path / "ck")
+    assert weights["w"][0] == pytest.approx(state["pad"][0].item() + state["step"])
+
+
+def test_damaged_checkpoints_are_reported(tmp_path: Path) -> None:
+    d = tmp_path / "checkpoints"
+    folder = _save(d, 1, 1.0)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors is corrupt or truncated") as e:
+        ck.load_checkpoint(d)
+    assert "without --resume" in str(e.value)
+
+    folder = _save(d, 2, 2.0)
+    (folder / "state.pt").write_bytes((folder / "state.pt").read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="state.pt is corrupt or truncated"):
+        ck.load_checkpoint(d)
+
+    (d / "latest.txt").write_text("../../etc\n")
+    with pytest.raises(CheckpointError, match="not a checkpoint folder"):
+        ck.load_checkpoint(d)
+    with pytest.raises(CheckpointError, match="no 'latest' checkpoint"):
+        ck.load_checkpoint(tmp_path / "nowhere")
+
+
+def test_strict_loading_of_trainable_tensors(tmp_path: Path) -> None:
+    model = tiny_vit()
+    state = ck.trainable_state(model)
+    ck.load_trainable(model, state, source="x")
+    with pytest.raises(CheckpointError, match="missing 1"):
+        ck.load_trainable(model, {k: v for k, v in state.items() if k != "head.bias"}, source="x")
+    with pytest.raises(CheckpointError, match="unexpected 1"):
+        ck.load_trainable(model, {**state, "extra": torch.zeros(1)}, source="x")
+    with pytest.raises(CheckpointError, match="has shape"):
+        ck.load_trainable(model, {**state, "head.bias": torch.zeros(7)}, source="x")
+
+
+_RUN_B = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads({threads})
+from pathlib import Path
+from torch.utils.data import DataLoader
+from test_train_loop import Digits, digits_loaders, tiny_vit, train_cfg
+from utune.train.loop import fit
+
+class Slow(Digits):  # same data; slower, so the parent can kill the run part-way
+    def __getitem__(self, i):
+        time.sleep(0.003)
+        return super().__getitem__(i)
+
+loaders = digits_loaders(batch_size=32)
+# Two workers here, none in the reference run: the order and augmentations must not depend on it.
+loaders["train"] = DataLoader(Slow("train", augment=True), batch_size=32, num_workers=2)
+fit(tiny_vit(), train_cfg(**{cfg!r}), loaders, Path({out!r}))
+"""
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    # 1500 // 32 = 46 steps per epoch: the resumed part crosses an epoch boundary. Checkpoints every 10
+    # steps are not log boundaries (log_every=4), so a partial log window is restored too.
+    cfg = dict(max_steps=60, batch_size=32, checkpoint_every=10, eval_every=20, log_every=4)
+    ref = tiny_vit()
+    fit(ref, train_cfg(**cfg), digits_loaders(batch_size=32), tmp_path / "a")
+
+    out = tmp_path / "b"
+    script = tmp_path / "run_b.py"
+    script.write_text(_RUN_B.format(tests=str(TESTS_DIR), threads=torch.get_num_threads(), cfg=cfg, out=str(out)))
+    env = {**os.environ, "UTUNE_QUIET": "1"}
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=env)
+    pointer = out / "checkpoints" / "latest.txt"
+    try:
+        deadline = time.monotonic() + 90
+        while not (pointer.exists() and int(pointer.read_text().strip().split("-")[1]) >= 20):
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert proc.poll() is None
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (out / "summary.json").exists()
+    resumed_from = ck.read_state(ck.resolve_checkpoint(out) / "state.pt")["step"]
+    assert 20 <= resumed_from < 60
+
+    model = tiny_vit()
+    summary = fit(model, train_cfg(**cfg), digits_loaders(batch_size=32), out, resume=True)
+    assert summary["step"] == 60
+    want, got = snapshot(ref, trainable=True), snapshot(model, trainable=True)
+    for name in want:
+        assert torch.allclose(want[name], got[name], atol=1e-6), name
+
+    def comparable(path: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if k not in ("time", "images_per_s")} for r in read_jsonl(path)]
+
+    a, b = comparable(tmp_path / "a" / "metrics.jsonl"), comparable(out / "metrics.jsonl")
+    assert [(r["step"], r.get("split")) for r in a] == [(r["step"], r.get("split")) for r in b]
+    assert any(r["step"] > resumed_from for r in b)
+    for ra, rb in zip(a, b, strict=True):
+        assert ra == pytest.approx(rb, abs=1e-6)
+
+
+def test_resume_refuses_a_different_setup(tmp_path: Path) -> None:
+    loaders = digits_loaders()
+    fit(tiny_vit(), train_cfg(max_steps=3, checkpoint_every=2), loaders, tmp_path)
+    with pytest.raises(CheckpointError, match="already holds"):
+        fit(tiny_vit(), train_cfg(max_steps=3), loaders, tmp_path)
+    with pytest.raises(CheckpointError, match="batch_size=16"):
+        fit(tiny_vit(), train_cfg(max_steps=5), digits_loaders(batch_size=8), tmp_path, resume=True)
+    with pytest.raises(CheckpointError, match="frozen weights differ"):
+        fit(tiny_vit(seed=1), train_cfg(max_steps=5), loaders, tmp_path, resume=True)
+    with pytest.raises(CheckpointError, match="no 'latest' checkpoint"):
+        fit(tiny_vit(), train_cfg(max_steps=5), loaders, tmp_path / "fresh", resume=True)
+
+
+# ---- run level, with stand-ins for utune.api / utune.spec -----------------------------------------
+
+
+@dataclass
+class _Spec:
+    model: Any
+    data: DataConfig
+    train: TrainConfig
+
+
+@dataclass
+class _Built:
+    model: nn.Module
+    spec: _Spec
+    data_config: dict = field(default_factory=lambda: {"input_size": (3, 32, 32)})
+    report: dict = field(default_factory=dict)
+
+
+def test_train_run_and_eval_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = _Spec(types.SimpleNamespace(name="test_vit"), DataConfig(dataset="digits"), train_cfg(max_steps=12))
+    seen_specs: list[Any] = []
+
+    def fake_loaders(data_cfg: DataConfig, data_config: dict, tcfg: TrainConfig, splits=("train", "val")):
+        return {s: digits_loaders()[s] for s in splits}
+
+    def fake_build(path: Path, overrides=()) -> _Built:
+        seen_specs.append((Path(path).read_text(), list(overrides)))
+        return _Built(tiny_vit(), spec)
+
+    monkeypatch.setattr(run_mod, "build_loaders", fake_loaders)
+    monkeypatch.setitem(sys.modules, "utune.spec", types.SimpleNamespace(spec_to_yaml=lambda s: "version: 1\n"))
+    monkeypatch.setitem(sys.modules, "utune.api", types.SimpleNamespace(build=fake_build))
+
+    out = run_mod.default_run_dir("specs/vit_lora.yaml", base=tmp_path / "runs")
+    assert out.name.startswith("vit_lora-") and out.parent == tmp_path / "runs"
+    summary = run_mod.train_run(_Built(tiny_vit(), spec), out, resume=False)
+    assert (out / "spec.yaml").read_text() == "version: 1\n"
+    assert summary["meta"] == {"model": "test_vit", "dataset": "digits", "processes": 1}
+    assert run_mod.latest_run(tmp_path / "runs") == out
+
+    result = run_mod.eval_run(out, None, "val")
+    assert seen_specs == [("version: 1\n", [])]
+    assert result["n"] == 297 and result["acc"] == pytest.approx(summary["final_val_acc"], abs=1e-9)
+    run_mod.eval_run(out, "fashion-mnist", "val")
+    assert seen_specs[-1][1] == ["data.dataset=fashion-mnist"]
+
+    with pytest.raises(CheckpointError, match="not a utune run directory"):
+        run_mod.eval_run(tmp_path, None, "val")
+    with pytest.raises(CheckpointError, match="no training runs"):
+        run_mod.latest_run(tmp_path / "empty")

@@ -1,0 +1,39 @@
+"""utune: config-driven model surgery for parameter-efficient transfer learning.
+
+The Python API the CLI is built on::
+
+    import utune
+    spec = utune.load_spec("spec.yaml", overrides=["tuners.0.dim=16"])
+    built = utune.build(spec)        # .model (rewritten nn.Module), .report (counts per rule)
+    rows = utune.inspect("vit_base_patch16_224")
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from utune.api import Built
+    from utune.spec import Spec
+
+__all__ = ["__version__", "build", "inspect", "load_spec"]
+
+
+def load_spec(source: Any, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
+    from utune.spec import load_spec as _load
+
+    return _load(source, overrides)
+
+
+def build(spec_or_path: Any, overrides: list[str] | tuple[str, ...] = (), **kwargs: Any) -> Built:
+    from utune.api import build as _build
+
+    return _build(spec_or_path, overrides, **kwargs)
+
+
+def inspect(model_or_name: Any, spec: Any = None) -> list[dict[str, Any]]:
+    from utune.api import inspect as _inspect
+
+    return _inspect(model_or_name, spec)

@@ -1,0 +1,77 @@
+"""The error taxonomy.
+
+Every failure utune expects is a :class:`UtuneError`. Each carries a one-line message naming the
+problem and, where there is one, a ``hint`` naming the next thing to try. ``exit_code`` is 2 for bad
+input (the user can fix it) and 1 for internal failures. The CLI prints ``message`` and ``hint``
+and exits with ``exit_code``; it shows a traceback only when ``UTUNE_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class UtuneError(Exception):
+    """Base of every error utune raises on purpose."""
+
+    exit_code: int = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return self.message if not self.hint else f"{self.message}\n  hint: {self.hint}"
+
+
+class UserInputError(UtuneError):
+    """Something the user gave us is wrong; they can fix it."""
+
+    exit_code = 2
+
+
+class SpecError(UserInputError):
+    """A spec file or override is malformed. ``problems`` lists every problem found, with its line."""
+
+    def __init__(self, message: str, problems: Iterable[str] = (), hint: str | None = None) -> None:
+        self.problems = list(problems)
+        if self.problems:
+            message = message + "\n" + "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(message, hint)
+
+
+class OverrideError(SpecError):
+    """A ``key.path=value`` override on the command line is malformed or invalid."""
+
+
+class SelectionError(UserInputError):
+    """A rule's ``at:`` selector matched nothing, or matched a site its tuner cannot serve."""
+
+
+class ModelError(UserInputError):
+    """An unknown model name, an unreadable or mismatched weights file."""
+
+
+class DataError(UserInputError):
+    """A dataset that cannot be found or read."""
+
+
+class CheckpointError(UserInputError):
+    """A run directory, checkpoint or tuner file that is missing, corrupt or does not match."""
+
+
+class TraceError(UtuneError):
+    """torch.fx could not trace the model."""
+
+    exit_code = 2  # the model is the user's input: a different model or an issue report is the fix
+
+
+class RewriteError(UtuneError):
+    """A graph pass failed while inserting a tuner."""
+
+
+class ExportError(UtuneError):
+    """An export that cannot be done (non-mergeable tuner, verification failure, existing file)."""
+
+    exit_code = 2

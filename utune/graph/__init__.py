@@ -1,0 +1,1 @@
+"""The graph engine: tracing, sites, selection, rewriting passes, inspection."""

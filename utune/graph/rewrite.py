@@ -1,0 +1,215 @@
+"""Graph passes that attach tuners: one tap (what the tuner reads), one join (where its value goes).
+
+Joins:
+- ``add``: ``y = out + T(tap)`` at a site's output (parallel: tap = the site's input; sequential:
+  tap = its output);
+- ``replace``: ``y = T(out)`` (SSF, IA³: scale and shift the output);
+- ``replace_input``: the site reads ``T(in)`` instead of ``in`` (prompt tokens);
+- custom joins (attention K/V) are built from :meth:`Rewriter.call` and :meth:`Rewriter.redirect`.
+
+Each pass inserts nodes, then the graph is linted and recompiled; a failure names the rule and the
+site. New nodes get the module stack of the site's parent, so later passes still see one composite
+site per module. Values a pass replaced are tracked, so rules stack on the same site in spec order.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from utune.errors import RewriteError, SelectionError
+from utune.graph.sites import Site
+
+TUNER_ROOT = "utune"
+
+
+def module_key(path: str) -> str:
+    """A site path as a module name: ``blocks.3.attn::sdpa`` -> ``blocks_3_attn__sdpa``."""
+    return re.sub(r"[^0-9A-Za-z_]", "_", path)
+
+
+class Rewriter:
+    """Holds a GraphModule under rewrite and the helpers every tuner kind's ``insert`` uses."""
+
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        sites: dict[str, Site],
+        root: nn.Module | None = None,
+        example: torch.Tensor | None = None,
+    ) -> None:
+        self.example = example  # a dummy batch: shapes of nodes inserted by earlier passes are re-propagated
+        self.gm = gm
+        self.root = root if root is not None else gm  # the original model: attributes gm did not copy
+        self.graph = gm.graph
+        self.sites = sites
+        self._current: dict[fx.Node, fx.Node] = {}
+        self._order: dict[fx.Node, int] = {}
+        self.rule = ""
+        self.site: Site | None = None
+        if not hasattr(gm, TUNER_ROOT):
+            gm.add_module(TUNER_ROOT, nn.Module())
+
+    # ----- values -----
+    def current(self, node: fx.Node) -> fx.Node:
+        """The latest value standing for ``node`` after earlier joins replaced it."""
+        while node in self._current:
+            node = self._current[node]
+        return node
+
+    def tap(self, site: Site, where: str) -> fx.Node:
+        """The node a tuner reads: ``input``, ``output``, ``parent.input`` or ``parent.output``."""
+        target = site
+        if where.startswith("parent."):
+            parent_path = site.enclosing.rpartition(".")[0]
+            if site.op in ("function", "method"):
+                parent_path = site.enclosing
+            if parent_path not in self.sites:
+                raise SelectionError(
+                    f"rule {self.rule!r}: site {site.path} has no parent module to tap",
+                    hint="use tap: input or tap: output",
+                )
+            target = self.sites[parent_path]
+            where = where.split(".", 1)[1]
+        node = target.input if where == "input" else target.output
+        if node is None:
+            what = "no input" if where == "input" else f"{len(target.outputs)} outputs"
+            raise SelectionError(
+                f"rule {self.rule!r}: site {target.path} has {what}, so a tuner cannot read its {where}",
+                hint="select a module with one input and one output (`utune inspect` shows them)",
+            )
+        return self.current(node)
+
+    def output(self, site: Site) -> fx.Node:
+        node = site.output
+        if node is None:
+            raise SelectionError(
+                f"rule {self.rule!r}: site {site.path} has {len(site.outputs)} outputs; a tuner joins one value",
+                hint="select a module or op with a single output",
+            )
+        return self.current(node)
+
+    def shape(self, node: fx.Node) -> tuple[int, ...] | None:
+        """Output shape of ``node``; nodes new since the last propagation trigger one more ShapeProp."""
+        meta = node.meta.get("tensor_meta")
+        if meta is None and self.example is not None:
+            from torch.fx.passes.shape_prop import ShapeProp
+
+            self.gm.recompile()
+            was = self.gm.training
+            self.gm.eval()
+            with torch.no_grad():
+                ShapeProp(self.gm).propagate(self.example)
+            self.gm.train(was)
+            meta = node.meta.get("tensor_meta")
+        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+    # ----- insertion -----
+    def add_module(self, site: Site, module: nn.Module) -> str:
+        name = f"{TUNER_ROOT}.{module_key(self.rule)}.{module_key(site.path)}"
+        self.gm.add_submodule(name, module)
+        return name
+
+    def _stack_for(self, site: Site) -> dict[str, Any]:
+        anchor = site.output or (site.nodes[0] if site.nodes else None)
+        stack = dict(anchor.meta.get("nn_module_stack", {})) if anchor is not None else {}
+        # the new nodes belong to the site's parent, not to the site itself
+        keep = {}
+        for k, v in stack.items():
+            if v[0] == site.enclosing and site.op in ("module", "composite"):
+                break
+            keep[k] = v
+        return keep
+
+    @contextmanager
+    def inserting_after(self, node: fx.Node) -> Iterator[None]:
+        with self.graph.inserting_after(node):
+            yield
+
+    def _new(self, node: fx.Node) -> fx.Node:
+        if self.site is not None:
+            node.meta["nn_module_stack"] = copy.copy(self._stack_for(self.site))
+            node.meta["utune_rule"] = self.rule
+        return node
+
+    def call(self, target: str, args: tuple[Any, ...], after: fx.Node, kwargs: dict[str, Any] | None = None) -> fx.Node:
+        with self.graph.inserting_after(after):
+            return self._new(self.graph.call_module(target, args, kwargs or {}))
+
+    def call_function(self, fn: Callable[..., Any], args: tuple[Any, ...], after: fx.Node) -> fx.Node:
+        with self.graph.inserting_after(after):
+            return self._new(self.graph.call_function(fn, args))
+
+    def redirect(self, old: fx.Node, new: fx.Node, keep: set[fx.Node]) -> None:
+        """Every use of ``old`` except those in ``keep`` now reads ``new``."""
+        old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in keep)
+        self._current[old] = new
+
+    def call_base(self, path: str, args: tuple[Any, ...], after: fx.Node) -> fx.Node:
+        """Call a frozen base layer again (e.g. a query projection on a tuner's tap)."""
+        site = self.sites.get(path)
+        if site is None or site.op != "module":
+            raise SelectionError(
+                f"rule {self.rule!r}: the base layer {path} is not called as a module in the graph",
+                hint="this model reads that layer's weights directly; pick another site or kind",
+            )
+        return self.call(path, args, after=after)
+
+    def later(self, *nodes: fx.Node) -> fx.Node:
+        """The node that comes last in graph order (insert after it so every input exists)."""
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
+        return max(nodes, key=lambda n: order[n])
+
+    # ----- the standard joins -----
+    def join_add(self, site: Site, target: str, tap: fx.Node, extra: tuple[Any, ...] = ()) -> fx.Node:
+        out = self.output(site)
+        t = self.call(target, (tap, *extra), after=self.later(out, tap, *[e for e in extra if isinstance(e, fx.Node)]))
+        y = self.call_function(operator.add, (out, t), after=t)
+        if "tensor_meta" in out.meta:  # same shape as the value it replaces
+            y.meta["tensor_meta"] = out.meta["tensor_meta"]
+        self.redirect(out, y, keep={t, y})
+        return y
+
+    def join_replace(self, site: Site, target: str) -> fx.Node:
+        out = self.output(site)
+        y = self.call(target, (out,), after=out)
+        if "tensor_meta" in out.meta:
+            y.meta["tensor_meta"] = out.meta["tensor_meta"]
+        self.redirect(out, y, keep={y})
+        return y
+
+    def join_replace_input(self, site: Site, target: str) -> fx.Node:
+        """``site`` (and only it) reads ``T(in)`` instead of its input ``in``."""
+        inp = self.tap(site, "input")
+        y = self.call(target, (inp,), after=inp)
+        inside = set(site.nodes)
+        for user in list(inp.users):
+            if user in inside:
+                user.replace_input_with(inp, y)
+        return y
+
+    # ----- bookkeeping -----
+    @contextmanager
+    def pass_for(self, rule: str, site: Site) -> Iterator[None]:
+        """Run one insertion; lint and recompile; name the rule and site when anything breaks."""
+        self.rule, self.site = rule, site
+        try:
+            yield
+            self.graph.lint()
+            self.gm.recompile()
+        except (SelectionError, RewriteError):
+            raise
+        except Exception as e:
+            raise RewriteError(
+                f"rule {rule!r}: inserting the tuner at {site.path} failed: {type(e).__name__}: {e}",
+                hint="run with UTUNE_DEBUG=1 for the traceback and report it with the spec",
+            ) from e
+        finally:
+            self.site = None

@@ -1,0 +1,123 @@
+"""The only tracer: torch.fx with timm's no-trace registries and addressable leaf layers.
+
+Linear/Conv/Norm instances (subclasses included: timm's LayerNorm subclasses torch's) stay leaf
+calls so they are sites a tuner can attach to. Optional forward arguments are passed as their
+concrete defaults. timm's ``fused_attn`` flag is pinned to True (in the model too, so eager ==
+traced) so attention always traces to ``F.scaled_dot_product_attention``. The graph is traced in
+train and in eval mode; when the two differ, the model's Python control flow depends on the mode
+and one graph cannot serve both.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from typing import Any
+
+from torch import fx, nn
+
+from utune.errors import TraceError
+
+LEAF_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Conv1d,
+    nn.Conv2d,
+    nn.Conv3d,
+    nn.ConvTranspose2d,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.modules.batchnorm._BatchNorm,
+    nn.MultiheadAttention,  # traced into, F.multi_head_attention_forward is untraceable control flow
+    nn.Dropout,
+)
+
+
+def _timm_leaves() -> tuple[set[type[nn.Module]], tuple[Any, ...]]:
+    from timm.layers import DropPath, get_notrace_functions, get_notrace_modules
+
+    # DropPath branches on self.training: as a leaf the graph is the same in train and eval mode
+    return set(get_notrace_modules()) | {DropPath}, tuple(get_notrace_functions())
+
+
+class UtuneTracer(fx.Tracer):
+    """fx tracer whose leaves are utune's addressable layers plus timm's no-trace modules."""
+
+    def __init__(self) -> None:
+        leaves, functions = _timm_leaves()
+        super().__init__(autowrap_functions=functions, param_shapes_constant=True)
+        self._leaf_types = tuple(leaves)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, LEAF_TYPES) or isinstance(m, self._leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def pin_attention(model: nn.Module) -> int:
+    """Set timm's per-module ``fused_attn`` flag to True, for good: eager and traced then agree.
+
+    Returns how many modules were pinned. The model keeps the flag so that eager runs of it compute
+    what the traced graph computes (``scaled_dot_product_attention``), bit for bit.
+    """
+    pinned = 0
+    for m in model.modules():
+        if isinstance(getattr(m, "fused_attn", None), bool):
+            m.fused_attn = True
+            pinned += 1
+    return pinned
+
+
+def _concrete_args(model: nn.Module) -> dict[str, Any]:
+    """Optional forward arguments (``mask=None``, ``is_causal=False``) become concrete defaults."""
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return {}
+    params = list(sig.parameters.values())[1:]  # the first is the image
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty and p.kind in kinds}
+
+
+def _trace_once(model: nn.Module, name: str) -> fx.GraphModule:
+    tracer = UtuneTracer()
+    graph = tracer.trace(model, concrete_args=_concrete_args(model))
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+def _signature(gm: fx.GraphModule) -> list[tuple[str, str]]:
+    # tensor constants are numbered per tracer instance: compare their presence, not their names
+    return [(n.op, re.sub(r"_tensor_constant\d+", "_tensor_constant", str(n.target))) for n in gm.graph.nodes]
+
+
+def trace(model: nn.Module, name: str = "model") -> fx.GraphModule:
+    """Trace ``model`` to a GraphModule sharing its parameters; TraceError names the model and cause."""
+    was_training = model.training
+    try:
+        pin_attention(model)
+        model.train()
+        gm_train = _trace_once(model, type(model).__name__)
+        model.eval()
+        gm_eval = _trace_once(model, type(model).__name__)
+    except TraceError:
+        raise
+    except Exception as e:  # fx raises TraceError, TypeError, RuntimeError... on Python control flow
+        cause = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TraceError(
+            f"torch.fx cannot trace {name}: {type(e).__name__}: {cause}",
+            hint="the model's forward uses Python control flow on tensor values; register the offending "
+            "module with timm.layers.register_notrace_module, or pick another model",
+        ) from e
+    finally:
+        model.train(was_training)
+    if _signature(gm_train) != _signature(gm_eval):
+        diff = next(
+            (a, b)
+            for a, b in zip(_signature(gm_train) + [("", "")], _signature(gm_eval) + [("", "")], strict=False)
+            if a != b
+        )
+        raise TraceError(
+            f"{name} traces to different graphs in train and eval mode (first difference: {diff[0]} vs {diff[1]})",
+            hint="its forward branches on self.training outside a leaf module; utune cannot rewrite it safely",
+        )
+    gm_eval.train(was_training)
+    return gm_eval

@@ -1,0 +1,472 @@
+"""The spec: one YAML file saying which model, which tuners where, what trains, and how to export.
+
+Loading is strict and talkative: every problem in a file is reported at once, each with its line,
+key path and (for typos) a did-you-mean, because specs are typed by hand and a run that dies on
+its third typo wastes an afternoon. A tuner kind's own options are written flat in its rule and
+checked by that kind's ``Options`` model in a second phase, so both phases' errors arrive together.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, get_args
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    Field,
+    PrivateAttr,
+    SerializeAsAny,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic.json_schema import SkipJsonSchema
+
+from utune._schema import Section
+from utune._yamlpos import (
+    Loc,
+    Override,
+    YamlSyntaxError,
+    apply_override,
+    duplicate_keys,
+    line_of,
+    parse_yaml,
+    written_loc,
+)
+from utune.errors import OverrideError, SpecError
+from utune.graph.select import Selector
+from utune.train.config import DataConfig, TrainConfig
+from utune.tuners.registry import get_kind, kinds
+
+SPEC_VERSION = 1
+_HINT = "fix the lines above; `utune spec schema` prints the schema"
+_OVERRIDE_HINT = "write overrides as key.path=value, e.g. train.lr=1e-3, tuners.0.dim=16, trainable=[head]"
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
+_STR_OR_LIST = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
+_COMMON = ("name", "kind", "at", "placement", "tap")  # rule keys that are not the kind's options
+
+
+# --- field types ---------------------------------------------------------------------------------
+
+
+def _as_list(value: Any) -> Any:
+    """A lone string is a one-item list: ``trainable: head`` means ``[head]``."""
+    return [value] if isinstance(value, str) else value
+
+
+def _check_globs(globs: list[str]) -> list[str]:
+    for glob in globs:
+        if any(not seg.strip() for seg in glob.split(".")):
+            raise ValueError(f"bad glob {glob!r}: empty path segment")
+    return globs
+
+
+Globs = Annotated[list[str], BeforeValidator(_as_list), AfterValidator(_check_globs), WithJsonSchema(_STR_OR_LIST)]
+_LAYERS_SCHEMA = {
+    "anyOf": [
+        {"type": "integer", "minimum": 0},
+        {"type": "string", "pattern": r"^\s*\d+\s*(-\s*\d+\s*)?(,\s*\d+\s*(-\s*\d+\s*)?)*$"},
+        {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        {"type": "null"},
+    ]
+}
+
+
+# --- sections ------------------------------------------------------------------------------------
+
+
+class ModelConfig(Section):
+    name: str = Field(min_length=1, description="timm name, or 'torchvision:<name>'")
+    pretrained: bool | str = Field(default=False, description="true, false, or a .safetensors/.pth path")
+    num_classes: int | None = Field(default=None, gt=0)
+    img_size: int | None = Field(default=None, gt=0)
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the model factory")
+
+
+def _options_class(kind: str) -> type[Section]:
+    return getattr(get_kind(kind), "Options", Section)
+
+
+class TunerRule(Section):
+    """One item of ``tuners:``; ``options`` holds the kind's own keys, written flat in the YAML."""
+
+    name: str
+    kind: str
+    at: Selector
+    placement: Literal["parallel", "sequential", "concat"] | None = None  # the kind says which it offers
+    tap: Literal["input", "output", "parent.input", "parent.output"] | None = None
+    options: SkipJsonSchema[SerializeAsAny[Section] | None] = None
+
+    @field_validator("name")
+    @classmethod
+    def _identifier(cls, name: str) -> str:
+        if not _NAME_RE.fullmatch(name):
+            raise ValueError(f"bad rule name {name!r}: use letters, digits, '_' and '-', not starting with a digit")
+        return name
+
+    @field_validator("kind")
+    @classmethod
+    def _registered(cls, kind: str) -> str:
+        try:
+            get_kind(kind)
+        except SpecError as exc:
+            raise ValueError(f"{exc.message}; {exc.hint}" if exc.hint else exc.message) from None
+        return kind
+
+    @model_validator(mode="after")
+    def _options_of_kind(self) -> TunerRule:
+        """Fill the kind's defaults when built in code without options; reject another kind's options."""
+        options_cls = _options_class(self.kind)
+        if self.options is None:
+            self.__dict__["options"] = options_cls()
+        elif not isinstance(self.options, options_cls):
+            got = type(self.options).__qualname__
+            raise ValueError(f"options of kind {self.kind!r} must be {options_cls.__qualname__}, not {got}")
+        return self
+
+    @field_validator("placement")
+    @classmethod
+    def _offered(cls, placement: str | None, info: ValidationInfo) -> str | None:
+        kind = info.data.get("kind")
+        offered = getattr(get_kind(kind), "placements", None) if isinstance(kind, str) else None
+        if placement is not None and offered is not None and placement not in offered:
+            raise ValueError(f"kind {kind!r} has no placement {placement!r}; it offers: {', '.join(offered)}")
+        return placement
+
+
+class ExportConfig(Section):
+    merge: bool = False
+    format: Literal["safetensors", "peft"] = "safetensors"
+    tuners_only: bool = False
+
+
+class Spec(Section):
+    """A loaded spec. ``source_text``/``source``/``overrides`` record where it came from."""
+
+    version: Literal[1]
+    model: ModelConfig
+    tuners: list[TunerRule] = Field(default_factory=list)
+    trainable: Globs = Field(default_factory=list, description="globs over base parameter names")
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    _source: str = PrivateAttr(default="<spec>")
+    _source_path: Path | None = PrivateAttr(default=None)
+    _source_text: str | None = PrivateAttr(default=None)
+    _overrides: tuple[str, ...] = PrivateAttr(default=())
+
+    @field_validator("tuners")
+    @classmethod
+    def _unique_names(cls, rules: list[TunerRule], info: ValidationInfo) -> list[TunerRule]:
+        if not (info.context or {}).get("names_checked"):  # the loader checks the raw YAML, with lines
+            for problem in _duplicate_names([rule.name for rule in rules]):
+                raise ValueError(problem.message)
+        return rules
+
+    @property
+    def source(self) -> str:
+        """The file the spec was read from, or ``<dict>``/``<spec>``."""
+        return self._source
+
+    @property
+    def source_path(self) -> Path | None:
+        return self._source_path
+
+    @property
+    def source_text(self) -> str | None:
+        """The file's text as written (before overrides); ``None`` when not loaded from text."""
+        return self._source_text
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        return self._overrides
+
+    def __eq__(self, other: object) -> bool:
+        """Equal when the resolved settings are; where the spec came from does not matter."""
+        if not isinstance(other, Spec):
+            return NotImplemented
+        return self.__dict__ == other.__dict__
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Problem:
+    loc: Loc
+    message: str
+    missing: bool = False  # the key at loc[-1] is absent: point at its parent's line
+    line: int | None = None  # already known (duplicate YAML keys)
+
+
+def load_spec(source: str | Path | dict[str, Any] | Spec, overrides: Sequence[str] = ()) -> Spec:
+    """Load and validate a spec from a file path, a dict, or a loaded Spec (overrides applied again)."""
+    if isinstance(source, Spec):
+        spec = _build(spec_to_dict(source), None, source.source, overrides, prior=source.overrides)
+        spec._source_path, spec._source_text = source.source_path, source.source_text
+        return spec
+    if isinstance(source, dict):
+        return _build(copy.deepcopy(source), None, "<dict>", overrides)
+    path = Path(source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"spec file not found: {path}", hint="check the path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"cannot read spec {path}: {exc}") from None
+    return load_spec_text(text, str(path), overrides, path=path)
+
+
+def load_spec_text(
+    text: str, source: str = "<text>", overrides: Sequence[str] = (), *, path: Path | None = None
+) -> Spec:
+    """Load a spec from YAML text (e.g. the copy embedded in a tuner export); ``source`` names it."""
+    try:
+        data, root = parse_yaml(text)
+    except YamlSyntaxError as exc:
+        p = exc.problem
+        where = f"{source}:{p.line}" + (f":{p.column}" if p.column else "")
+        problems = [f"{where}: YAML syntax error: {p.message}"]
+        raise SpecError(f"spec {source} is not valid YAML", problems, "check indentation, colons and quoting") from None
+    if data is None:
+        problem = f"{source}:1: (top level): the spec is empty; it must be a mapping starting with `version: 1`"
+        raise SpecError(f"spec {source} is empty", [problem], hint=_HINT)
+    if not isinstance(data, dict):
+        got = "a list" if isinstance(data, list) else f"a {type(data).__name__} ({data!r:.40})"
+        want = "expected a mapping of sections (version, model, tuners, ...)"
+        problem = f"{source}:{line_of(root, ())}: (top level): {want}, got {got}"
+        raise SpecError(f"spec {source} is invalid (1 problem)", [problem], hint=_HINT)
+    early = [_Problem(loc, msg, line=line) for loc, line, msg in duplicate_keys(root)]
+    spec = _build(data, root, source, overrides, early=early)
+    spec._source_path, spec._source_text = path, text
+    return spec
+
+
+def validate_files(paths: Iterable[str | Path]) -> list[tuple[Path, SpecError | None]]:
+    """Check each file; the error (or ``None``) per file, for ``utune spec validate FILE...``."""
+    results: list[tuple[Path, SpecError | None]] = []
+    for path in paths:
+        try:
+            load_spec(Path(path))
+        except SpecError as exc:
+            results.append((Path(path), exc))
+        else:
+            results.append((Path(path), None))
+    return results
+
+
+def _build(
+    data: dict[str, Any],
+    root: Any,
+    source: str,
+    overrides: Sequence[str],
+    early: Sequence[_Problem] = (),
+    prior: tuple[str, ...] = (),
+) -> Spec:
+    applied = _apply_overrides(data, overrides)
+    problems = list(early)
+    version = _version_problem(data)
+    if version is not None:  # the version decides how to read the rest: stop here
+        _fail([*problems, version], source, root, data, applied)
+    for key in ("tuners", "trainable", "data", "train", "export"):
+        if key in data and data[key] is None:  # `train:` with every line commented out
+            del data[key]
+    spec, found = _validate(data)
+    problems += found
+    if problems or spec is None:
+        _fail(problems, source, root, data, applied)
+    spec._source, spec._overrides = source, prior + tuple(overrides)
+    return spec
+
+
+def _version_problem(data: dict[str, Any]) -> _Problem | None:
+    if "version" not in data:
+        return _Problem(("version",), "missing; a spec starts with `version: 1`", missing=True)
+    version = data["version"]
+    if type(version) is not int or version != SPEC_VERSION:
+        return _Problem(("version",), f"unsupported spec version {version!r}; this utune reads version 1")
+    return None
+
+
+def _validate(data: dict[str, Any]) -> tuple[Spec | None, list[_Problem]]:
+    """Phase 2 (each rule's options) and phase 1 (everything else); returns all problems of both."""
+    problems: list[_Problem] = []
+    phase1 = dict(data)
+    if isinstance(data.get("tuners"), list):
+        rules: list[Any] = []
+        for i, raw in enumerate(data["tuners"]):
+            if not isinstance(raw, dict):
+                rules.append(raw)
+                continue
+            common = {k: v for k, v in raw.items() if k in _COMMON}
+            options, found = _validate_options(i, raw)
+            problems += found
+            if options is not None:
+                common["options"] = options
+            rules.append(common)
+        phase1["tuners"] = rules
+        problems += _duplicate_names([r.get("name") if isinstance(r, dict) else None for r in data["tuners"]])
+    try:
+        return Spec.model_validate(phase1, context={"names_checked": True}), problems
+    except ValidationError as exc:
+        return None, problems + [_from_pydantic(err, ()) for err in exc.errors()]
+
+
+def _validate_options(index: int, raw: dict[str, Any]) -> tuple[Section | None, list[_Problem]]:
+    kind = raw.get("kind")
+    if not isinstance(kind, str) or kind not in kinds():
+        return None, []  # phase 1 reports the missing or unknown kind
+    options_cls = _options_class(kind)
+    try:
+        return options_cls.model_validate({k: v for k, v in raw.items() if k not in _COMMON}), []
+    except ValidationError as exc:
+        names = [*_COMMON, *options_cls.model_fields]
+        return None, [_from_pydantic(err, ("tuners", index), names) for err in exc.errors()]
+
+
+def _duplicate_names(names: list[Any]) -> list[_Problem]:
+    first: dict[str, int] = {}
+    problems = []
+    for i, name in enumerate(names):
+        if isinstance(name, str) and name in first:
+            msg = f"duplicate rule name {name!r} (also used by tuners.{first[name]}); names must be unique"
+            problems.append(_Problem(("tuners", i, "name"), msg))
+        elif isinstance(name, str):
+            first[name] = i
+    return problems
+
+
+def _from_pydantic(err: Any, prefix: Loc, names: list[str] | None = None) -> _Problem:
+    """Turn one pydantic error into a problem with a message a YAML author understands."""
+    loc = prefix + tuple(err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        allowed = names if names is not None else _fields_at(loc[:-1])
+        close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+        more = f"did you mean {close[0]!r}?" if close else f"allowed: {', '.join(allowed)}"
+        return _Problem(loc, f"unknown key {key!r} ({more})")
+    if kind == "missing":
+        return _Problem(loc, "required key is missing", missing=True)
+    if kind in ("value_error", "assertion_error"):
+        return _Problem(loc, str(err["ctx"]["error"]))
+    msg = err["msg"][:1].lower() + err["msg"][1:]
+    return _Problem(loc, f"{msg} (got {json.dumps(err.get('input'), default=repr)[:60]})")
+
+
+def _fields_at(loc: Loc) -> list[str]:
+    """The keys allowed in the mapping at ``loc`` (for did-you-mean), walking Spec's annotations."""
+    model: type[BaseModel] | None = Spec
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(str(part))
+        model = _model_in(field.annotation) if field is not None else None
+    return [name for name in model.model_fields if name != "options"] if model is not None else []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        if (found := _model_in(arg)) is not None:
+            return found
+    return None
+
+
+def _fail(problems: list[_Problem], source: str, root: Any, data: Any, applied: list[Override]) -> None:
+    """Raise one SpecError listing every problem, sorted by line; problems of the same key are merged."""
+    grouped: dict[str, tuple[tuple[int, int], list[str]]] = {}
+    for p in problems:
+        loc = p.loc if p.line is not None else written_loc(p.loc, data, p.missing)
+        dotted = ".".join(map(str, loc)) or "(top level)"
+        owner = next((o for o in reversed(applied) if loc[: len(o.owner)] == o.owner), None)
+        if owner is not None:
+            head, order = f"override {owner.text!r}" + ("" if loc == owner.path else f": {dotted}"), (1, 0)
+        else:
+            line = p.line or line_of(root, loc)
+            head, order = (f"{source}:{line}" if root is not None else source) + f": {dotted}", (0, line)
+        messages = grouped.setdefault(head, (order, []))[1]
+        if p.message not in messages:
+            messages.append(p.message)
+    lines = [f"{head}: {'; '.join(msgs)}" for head, (_, msgs) in sorted(grouped.items(), key=lambda kv: kv[1][0])]
+    cls = OverrideError if any(line.startswith("override ") for line in lines) else SpecError
+    plural = "" if len(lines) == 1 else "s"
+    raise cls(f"spec {source} is invalid ({len(lines)} problem{plural})", problems=lines, hint=_HINT)
+
+
+def _apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> list[Override]:
+    applied, problems = [], []
+    for text in overrides:
+        try:
+            applied.append(apply_override(data, text))
+        except ValueError as exc:
+            problems.append(f"override {text!r}: {exc}")
+    if problems:
+        raise OverrideError(f"bad override{'s' if len(problems) > 1 else ''}", problems, hint=_OVERRIDE_HINT)
+    return applied
+
+
+# --- dumping and schema --------------------------------------------------------------------------
+
+
+def spec_to_dict(spec: Spec) -> dict[str, Any]:
+    """The resolved spec as plain JSON-able data, each rule's options written flat as in the YAML."""
+    data = spec.model_dump(mode="json")
+    for rule in data["tuners"]:
+        rule.update(rule.pop("options") or {})
+    return data
+
+
+def spec_to_yaml(spec: Spec) -> str:
+    """A resolved, re-loadable YAML dump (every default filled in), e.g. for a run directory."""
+    header = f"# resolved by utune from {spec.source}"
+    if spec.overrides:
+        header += " with overrides: " + " ".join(spec.overrides)
+    body = yaml.safe_dump(spec_to_dict(spec), sort_keys=False, allow_unicode=True, default_flow_style=False)
+    return header.replace("\n", " ") + "\n" + body
+
+
+def spec_hash(spec: Spec) -> str:
+    """sha256 of the resolved spec's canonical JSON: equal settings give equal hashes."""
+    canonical = json.dumps(spec_to_dict(spec), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def spec_json_schema() -> dict[str, Any]:
+    """A JSON schema for editors: each registered kind's options are allowed in rules of that kind."""
+    schema = Spec.model_json_schema()
+    defs = schema.setdefault("$defs", {})
+    rule = defs["TunerRule"]
+    selector = defs["Selector"]["properties"]
+    for key in ("path", "type", "op", "exclude"):  # a lone string is accepted as a one-item list
+        selector[key] = {**_STR_OR_LIST, "default": selector[key].get("default")}
+    selector["layers"] = {**_LAYERS_SCHEMA, "default": None}
+    selector_ref = {"$ref": "#/$defs/Selector"}
+    rule["properties"]["at"] = {"anyOf": [*_STR_OR_LIST["anyOf"], selector_ref], "description": "where to attach"}
+    variants = []
+    for name, cls in kinds().items():
+        options = getattr(cls, "Options", Section).model_json_schema(ref_template="#/$defs/{model}")
+        defs.update(options.pop("$defs", {}))
+        properties = {**rule["properties"], **options.get("properties", {}), "kind": {"const": name}}
+        required = list(dict.fromkeys([*rule.get("required", []), *options.get("required", [])]))
+        variant = {"title": name, "type": "object", "properties": properties, "required": required}
+        variants.append({**variant, "additionalProperties": False})
+    if variants:
+        kind_enum = {"kind": {"enum": list(kinds())}}
+        defs["TunerRule"] = {**rule, "properties": kind_enum, "oneOf": variants}
+        defs["TunerRule"].pop("additionalProperties", None)
+    return schema

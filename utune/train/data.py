@@ -1,0 +1,142 @@
+"""Datasets and data loaders for training: ``data:`` section → ``{split: Dataset}`` → ``DataLoader``.
+
+Every split yields ``(image, label)``: a normalised float tensor ``(C, S, S)`` shaped like the model's
+input (``C`` from the model's ``input_size``; ``S`` from ``data.img_size`` or the model) and an ``int``
+label in ``0..num_classes-1``. Transforms come from the model's timm data config; see
+:mod:`utune.train.datasets.transforms` (light timm training augmentation, resize + centre crop for
+evaluation; grayscale images are repeated to the model's channel count).
+
+Where data lives: ``data.root`` when set, else ``<base>/<dataset>`` with ``<base>`` =
+``$UTUNE_DATA`` or ``~/.cache/utune/data`` (VTAB tasks share ``<base>/vtab-1k``). Nothing is
+downloaded unless ``build_datasets(..., download=True)``, and only CIFAR, Fashion-MNIST and
+Flowers-102 (official layout) can be downloaded. A dataset that is not there raises one
+:class:`~utune.errors.DataError` naming the paths looked at and how to get it.
+
+==================  =========================================================  ======================
+``data.dataset``    layout under the root                                      splits
+==================  =========================================================  ======================
+cifar100, cifar10   ``cifar-100-python/`` / ``cifar-10-batches-py/`` (official  train, test,
+                    python archives, extracted)                                val = test
+cub, nabirds,       VPT: ``{train,val,test}.json`` (relative path → label)      train, val, test,
+flowers102,         next to the images (``images/`` for cub and nabirds,       trainval
+stanford_cars,      ``Images/`` for stanford_dogs); else the official layout
+stanford_dogs       (see :mod:`~utune.train.datasets.fgvc`)
+vtab-<task>         ``<task>/{train800val200,train800,val200,test}.txt`` with   train (= 800+200),
+                    ``relative/path.jpg label`` lines (NOAH/SSF vtab-1k)       train800, val, test
+imagefolder         ``train/<class>/*``, ``val/<class>/*`` [, ``test/<class>/*``]  train, val, test
+digits              none: scikit-learn's bundled 8×8 digits (1,437 / 360)      train, val, test = val
+fashion-mnist       ``FashionMNIST/raw/*-ubyte[.gz]``, the files in the root,    train, test,
+                    or Debian's ``/usr/share/datasets/fashion-mnist/``         val = test
+==================  =========================================================  ======================
+
+Each family's module under :mod:`utune.train.datasets` documents its layout in full.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from utune.errors import DataError
+from utune.train.config import DataConfig
+from utune.train.datasets._common import Source, data_base, resolve_root
+from utune.train.datasets.registry import TRAIN_SPLITS, Entry, lookup, names
+from utune.train.datasets.transforms import build_transform
+
+__all__ = ["build_datasets", "build_loader", "data_base", "dataset_names", "dataset_root", "num_classes"]
+
+
+def dataset_names() -> list[str]:
+    """Every accepted ``data.dataset`` value (the 19 VTAB tasks spelled out)."""
+    return names()
+
+
+def dataset_root(cfg: DataConfig) -> Path:
+    """The folder the dataset is read from: ``data.root`` or its default under the data base."""
+    return resolve_root(cfg.root, lookup(cfg.dataset).default_dir)
+
+
+def _source(cfg: DataConfig, entry: Entry, download: bool) -> Source:
+    root = resolve_root(cfg.root, entry.default_dir)
+    return Source(name=entry.name, root=root, explicit=bool(cfg.root), download=download)
+
+
+def num_classes(cfg: DataConfig) -> int:
+    """The number of classes of ``cfg.dataset`` (read from disk for VTAB and imagefolder)."""
+    entry = lookup(cfg.dataset)
+    return entry.classes(_source(cfg, entry, download=False))
+
+
+def build_datasets(
+    cfg: DataConfig,
+    data_config: Mapping[str, Any],
+    *,
+    splits: Iterable[str] = ("train", "val"),
+    download: bool = False,
+) -> dict[str, Dataset]:
+    """``{split: Dataset}`` for ``cfg.dataset``, transformed for the model described by ``data_config``.
+
+    ``data_config`` is the model's resolved timm data config (``input_size``, ``mean``, ``std``,
+    ``interpolation``, ``crop_pct``); ``cfg.img_size`` overrides its size. Training splits (``train``,
+    ``trainval``, ``train800``) get training augmentation. ``download`` lets CIFAR, Fashion-MNIST and
+    Flowers-102 fetch missing files from their official sources.
+    """
+    entry = lookup(cfg.dataset)
+    source = _source(cfg, entry, download)
+    wanted = list(dict.fromkeys(splits))
+    unknown = [split for split in wanted if split not in entry.splits]
+    if unknown:
+        raise DataError(
+            f"dataset {entry.name!r} has no split {unknown[0]!r}", hint=f"use one of: {', '.join(entry.splits)}"
+        )
+    datasets = {}
+    for split in wanted:
+        transform = build_transform(data_config, cfg.img_size, training=split in TRAIN_SPLITS, augment=entry.augment)
+        datasets[split] = entry.load(source, split, transform)
+    return datasets
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Seed numpy in each worker from the worker's torch seed (torch and ``random`` are seeded already)."""
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
+def build_loader(
+    ds: Dataset,
+    batch_size: int,
+    train: bool,
+    num_workers: int,
+    seed: int,
+    distributed: bool,
+) -> DataLoader:
+    """A DataLoader: shuffled with a seeded generator and ``drop_last`` for training, in order otherwise.
+
+    With ``distributed`` the data is sharded by a :class:`DistributedSampler` (needs an initialised
+    process group; call ``loader.sampler.set_epoch(epoch)`` each epoch to reshuffle; evaluation shards
+    are padded to equal length by repeating samples). ``drop_last`` is skipped when it would leave no
+    batch at all (a dataset smaller than one batch). Workers persist across epochs when
+    ``num_workers > 0``.
+    """
+    if batch_size <= 0:
+        raise DataError(f"batch size must be positive, got {batch_size}", hint="set train.batch_size >= 1")
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    sampler = DistributedSampler(ds, shuffle=train, seed=seed, drop_last=train) if distributed else None
+    per_rank = len(sampler) if sampler is not None else len(ds)  # type: ignore[arg-type]
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=train and per_rank >= batch_size,
+        persistent_workers=num_workers > 0,
+        worker_init_fn=_seed_worker if num_workers > 0 else None,
+        generator=generator,
+    )

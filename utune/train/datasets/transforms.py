@@ -1,0 +1,109 @@
+"""Image transforms from the model's timm data config.
+
+Every image goes through the same four steps:
+
+1. convert the PIL image to RGB (3-channel models) or L (any other channel count), so grayscale
+   datasets feed RGB models and vice versa;
+2. timm's standard transform (:func:`timm.data.create_transform`): for training its random-resized
+   crop, horizontal flip and colour jitter (no auto-augment, no random erasing); for evaluation its
+   resize + centre crop at the model's ``crop_pct``. Datasets with ``augment=False`` (VTAB) get a plain
+   resize to the square input size for both, the NOAH/SSF convention;
+3. scale to float in [0, 1] and repeat a single channel to the model's channel count;
+4. normalise with the model's mean and std.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
+from torchvision.transforms import Compose, Normalize
+
+from utune.errors import DataError
+
+_PASSED_ON = ("interpolation", "crop_pct", "crop_mode")
+
+
+class ToMode:
+    """Convert a PIL image to ``mode`` ("RGB" or "L")."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return image if image.mode == self.mode else image.convert(self.mode)
+
+    def __repr__(self) -> str:
+        return f"ToMode({self.mode!r})"
+
+
+class ToFloatChannels:
+    """uint8 CHW tensor → float in [0, 1] with ``channels`` channels (a single channel is repeated)."""
+
+    def __init__(self, channels: int) -> None:
+        self.channels = channels
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        image = image.float().div_(255) if image.dtype == torch.uint8 else image.float()
+        if image.shape[0] == 1 and self.channels != 1:
+            image = image.repeat(self.channels, 1, 1)
+        return image
+
+    def __repr__(self) -> str:
+        return f"ToFloatChannels({self.channels})"
+
+
+def input_shape(data_config: Mapping[str, Any], img_size: int | None) -> tuple[int, int, int]:
+    """``(channels, height, width)`` from the model's ``input_size``, with ``img_size`` overriding H and W."""
+    shape = tuple(data_config.get("input_size") or (3, 224, 224))
+    if len(shape) != 3 or any(not isinstance(v, int) or v <= 0 for v in shape):
+        raise DataError(f"model data config has input_size {shape!r}", hint="expected (channels, height, width)")
+    channels, height, width = shape
+    if img_size is not None:
+        height = width = img_size
+    return channels, height, width
+
+
+def _stats(data_config: Mapping[str, Any], key: str, default: Sequence[float], channels: int) -> tuple:
+    values = tuple(float(v) for v in (data_config.get(key) or default))
+    if len(values) == channels:
+        return values
+    if len(values) == 1:
+        return values * channels
+    if channels == 1:
+        return (sum(values) / len(values),)
+    raise DataError(
+        f"model data config has {len(values)} {key} values for {channels} input channels",
+        hint=f"give data_config[{key!r}] one value per channel",
+    )
+
+
+def build_transform(
+    data_config: Mapping[str, Any], img_size: int | None, *, training: bool, augment: bool = True
+) -> Callable[[Image.Image], torch.Tensor]:
+    """The transform for one split: PIL image in, normalised ``(C, S, S)`` float tensor out."""
+    channels, height, width = input_shape(data_config, img_size)
+    options = {key: data_config[key] for key in _PASSED_ON if data_config.get(key) is not None}
+    if not augment:
+        options.update(crop_pct=1.0, crop_mode="squash")
+    timm_transform = create_transform(
+        input_size=(channels, height, width),
+        is_training=training and augment,
+        normalize=False,
+        **options,
+    )
+    steps = timm_transform.transforms if isinstance(timm_transform, Compose) else [timm_transform]
+    return Compose(
+        [
+            ToMode("RGB" if channels == 3 else "L"),
+            *steps,
+            ToFloatChannels(channels),
+            Normalize(
+                _stats(data_config, "mean", IMAGENET_DEFAULT_MEAN, channels),
+                _stats(data_config, "std", IMAGENET_DEFAULT_STD, channels),
+            ),
+        ]
+    )

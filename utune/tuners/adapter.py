@@ -1,0 +1,88 @@
+"""Bottleneck adapter: ``U(x) = s ⊙ W_up · act(W_down · x)``.
+
+Houlsby et al. 2019 (sequential on FFN), AdaptFormer (Chen et al. 2022, parallel on FFN, dim 64,
+scale 0.1), U-Tuning's P-Adapter (Jiang et al. 2023, parallel, per-channel scale). Identity at init:
+``W_up`` starts at zero (``init: xavier`` gives the papers' code init instead, not the identity).
+On token tensors ``(B, N, C)`` it maps the last dim; on feature maps ``(B, C, H, W)`` it is a
+channel bottleneck of 1x1 convolutions.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from utune.graph.rewrite import Rewriter
+from utune.graph.sites import Site
+from utune.tuners.base import TunerKind, TunerOptions, channel_dim
+from utune.tuners.modules import ACTIVATIONS, Scale, channel_linear, kaiming_linear_
+from utune.tuners.registry import register
+
+
+class AdapterOptions(TunerOptions):
+    dim: int = Field(default=10, gt=0)  # bottleneck width L (10 in U-Tuning/Res-Tuning, 64 in AdaptFormer)
+    act: Literal["gelu", "relu", "silu", "identity"] = "gelu"
+    scale: Literal["none", "scalar", "channel", "gate"] | float = "channel"  # channel: best in U-Tuning
+    init: Literal["zero", "xavier"] = "zero"  # zero: identity at init; xavier: the papers' code
+    channel_dim: Literal[1, -1] | None = None  # feature maps: NCHW (1) or NHWC (-1); auto when None
+
+
+class Adapter(nn.Module):
+    def __init__(self, c_in: int, c_out: int, opts: AdapterOptions, dim: int) -> None:
+        super().__init__()
+        self.channel_dim = dim
+        self.down = nn.Linear(c_in, opts.dim)
+        self.act = ACTIVATIONS[opts.act]()
+        self.up = nn.Linear(opts.dim, c_out)
+        self.scale = Scale(opts.scale, c_out, c_in)
+        if opts.init == "zero":
+            kaiming_linear_(self.down)
+            nn.init.zeros_(self.down.bias)
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
+        else:
+            for layer in (self.down, self.up):
+                nn.init.xavier_uniform_(layer.weight)
+                nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.channel_dim
+        y = channel_linear(self.act(channel_linear(x, self.down, d)), self.up, d)
+        if self.scale.mode in ("none", "const"):
+            return self.scale(y)
+        last = y if d == -1 else y.movedim(d, -1)
+        xin = None if self.scale.mode != "gate" else (x if d == -1 else x.movedim(d, -1))
+        out = self.scale(last, xin)
+        return out if d == -1 else out.movedim(-1, d)
+
+
+@register
+class AdapterKind(TunerKind):
+    kind = "adapter"
+    Options = AdapterOptions
+    summary = "x' = OP(x) + s*W_up*act(W_down*tap); Houlsby 2019, AdaptFormer 2022, U-Tuning P-Adapter 2023"
+
+    def build(self, site: Site, rw: Rewriter) -> nn.Module:
+        opts: AdapterOptions = self.options
+        where = self.rule.tap or ("input" if self.placement == "parallel" else "output")
+        tap_shape = rw.shape(rw.tap(site, where))
+        out_shape = rw.shape(rw.output(site))
+        if tap_shape is None or out_shape is None:
+            raise self.fail(site, "its input or output is not a single tensor")
+        if len(tap_shape) != len(out_shape) or len(out_shape) not in (2, 3, 4):
+            raise self.fail(site, f"tap shape {list(tap_shape)} and output shape {list(out_shape)} do not fit")
+        dim = channel_dim(site, out_shape, opts.channel_dim)
+        c_out = out_shape[dim]
+        c_in = tap_shape[dim]
+        spatial_in = [s for i, s in enumerate(tap_shape[1:], 1) if i != dim % len(tap_shape)]
+        spatial_out = [s for i, s in enumerate(out_shape[1:], 1) if i != dim % len(out_shape)]
+        if spatial_in != spatial_out:
+            raise self.fail(
+                site,
+                f"the tap {list(tap_shape)} and the output {list(out_shape)} differ in tokens/resolution",
+                hint="use placement: sequential (the adapter then reads the output) or another site",
+            )
+        return Adapter(c_in, c_out, opts, dim)

@@ -1,0 +1,138 @@
+"""LoRA: ``y = W x + (alpha / r) · B A x`` on a Linear or Conv2d (Hu et al. 2021).
+
+``B`` starts at zero, so the tuned model equals the base at init. On a fused ``qkv`` Linear,
+``slices: [q, v]`` gives only those output slices a delta (the k slice stays exactly frozen).
+Mergeable: ``W += (alpha / r) · B A``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from utune.graph.rewrite import Rewriter
+from utune.graph.sites import Site
+from utune.tuners.base import TunerKind, TunerOptions
+from utune.tuners.registry import register
+
+SLICES = ("q", "k", "v")
+
+
+class LoraOptions(TunerOptions):
+    rank: int = Field(default=8, gt=0)
+    alpha: float | None = Field(default=None, gt=0)  # scaling = alpha / rank; default alpha = rank (scaling 1)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    slices: list[Literal["q", "k", "v"]] | None = None  # fused qkv only: which output thirds get a delta
+
+
+class LoraBranch(nn.Module):
+    """``B A x`` for one output block: Linear A (in -> r), B (r -> out); Conv2d A (k x k), B (1 x 1)."""
+
+    def __init__(self, base: nn.Module, rank: int, out: int) -> None:
+        super().__init__()
+        if isinstance(base, nn.Conv2d):
+            self.lora_A: nn.Module = nn.Conv2d(
+                base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation, bias=False
+            )
+            self.lora_B: nn.Module = nn.Conv2d(rank, out, 1, bias=False)
+        else:
+            self.lora_A = nn.Linear(base.in_features, rank, bias=False)
+            self.lora_B = nn.Linear(rank, out, bias=False)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_B(self.lora_A(x))
+
+    def delta_weight(self) -> torch.Tensor:
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if a.ndim == 4:  # conv: (out, r, 1, 1) @ (r, in, k, k)
+            return (b.flatten(1) @ a.flatten(1)).view(b.shape[0], *a.shape[1:])
+        return b @ a
+
+
+class Lora(nn.Module):
+    def __init__(self, base: nn.Module, opts: LoraOptions) -> None:
+        super().__init__()
+        self.scaling = (opts.alpha if opts.alpha is not None else opts.rank) / opts.rank
+        self.dropout = nn.Dropout(opts.dropout) if opts.dropout > 0 else nn.Identity()
+        out = base.out_channels if isinstance(base, nn.Conv2d) else base.out_features
+        self.slices = list(opts.slices) if opts.slices else None
+        if self.slices is None:
+            self.branch = LoraBranch(base, opts.rank, out)
+        else:
+            self.part = out // 3
+            self.branches = nn.ModuleDict({s: LoraBranch(base, opts.rank, self.part) for s in self.slices})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dropout(x)
+        if self.slices is None:
+            return self.branch(x) * self.scaling
+        parts = []
+        zero = None
+        for s in SLICES:
+            if s in self.branches:
+                parts.append(self.branches[s](x) * self.scaling)
+            else:
+                if zero is None:
+                    zero = x.new_zeros(*x.shape[:-1], self.part)
+                parts.append(zero)
+        return torch.cat(parts, dim=-1)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The exact weight change ``scaling · B A`` (slices stacked with zeros for the frozen thirds)."""
+        if self.slices is None:
+            return self.branch.delta_weight() * self.scaling
+        blocks = []
+        for s in SLICES:
+            if s in self.branches:
+                blocks.append(self.branches[s].delta_weight() * self.scaling)
+            else:
+                ref = next(iter(self.branches.values())).delta_weight()
+                blocks.append(torch.zeros_like(ref))
+        return torch.cat(blocks, dim=0)
+
+
+@register
+class LoraKind(TunerKind):
+    kind = "lora"
+    Options = LoraOptions
+    summary = "y = W x + (alpha/r) B A x on a Linear/Conv2d; Hu et al. 2021 (LoRA)"
+    placements = ("parallel",)
+    mergeable = True
+
+    def check(self, site: Site) -> None:
+        mod = site.module
+        if site.op != "module" or not isinstance(mod, nn.Linear | nn.Conv2d):
+            raise self.fail(
+                site,
+                f"it is a {site.type} ({site.op}), LoRA needs a Linear or Conv2d layer",
+                hint="select layers with `type: Linear` or a glob ending in the layer name",
+            )
+        if isinstance(mod, nn.Conv2d) and mod.groups != 1:
+            raise self.fail(site, f"grouped convolution (groups={mod.groups}) has no low-rank form here")
+        if self.options.slices:
+            out = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
+            fused = isinstance(mod, nn.Linear) and out == 3 * mod.in_features
+            if not fused:
+                raise self.fail(
+                    site,
+                    f"slices need a fused qkv Linear (out = 3 x in), this is {out} <- "
+                    f"{getattr(mod, 'in_features', '?')}",
+                    hint="drop `slices` for this rule",
+                )
+
+    def build(self, site: Site, rw: Rewriter) -> nn.Module:
+        self.check(site)
+        assert site.module is not None
+        return Lora(site.module, self.options)
+
+    def insert(self, rw: Rewriter, site: Site) -> list[str]:
+        module = self.build(site, rw)
+        name = rw.add_module(site, module)
+        rw.join_add(site, name, rw.tap(site, "input"))
+        return [name]

@@ -1,0 +1,143 @@
+"""Per-channel tuners that rescale or shift an op's output; all fold into the layer before them.
+
+- ``bias`` (BitFit, Ben Zaken et al. 2022): ``y = OP(x) + b``, b from zero; merged into the layer's bias.
+- ``ssf`` (Lian et al. 2022): ``y = γ ⊙ OP(x) + β``, γ = 1, β = 0 at init; merged into a Linear/Conv/Norm.
+- ``ia3`` (Liu et al. 2022): ``y = l ⊙ OP(x)``, l = 1 at init (optionally only some qkv slices).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from utune.graph.rewrite import Rewriter
+from utune.graph.sites import Site
+from utune.tuners.base import TunerKind, TunerOptions, channel_dim
+from utune.tuners.modules import channel_view
+from utune.tuners.registry import register
+
+
+class ChannelAffine(nn.Module):
+    """``y = scale ⊙ x + shift`` over one channel dim; either part may be absent."""
+
+    def __init__(
+        self,
+        channels: int,
+        dim: int,
+        scale: bool,
+        shift: bool,
+        index: torch.Tensor | None = None,
+        init_std: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.channel_dim = dim
+        self.channels = channels
+        n_scale = channels if index is None else int(index.numel())
+        self.scale = nn.Parameter(torch.ones(n_scale)) if scale else None
+        self.shift = nn.Parameter(torch.zeros(channels)) if shift else None
+        if init_std > 0:
+            with torch.no_grad():
+                if self.scale is not None:
+                    self.scale.normal_(1.0, init_std)
+                if self.shift is not None:
+                    self.shift.normal_(0.0, init_std)
+        # ia3 with slices: learned scales only at ``index``; the other channels keep a fixed 1
+        self.register_buffer("index", index, persistent=False)
+
+    def effective_scale(self) -> torch.Tensor | None:
+        if self.scale is None or self.index is None:
+            return self.scale
+        return self.scale.new_ones(self.channels).index_copy(0, self.index, self.scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.effective_scale()
+        if s is not None:
+            x = x * channel_view(s, x.ndim, self.channel_dim)
+        if self.shift is not None:
+            x = x + channel_view(self.shift, x.ndim, self.channel_dim)
+        return x
+
+
+class _ChannelOptions(TunerOptions):
+    channel_dim: Literal[1, -1] | None = None
+
+
+class SsfOptions(_ChannelOptions):
+    init_std: float = Field(default=0.0, ge=0)  # 0: identity at init; SSF's code uses N(1, 0.02) / N(0, 0.02)
+
+
+class Ia3Options(_ChannelOptions):
+    slices: list[Literal["q", "k", "v"]] | None = None  # fused qkv only: scale only these thirds (IA³: k, v)
+
+
+class _ChannelKind(TunerKind):
+    placements = ("sequential",)
+    default_placement = "sequential"
+    mergeable = True
+    has_scale = True
+    has_shift = True
+
+    def check(self, site: Site) -> None:
+        if site.output is None:
+            raise self.fail(site, f"it has {len(site.outputs)} outputs")
+
+    def _channels(self, site: Site, rw: Rewriter) -> tuple[int, int]:
+        shape = rw.shape(rw.output(site))
+        if shape is None or len(shape) < 2:
+            raise self.fail(site, "its output is not a tensor with a channel dim")
+        dim = channel_dim(site, shape, getattr(self.options, "channel_dim", None))
+        return shape[dim], dim
+
+    def build(self, site: Site, rw: Rewriter) -> nn.Module:
+        self.check(site)
+        c, dim = self._channels(site, rw)
+        return ChannelAffine(c, dim, self.has_scale, self.has_shift, init_std=getattr(self.options, "init_std", 0.0))
+
+    def insert(self, rw: Rewriter, site: Site) -> list[str]:
+        name = rw.add_module(site, self.build(site, rw))
+        rw.join_replace(site, name)
+        return [name]
+
+
+@register
+class BiasKind(_ChannelKind):
+    kind = "bias"
+    Options = _ChannelOptions
+    summary = "y = OP(x) + b (BitFit as a tuner); Ben Zaken et al. 2022"
+    has_scale = False
+
+
+@register
+class SsfKind(_ChannelKind):
+    kind = "ssf"
+    Options = SsfOptions
+    summary = "y = gamma * OP(x) + beta; Lian et al. 2022 (SSF)"
+
+
+@register
+class Ia3Kind(_ChannelKind):
+    kind = "ia3"
+    Options = Ia3Options
+    summary = "y = l * OP(x); Liu et al. 2022 (IA3)"
+    has_shift = False
+
+    def build(self, site: Site, rw: Rewriter) -> nn.Module:
+        self.check(site)
+        c, dim = self._channels(site, rw)
+        index = None
+        if self.options.slices:
+            mod = site.module
+            if not (isinstance(mod, nn.Linear) and mod.out_features == 3 * mod.in_features):
+                raise self.fail(site, "slices need a fused qkv Linear (out = 3 x in)", hint="drop `slices`")
+            part = c // 3
+            index = torch.cat(
+                [
+                    torch.arange(i * part, (i + 1) * part)
+                    for i, s in enumerate(("q", "k", "v"))
+                    if s in self.options.slices
+                ]
+            )
+        return ChannelAffine(c, dim, True, False, index=index)
