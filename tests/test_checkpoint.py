@@ -24,10 +24,12 @@ from utune.train.config import DataConfig, TrainConfig
 from utune.train.loop import fit
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train_loop import digits_loaders, read_jsonl, snapshot, tiny_vit, train_cfg  # noqa: E402
+from test_train_loop import digits_loaders, one_thread, read_jsonl, snapshot, tiny_vit, train_cfg  # noqa: E402,F401
 
 TESTS_DIR = Path(__file__).parent
 REPO = TESTS_DIR.parent
+# one_thread (autouse, imported above): one intra-op thread here and in the subprocess runs, so the
+# reference and the killed run use the same float reduction order and do not oversubscribe the CPUs.
 
 
 def _save(ckpt_dir: Path, step: int, value: float, tags: tuple[str, ...] = ("latest",)) -> Path:
@@ -143,40 +145,44 @@ from torch.utils.data import DataLoader
 from test_train_loop import Digits, digits_loaders, tiny_vit, train_cfg
 from utune.train.loop import fit
 
-class Slow(Digits):  # same data; slower, so the parent can kill the run part-way
+POINTER = Path({out!r}) / "checkpoints" / "latest.txt"
+
+class Stalling(Digits):
+    # Same data. Once the step-20 checkpoint exists, loading crawls so the run cannot finish before
+    # the parent's kill lands, however busy the machine is.
     def __getitem__(self, i):
-        time.sleep(0.003)
+        if POINTER.exists() and POINTER.read_text().strip() >= "step-00000020":
+            time.sleep(0.02)
         return super().__getitem__(i)
 
 loaders = digits_loaders(batch_size=32)
 # Two workers here, none in the reference run: the order and augmentations must not depend on it.
-loaders["train"] = DataLoader(Slow("train", augment=True), batch_size=32, num_workers=2)
+loaders["train"] = DataLoader(Stalling("train", augment=True), batch_size=32, num_workers=2)
 fit(tiny_vit(), train_cfg(**{cfg!r}), loaders, Path({out!r}))
 """
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     # 1500 // 32 = 46 steps per epoch: the resumed part crosses an epoch boundary. Checkpoints every 10
-    # steps are not log boundaries (log_every=4), so a partial log window is restored too.
-    cfg = dict(max_steps=60, batch_size=32, checkpoint_every=10, eval_every=20, log_every=4)
-    ref = tiny_vit()
-    fit(ref, train_cfg(**cfg), digits_loaders(batch_size=32), tmp_path / "a")
-
+    # steps are mostly not log boundaries (log_every=3), so a partial log window is restored too.
+    cfg = dict(max_steps=60, batch_size=32, checkpoint_every=10, eval_every=20, log_every=3)
     out = tmp_path / "b"
     script = tmp_path / "run_b.py"
-    script.write_text(_RUN_B.format(tests=str(TESTS_DIR), threads=torch.get_num_threads(), cfg=cfg, out=str(out)))
-    env = {**os.environ, "UTUNE_QUIET": "1"}
-    proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=env)
-    pointer = out / "checkpoints" / "latest.txt"
+    script.write_text(_RUN_B.format(tests=str(TESTS_DIR), threads=1, cfg=cfg, out=str(out)))
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=REPO, env={**os.environ, "UTUNE_QUIET": "1"})
     try:
-        deadline = time.monotonic() + 90
-        while not (pointer.exists() and int(pointer.read_text().strip().split("-")[1]) >= 20):
+        ref = tiny_vit()  # the uninterrupted reference run, while the subprocess starts up
+        fit(ref, train_cfg(**cfg), digits_loaders(batch_size=32), tmp_path / "a")
+        pointer = out / "checkpoints" / "latest.txt"
+        deadline = time.monotonic() + 120
+        while not (pointer.exists() and pointer.read_text().strip() >= "step-00000020"):
             assert proc.poll() is None, "the run ended before it could be killed"
             assert time.monotonic() < deadline
             time.sleep(0.02)
         assert proc.poll() is None
         os.kill(proc.pid, signal.SIGKILL)
     finally:
+        proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGKILL and not (out / "summary.json").exists()
     resumed_from = ck.read_state(ck.resolve_checkpoint(out) / "state.pt")["step"]
@@ -258,7 +264,35 @@ def test_train_run_and_eval_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     run_mod.eval_run(out, "fashion-mnist", "val")
     assert seen_specs[-1][1] == ["data.dataset=fashion-mnist"]
 
+    other_base = _Built(tiny_vit(seed=1), spec)
+    monkeypatch.setitem(sys.modules, "utune.api", types.SimpleNamespace(build=lambda *a, **k: other_base))
+    with pytest.raises(CheckpointError, match="frozen weights differ"):
+        run_mod.eval_run(out, None, "val")
     with pytest.raises(CheckpointError, match="not a utune run directory"):
         run_mod.eval_run(tmp_path, None, "val")
     with pytest.raises(CheckpointError, match="no training runs"):
         run_mod.latest_run(tmp_path / "empty")
+
+
+_SPEC = """
+version: 1
+model: {name: test_vit, pretrained: false, num_classes: 10, img_size: 32}
+trainable: [head]
+data: {dataset: digits, num_workers: 0}
+train: {epochs: 0, max_steps: 4, batch_size: 32, log_every: 2, device: cpu}
+"""
+
+
+def test_train_and_eval_run_with_the_real_builder(tmp_path: Path) -> None:
+    # Integration with utune.api.build and utune.train.data (digits ship with scikit-learn: offline).
+    from utune.api import build
+
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(_SPEC)
+    torch.manual_seed(0)  # pretrained=false: the random base weights must be the same at eval time
+    out = tmp_path / "run"
+    summary = run_mod.train_run(build(spec), out, resume=False)
+    assert summary["step"] == 4 and (out / "spec.yaml").is_file()
+    torch.manual_seed(0)
+    result = run_mod.eval_run(out, None, "val")
+    assert result["acc"] == pytest.approx(summary["final_val_acc"], abs=1e-9)

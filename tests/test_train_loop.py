@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -97,6 +98,16 @@ def snapshot(model: nn.Module, trainable: bool) -> dict[str, torch.Tensor]:
 
 
 # ---- tests ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    # These models are far too small to gain from intra-op threads, and on a busy machine spinning
+    # OpenMP threads slow them down several-fold.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def test_fit_learns_logs_and_leaves_frozen_weights_alone(tmp_path: Path) -> None:

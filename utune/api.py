@@ -10,10 +10,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from utune.errors import SelectionError
+from utune.errors import SelectionError, TraceError
 from utune.graph.glob import glob_match
 from utune.graph.rewrite import TUNER_ROOT, Rewriter
 from utune.graph.select import Selector, select
+from utune.graph.shapes import NodeFailure, propagate_shapes
 from utune.graph.sites import Site, find_sites
 from utune.graph.trace import trace
 from utune.models import create_model, data_config, input_size
@@ -54,16 +55,14 @@ def _to_selector(at: Any) -> Selector:
     )
 
 
-@torch.no_grad()
 def _propagate_shapes(gm: fx.GraphModule, size: tuple[int, int, int], batch: int = 2) -> None:
-    from torch.fx.passes.shape_prop import ShapeProp
-
-    was = gm.training
-    gm.eval()
     try:
-        ShapeProp(gm).propagate(torch.zeros(batch, *size))
-    finally:
-        gm.train(was)
+        propagate_shapes(gm, torch.zeros(batch, *size))
+    except NodeFailure as e:
+        raise TraceError(
+            f"the traced model fails on a dummy batch of size {list(size)} at node {e.node.name}: {e.cause}",
+            hint="set model.img_size (or data.img_size) to the input size this model expects",
+        ) from e
 
 
 def trace_model(model: nn.Module, name: str, img_size: int | None = None) -> Traced:
@@ -180,6 +179,7 @@ def build(
         for site in sel.sites:
             kind.check(site)
         names = kind.insert_rule(rw, sel.sites)
+        rw.propagate(rule.name)
         modules[rule.name] = names
         n_params = sum(count(gm.get_submodule(n)) for n in names)
         rules.append(

@@ -248,11 +248,11 @@ def eval_cmd(
         out.info(f"{split} accuracy: {100 * result['acc']:.2f}% on {result['n']} images (loss {result['loss']:.4f})")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning UtuneErrors into one-line messages and exit codes."""
     debug = os.environ.get("UTUNE_DEBUG") == "1"
     try:
-        app()
+        app(args=argv, prog_name="utune")
     except UtuneError as e:
         if debug:
             raise

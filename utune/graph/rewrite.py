@@ -25,6 +25,7 @@ import torch
 from torch import fx, nn
 
 from utune.errors import RewriteError, SelectionError
+from utune.graph.shapes import NodeFailure, propagate_shapes
 from utune.graph.sites import Site
 
 TUNER_ROOT = "utune"
@@ -100,16 +101,31 @@ class Rewriter:
         """Output shape of ``node``; nodes new since the last propagation trigger one more ShapeProp."""
         meta = node.meta.get("tensor_meta")
         if meta is None and self.example is not None:
-            from torch.fx.passes.shape_prop import ShapeProp
-
-            self.gm.recompile()
-            was = self.gm.training
-            self.gm.eval()
-            with torch.no_grad():
-                ShapeProp(self.gm).propagate(self.example)
-            self.gm.train(was)
+            self.propagate(self.rule)
             meta = node.meta.get("tensor_meta")
         return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+    def propagate(self, rule: str) -> None:
+        """Run the rewritten graph on the dummy batch (eval, no grad), recording every node's shape.
+
+        Called after each rule: a rewrite that type-checks but fails at run time (a token count a
+        relative-position table cannot take, say) is caught here and named, not at training time.
+        """
+        if self.example is None:
+            return
+        self.gm.recompile()
+        try:
+            propagate_shapes(self.gm, self.example)
+        except NodeFailure as e:
+            site = e.node.meta.get("utune_rule")
+            by = f" (a node added by rule {site!r})" if site else ""
+            first = str(e.cause).splitlines()[0] if str(e.cause) else ""
+            raise RewriteError(
+                f"rule {rule!r}: the rewritten model fails on a dummy batch at node {e.node.name}{by}: "
+                f"{type(e.cause).__name__}: {first}",
+                hint="this kind does not fit these sites of this model (e.g. extra tokens where the model expects "
+                "a fixed count); select other sites or another kind",
+            ) from e
 
     # ----- insertion -----
     def add_module(self, site: Site, module: nn.Module) -> str:

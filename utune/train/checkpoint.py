@@ -16,6 +16,7 @@ strings, lists and dicts so ``torch.load(weights_only=True)`` reads it.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import re
@@ -104,6 +105,22 @@ def frozen_fingerprint(model: nn.Module) -> list[float]:
     return [float(count), total, sq]
 
 
+def check_frozen(model: nn.Module, state: Mapping[str, Any], folder: Path) -> None:
+    """Refuse to pair a checkpoint with base weights other than those it was trained on."""
+    saved, now = state.get("frozen"), frozen_fingerprint(model)
+    if saved is None:
+        return
+    same = len(saved) == len(now) and all(
+        math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6) for a, b in zip(saved, now, strict=True)
+    )
+    if not same:
+        raise CheckpointError(
+            f"{folder}: the model's frozen weights differ from those this checkpoint was trained on",
+            hint="build the model from the run's spec.yaml with the same base weights "
+            "(model.pretrained=false gives random base weights unless model creation is seeded)",
+        )
+
+
 def rng_state() -> dict[str, Any]:
     """This process's RNG streams (torch CPU/CUDA, numpy, random) as weights_only-loadable values."""
     np_state = np.random.get_state()
@@ -174,9 +191,11 @@ def read_pointers(ckpt_dir: Path) -> dict[str, str]:
 def _prune(ckpt_dir: Path) -> None:
     keep = set(read_pointers(ckpt_dir).values())
     for entry in ckpt_dir.iterdir():
-        stale_tmp = entry.name.startswith(".tmp-")
-        if (stale_tmp or _STEP_DIR.match(entry.name)) and entry.name not in keep and entry.is_dir():
-            shutil.rmtree(entry, ignore_errors=True)
+        if entry.name.startswith(".") and ".txt.tmp-" in entry.name and entry.is_file():
+            entry.unlink(missing_ok=True)  # a pointer update a crash interrupted
+        elif (entry.name.startswith(".tmp-") or _STEP_DIR.match(entry.name)) and entry.name not in keep:
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
 
 
 def save_checkpoint(

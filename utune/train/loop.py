@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import random
 import time
 from collections.abc import Mapping
@@ -30,6 +29,7 @@ from utune.errors import CheckpointError, DataError
 from utune.train import distributed as du
 from utune.train.checkpoint import (
     WEIGHTS,
+    check_frozen,
     frozen_fingerprint,
     has_checkpoint,
     load_checkpoint,
@@ -184,16 +184,7 @@ def _check_resumable(state: Mapping[str, Any], plan: _Plan, model: nn.Module, fo
                 f"{getattr(plan, key)}",
                 hint="resume with the same batch size, grad_accum, process count and dataset",
             )
-    saved, now = state.get("frozen"), frozen_fingerprint(model)
-    same = saved is None or (
-        len(saved) == len(now)
-        and all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6) for a, b in zip(saved, now, strict=True))
-    )
-    if not same:
-        raise CheckpointError(
-            f"cannot resume {folder}: the model's frozen weights differ from those it was trained on",
-            hint="build the model from the run's spec.yaml with the same base weights",
-        )
+    check_frozen(model, state, folder)
 
 
 def _json_safe(obj: Any) -> Any:
@@ -283,6 +274,12 @@ def fit(
         weights, state, folder = load_checkpoint(ckpt_dir)
         _check_resumable(state, plan, model, folder)
         load_trainable(model, weights, source=folder / WEIGHTS)
+        saved_names = [g.get("param_names") for g in state["optimizer"]["param_groups"]]
+        if saved_names != [g["param_names"] for g in optimizer.param_groups]:
+            raise CheckpointError(
+                f"cannot resume {folder}: its optimizer state belongs to other parameter groups",
+                hint="resume with the same trainable parameters and weight decay, or start without --resume",
+            )
         try:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])

@@ -15,7 +15,16 @@ from torch.utils.data import DataLoader
 
 from utune.errors import CheckpointError
 from utune.train import distributed as du
-from utune.train.checkpoint import WEIGHTS, has_checkpoint, load_trainable, read_weights, resolve_checkpoint
+from utune.train.checkpoint import (
+    STATE,
+    WEIGHTS,
+    check_frozen,
+    has_checkpoint,
+    load_trainable,
+    read_state,
+    read_weights,
+    resolve_checkpoint,
+)
 from utune.train.config import DataConfig, TrainConfig
 from utune.train.loop import evaluate, fit
 
@@ -106,6 +115,7 @@ def eval_run(run_dir: Path, dataset: str | None = None, split: str = "test", *, 
     folder = resolve_checkpoint(run_dir, which)
     weights = read_weights(folder / WEIGHTS)
     built = build(spec_path, [f"data.dataset={dataset}"] if dataset else [])
+    check_frozen(built.model, read_state(folder / STATE), folder)
     load_trainable(built.model, weights, source=folder / WEIGHTS)
     spec = built.spec
     loaders = build_loaders(spec.data, built.data_config, spec.train, splits=(split,))

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 _MASK63 = (1 << 63) - 1
 
@@ -85,6 +85,12 @@ class ShardSampler(Sampler[int]):
         return len(range(self.rank, self.n, self.world))
 
 
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed & 0xFFFFFFFF)
+
+
 class SeededDataset(Dataset):
     """Wraps a map-style dataset; ``ds[(epoch, i)]`` is ``base[i]`` loaded under a per-sample seed."""
 
@@ -97,15 +103,17 @@ class SeededDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]) -> Any:
         epoch, index = key
         s = mix_seed(self.seed, epoch, index)
-        # Save and restore the three RNGs transforms use (torch, random, numpy): in the main process
-        # (num_workers=0) they are the streams dropout and the rest of training draw from.
+        if get_worker_info() is not None:
+            # A worker's RNGs serve only data loading: seeding is enough, nothing to restore.
+            _seed_all(s)
+            return self.base[index]
+        # In the main process (num_workers=0) the three RNGs transforms use (torch, random, numpy)
+        # are the streams dropout and the rest of training draw from: save and restore them.
         torch_state = torch.get_rng_state()
         py_state = random.getstate()
         np_state = np.random.get_state()
         try:
-            torch.manual_seed(s)
-            random.seed(s)
-            np.random.seed(s & 0xFFFFFFFF)
+            _seed_all(s)
             return self.base[index]
         finally:
             torch.set_rng_state(torch_state)

@@ -4,7 +4,8 @@ Houlsby et al. 2019 (sequential on FFN), AdaptFormer (Chen et al. 2022, parallel
 scale 0.1), U-Tuning's P-Adapter (Jiang et al. 2023, parallel, per-channel scale). Identity at init:
 ``W_up`` starts at zero (``init: xavier`` gives the papers' code init instead, not the identity).
 On token tensors ``(B, N, C)`` it maps the last dim; on feature maps ``(B, C, H, W)`` it is a
-channel bottleneck of 1x1 convolutions.
+channel bottleneck of 1x1 convolutions. A parallel adapter beside a CNN stage that downsamples by an
+integer factor average-pools its input by that factor first (as ResNet-D's shortcut does).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
@@ -31,9 +33,10 @@ class AdapterOptions(TunerOptions):
 
 
 class Adapter(nn.Module):
-    def __init__(self, c_in: int, c_out: int, opts: AdapterOptions, dim: int) -> None:
+    def __init__(self, c_in: int, c_out: int, opts: AdapterOptions, dim: int, pool: int = 1) -> None:
         super().__init__()
         self.channel_dim = dim
+        self.pool = pool
         self.down = nn.Linear(c_in, opts.dim)
         self.act = ACTIVATIONS[opts.act]()
         self.up = nn.Linear(opts.dim, c_out)
@@ -50,6 +53,8 @@ class Adapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = self.channel_dim
+        if self.pool > 1:  # NCHW: pool H, W; NHWC: move channels first, pool, move back
+            x = F.avg_pool2d(x, self.pool) if d == 1 else F.avg_pool2d(x.movedim(-1, 1), self.pool).movedim(1, -1)
         y = channel_linear(self.act(channel_linear(x, self.down, d)), self.up, d)
         if self.scale.mode in ("none", "const"):
             return self.scale(y)
@@ -79,10 +84,20 @@ class AdapterKind(TunerKind):
         c_in = tap_shape[dim]
         spatial_in = [s for i, s in enumerate(tap_shape[1:], 1) if i != dim % len(tap_shape)]
         spatial_out = [s for i, s in enumerate(out_shape[1:], 1) if i != dim % len(out_shape)]
-        if spatial_in != spatial_out:
+        pool = _pool_factor(spatial_in, spatial_out) if len(out_shape) == 4 else None
+        if spatial_in != spatial_out and pool is None:
             raise self.fail(
                 site,
                 f"the tap {list(tap_shape)} and the output {list(out_shape)} differ in tokens/resolution",
                 hint="use placement: sequential (the adapter then reads the output) or another site",
             )
-        return Adapter(c_in, c_out, opts, dim)
+        return Adapter(c_in, c_out, opts, dim, pool or 1)
+
+
+def _pool_factor(spatial_in: list[int], spatial_out: list[int]) -> int | None:
+    """The integer factor by which a stage downsamples (same in H and W), or None."""
+    if spatial_in == spatial_out:
+        return 1
+    ratios = {a // b for a, b in zip(spatial_in, spatial_out, strict=True) if b and a % b == 0}
+    ok = len(ratios) == 1 and all(b and a % b == 0 for a, b in zip(spatial_in, spatial_out, strict=True))
+    return ratios.pop() if ok else None

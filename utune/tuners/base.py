@@ -73,6 +73,13 @@ class TunerKind:
         return SelectionError(f"rule {self.rule.name!r}: {self.kind} cannot attach to {site.path}: {why}", hint=hint)
 
 
+def is_fused_qkv(site: Site) -> bool:
+    """A fused q/k/v projection: a Linear named like ``qkv`` whose output is three times its input."""
+    mod = site.module
+    leaf = site.path.rpartition(".")[2].lower()
+    return isinstance(mod, nn.Linear) and mod.out_features == 3 * mod.in_features and "qkv" in leaf
+
+
 def node_shape(node: fx.Node | None) -> tuple[int, ...] | None:
     meta = node.meta.get("tensor_meta") if node is not None else None
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None

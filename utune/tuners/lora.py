@@ -16,7 +16,7 @@ from torch import nn
 
 from utune.graph.rewrite import Rewriter
 from utune.graph.sites import Site
-from utune.tuners.base import TunerKind, TunerOptions
+from utune.tuners.base import TunerKind, TunerOptions, is_fused_qkv
 from utune.tuners.registry import register
 
 SLICES = ("q", "k", "v")
@@ -115,16 +115,12 @@ class LoraKind(TunerKind):
             )
         if isinstance(mod, nn.Conv2d) and mod.groups != 1:
             raise self.fail(site, f"grouped convolution (groups={mod.groups}) has no low-rank form here")
-        if self.options.slices:
-            out = mod.out_features if isinstance(mod, nn.Linear) else mod.out_channels
-            fused = isinstance(mod, nn.Linear) and out == 3 * mod.in_features
-            if not fused:
-                raise self.fail(
-                    site,
-                    f"slices need a fused qkv Linear (out = 3 x in), this is {out} <- "
-                    f"{getattr(mod, 'in_features', '?')}",
-                    hint="drop `slices` for this rule",
-                )
+        if self.options.slices and not is_fused_qkv(site):
+            raise self.fail(
+                site,
+                f"`slices` need a fused qkv Linear (named *qkv*, out = 3 x in); this is a {site.type}",
+                hint="drop `slices` for this rule, or select the attention's qkv layer",
+            )
 
     def build(self, site: Site, rw: Rewriter) -> nn.Module:
         self.check(site)

@@ -15,7 +15,7 @@ from torch import nn
 
 from utune.graph.rewrite import Rewriter
 from utune.graph.sites import Site
-from utune.tuners.base import TunerKind, TunerOptions, channel_dim
+from utune.tuners.base import TunerKind, TunerOptions, channel_dim, is_fused_qkv
 from utune.tuners.modules import channel_view
 from utune.tuners.registry import register
 
@@ -129,9 +129,12 @@ class Ia3Kind(_ChannelKind):
         c, dim = self._channels(site, rw)
         index = None
         if self.options.slices:
-            mod = site.module
-            if not (isinstance(mod, nn.Linear) and mod.out_features == 3 * mod.in_features):
-                raise self.fail(site, "slices need a fused qkv Linear (out = 3 x in)", hint="drop `slices`")
+            if not is_fused_qkv(site):
+                raise self.fail(
+                    site,
+                    "`slices` need a fused qkv Linear (named *qkv*, out = 3 x in)",
+                    hint="drop `slices` for this rule",
+                )
             part = c // 3
             index = torch.cat(
                 [

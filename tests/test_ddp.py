@@ -1,0 +1,97 @@
+"""Two-process DDP training on CPU (gloo) under torchrun, with a frozen backbone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+TESTS_DIR = Path(__file__).parent
+REPO = TESTS_DIR.parent
+
+_SCRIPT = """
+import json, sys, types
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+import torch
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+from test_train_loop import Digits, digits_loaders, tiny_vit, train_cfg
+from utune.train import distributed as du
+from utune.train import run as run_mod
+from utune.train.checkpoint import trainable_state
+from utune.train.config import DataConfig
+from utune.train.loop import evaluate
+from utune.train.sampling import ShardSampler
+
+tmp = Path({tmp!r})
+du.setup("cpu")
+rank = du.rank()
+assert du.world() == 2 and du.is_main() == (rank == 0)
+
+# Sharded evaluation counts every validation image exactly once (297 is odd: shards differ in size).
+val = Digits("val")
+shard = DataLoader(val, batch_size=64, sampler=ShardSampler(len(val), rank=rank, world=2))
+res = evaluate(tiny_vit(), shard, "cpu")
+(tmp / f"eval{{rank}}.json").write_text(json.dumps(res))
+
+class Spec:
+    model = types.SimpleNamespace(name="test_vit")
+    data = DataConfig(dataset="digits")
+    train = train_cfg(max_steps=6, checkpoint_every=3, eval_every=3, log_every=2)
+
+class Built:
+    model = tiny_vit()
+    spec = Spec
+    data_config = {{}}
+    report = {{}}
+
+run_mod.build_loaders = lambda data_cfg, data_config, tcfg, splits=("train", "val"): digits_loaders()
+sys.modules["utune.spec"] = types.SimpleNamespace(spec_to_yaml=lambda s: "version: 1\\n")
+# Each rank proposes its own run dir (as timestamped defaults can differ); rank 0's must win.
+summary = run_mod.train_run(Built, tmp / f"run-from-rank{{rank}}", resume=False)
+weights = {{k: v.contiguous() for k, v in trainable_state(Built.model).items()}}
+save_file(weights, str(tmp / f"rank{{rank}}.safetensors"))
+(tmp / f"summary{{rank}}.json").write_text(json.dumps(summary))
+assert not torch.distributed.is_initialized()  # train_run left the process group
+"""
+
+
+def test_torchrun_two_processes_on_gloo(tmp_path: Path) -> None:
+    script = tmp_path / "ddp_train.py"
+    script.write_text(textwrap.dedent(_SCRIPT.format(tests=str(TESTS_DIR), tmp=str(tmp_path))))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "UTUNE_QUIET": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    run = tmp_path / "run-from-rank0"
+    assert not (tmp_path / "run-from-rank1").exists()
+    assert (run / "spec.yaml").read_text() == "version: 1\n"
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    # One writer: every (step, split) appears once.
+    assert Counter((r["step"], r.get("split")) for r in lines) == Counter(
+        [(2, None), (4, None), (6, None), (3, "val"), (6, "val")]
+    )
+    state = torch.load(run / "checkpoints" / "step-00000006" / "state.pt", weights_only=True)
+    assert state["world"] == 2 and len(state["ranks"]) == 2
+
+    w0, w1 = load_file(tmp_path / "rank0.safetensors"), load_file(tmp_path / "rank1.safetensors")
+    assert set(w0) == set(w1) and w0
+    for name in w0:
+        assert torch.equal(w0[name], w1[name]), name
+    saved = load_file(run / "checkpoints" / "step-00000006" / "model.safetensors")
+    assert all(torch.equal(saved[n], w0[n]) for n in w0)
+
+    e0, e1 = (json.loads((tmp_path / f"eval{r}.json").read_text()) for r in (0, 1))
+    assert e0 == e1 and e0["n"] == 297
+    s0, s1 = (json.loads((tmp_path / f"summary{r}.json").read_text()) for r in (0, 1))
+    assert s0["step"] == s1["step"] == 6 and s0["final_val_acc"] == s1["final_val_acc"]
+    assert s0["meta"]["processes"] == 2 and s0["out_dir"] == s1["out_dir"] == str(run)

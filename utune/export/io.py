@@ -1,0 +1,152 @@
+"""Safe files: atomic writes (temp file in the same folder, fsync, ``os.replace``), no silent overwrites,
+and reads that turn a missing, truncated or corrupt safetensors file into one :class:`CheckpointError`.
+
+A write either leaves the complete new file under its name or nothing at all (the old file, if any, is
+untouched): the bytes go to ``.<name>.tmp-<pid>`` beside the target, are fsynced, then renamed over it.
+A full disk (``ENOSPC``) or any other ``OSError`` removes the temp file and becomes an :class:`ExportError`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as st_save
+
+from utune.errors import CheckpointError, ExportError
+
+_CHUNK = 64 << 20  # write in 64 MiB pieces: a short write or ENOSPC surfaces at a clear point
+
+
+def check_target(path: Path, force: bool) -> None:
+    """Refuse to replace an existing ``path`` unless ``force``; refuse a missing parent folder."""
+    if path.exists() and not force:
+        raise ExportError(f"{path} already exists", hint="pass --force to overwrite it, or choose another -o")
+    if not path.parent.is_dir():
+        raise ExportError(f"folder {path.parent} does not exist", hint="create it first or choose another -o")
+
+
+def _os_error(e: OSError, path: Path) -> ExportError:
+    if e.errno == errno.ENOSPC:
+        return ExportError(
+            f"no space left on the device while writing {path}; nothing was written",
+            hint="free some space or write elsewhere with -o",
+        )
+    return ExportError(f"cannot write {path}: {e.strerror or e}", hint="check the folder's permissions and space")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some filesystems do not allow opening folders; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view[:_CHUNK])
+        view = view[n:]
+
+
+def write_bytes_atomic(path: Path, data: bytes, *, force: bool = False) -> None:
+    """Write ``data`` to ``path`` atomically; an existing file is replaced only with ``force``."""
+    path = Path(path)
+    check_target(path, force)
+    if path.is_dir():
+        raise ExportError(f"{path} is a folder, not a file", hint="choose a file name ending in .safetensors")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise _os_error(e, path) from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """A safetensors file's bytes: CPU, contiguous copies (shared storage is not allowed by the format)."""
+    cpu = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    return st_save(cpu, metadata=dict(metadata))
+
+
+def write_safetensors(
+    path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], *, force: bool = False
+) -> int:
+    """Write a safetensors file atomically; returns its size in bytes."""
+    data = safetensors_bytes(tensors, metadata)
+    write_bytes_atomic(Path(path), data, force=force)
+    return len(data)
+
+
+def publish_dir(path: Path, fill: Callable[[Path], None], *, force: bool = False) -> None:
+    """Create folder ``path`` atomically: ``fill(tmp)`` writes into a temp folder beside it, then one rename.
+
+    With ``force`` an existing ``path`` is moved aside first and removed after the new folder is in place.
+    """
+    path = Path(path)
+    check_target(path, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    old: Path | None = None
+    try:
+        fill(tmp)
+        for f in tmp.iterdir():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not path.exists():
+            os.replace(old, path)  # put the previous folder back
+        raise _os_error(e, path) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def read_safetensors(path: Path, what: str = "tuner file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors on CPU, metadata) of a safetensors file; missing, truncated or corrupt -> CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist", hint="check the path")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for every kind of damage
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(
+            f"{what} {path} is truncated or corrupt ({type(e).__name__}: {first})",
+            hint="export it again; a copy may have been cut short",
+        ) from None
+    return tensors, metadata

@@ -1,0 +1,482 @@
+"""Folding tuners into the base weights (``utune export --merge``).
+
+The merged state dict is keyed exactly like the plain backbone, so ``timm.create_model(name,
+num_classes=K).load_state_dict(state, strict=True)`` loads it. It starts from the base model's own state
+(which already holds trained ``trainable:`` parameters such as the head, shared with the tuned model)
+and folds each tuner into copies of the weights of the layer it acts on; the live model is never changed.
+
+Every foldable tuner is an affine map on the layer's input or output channels, applied to ``y = W x + b``:
+
+- per-channel ``y <- s ⊙ y + t`` (SSF, IA³, BitFit ``bias``):    ``W' = s[:, None] W``, ``b' = s ⊙ b + t``;
+  on a norm layer the same on its affine weight and bias;
+- ``y <- y + ΔW x + c`` (LoRA ``ΔW = (alpha/r) B A``, a linear adapter beside the layer): ``W' = W + ΔW``;
+- ``y <- A y + c`` (a linear adapter after the layer, ``A = I + s ⊙ W_up W_down``): ``W' = A W``, ``b' = A b + c``.
+
+Where the tuner sits is read from the graph: walking back from the value the tuner changes, through
+earlier tuners on the same value, ``Identity`` and ``Dropout`` (the identity in eval mode, which is what a
+merged model is for), to the one base layer that produced it. Several tuners on one layer fold in graph
+order (the order they act on the value), whatever the order of their rules. The fold is refused, with the
+reason, when the tuner reads anything but the layer's own input or output, when the layer's output is also
+used elsewhere, when the layer is called more than once, or when the layer cannot hold the result (a shift
+on a layer without a bias, a channel mix on a norm, a non-linear adapter).
+
+The per-tuner functions live in :data:`FOLDERS`, keyed by the tuner module's class; a tuner kind's
+``merge`` hook would be the same function on the kind.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from utune.errors import ExportError
+from utune.export._sites import TunerSite, refusal, tuner_sites
+from utune.graph.rewrite import TUNER_ROOT
+from utune.tuners.adapter import Adapter
+from utune.tuners.lora import Lora
+from utune.tuners.scaling import ChannelAffine
+
+TUNERS_ONLY_HINT = "export the tuners with --tuners-only instead (`utune apply SPEC --tuners FILE` loads them back)"
+
+
+class NotMergeable(Exception):
+    """One tuner at one site cannot fold; ``str(e)`` says why."""
+
+
+# ---- the layer being folded into ----------------------------------------------------------------------
+
+_TIMM_NORMS = {"RmsNorm", "RmsNorm2d"}  # timm norms outside torch's classes: y = w ⊙ x / rms(x)
+
+
+def _layer_kind(mod: nn.Module) -> str | None:
+    if isinstance(mod, nn.Linear):
+        return "linear"
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return "conv"
+    torch_norms = (nn.LayerNorm, _BatchNorm, nn.GroupNorm, nn.RMSNorm)
+    if isinstance(mod, torch_norms) or type(mod).__name__ in _TIMM_NORMS:
+        return "norm"
+    return None
+
+
+def _channel_axis(mod: nn.Module, kind: str, ndim: int | None) -> int | None:
+    """The output axis holding the layer's channels (non-negative when ``ndim`` is known, else -1 or 1)."""
+    last = ndim - 1 if ndim is not None else -1
+    if kind == "linear":
+        return last
+    if kind == "conv" or isinstance(mod, (_BatchNorm, nn.GroupNorm)):
+        return 1
+    return 1 if "2d" in type(mod).__name__.lower() else last  # LayerNorm2d, RmsNorm2d: NCHW
+
+
+@dataclass
+class Layer:
+    """Float64 working copies of one base layer's weight and bias, and what the layer is."""
+
+    path: str
+    module: nn.Module
+    kind: str  # linear | conv | norm
+    ndim: int | None  # rank of the layer's output tensor, when shape propagation recorded it
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    folded: list[str] = field(default_factory=list)
+
+    @property
+    def channels(self) -> int:
+        assert self.weight is not None or self.bias is not None
+        return int((self.weight if self.weight is not None else self.bias).shape[0])  # type: ignore[union-attr]
+
+    @property
+    def axis(self) -> int | None:
+        return _channel_axis(self.module, self.kind, self.ndim)
+
+    def check_axis(self, dim: int, what: str) -> None:
+        """The tuner's channel dim ``dim`` (1 or -1) must be the axis the layer's channels are on."""
+        want = self.axis
+        got = dim % self.ndim if self.ndim is not None else dim
+        if want is not None and got != want:
+            raise NotMergeable(f"{what} acts on dim {dim} of the output but {self.path}'s channels are on dim {want}")
+
+    def _need_bias(self, c: torch.Tensor | None, why: str) -> None:
+        if self.bias is None and c is not None and bool(c.ne(0).any()):
+            raise NotMergeable(f"{self.path} ({type(self.module).__name__}) has no bias to hold the {why}")
+
+    def scale_shift(self, s: torch.Tensor | None, t: torch.Tensor | None) -> None:
+        """``y <- s ⊙ y + t`` per output channel."""
+        n = self.channels
+        for v, name in ((s, "scale"), (t, "shift")):
+            if v is not None and v.numel() != n:
+                raise NotMergeable(f"its {name} has {v.numel()} channels, {self.path} has {n}")
+        if self.weight is None and s is not None and bool(s.ne(1).any()):
+            raise NotMergeable(f"{self.path} ({type(self.module).__name__}) has no affine weight to hold the scale")
+        self._need_bias(t, "shift")
+        if s is not None and self.weight is not None:
+            self.weight = s.view(-1, *[1] * (self.weight.ndim - 1)) * self.weight
+        if self.bias is not None:
+            if s is not None:
+                self.bias = s * self.bias
+            if t is not None:
+                self.bias = self.bias + t
+
+    def add_input_map(self, delta: torch.Tensor, c: torch.Tensor | None) -> None:
+        """``y <- y + ΔW x + c`` with ``ΔW`` shaped like the weight (x: the layer's own input)."""
+        if self.kind == "norm" or self.weight is None:
+            raise NotMergeable(f"{self.path} is a {type(self.module).__name__}; a map of its input cannot fold into it")
+        if self.kind == "conv" and delta.ndim == 2:  # a channel map beside a 1x1, stride-1, unpadded conv
+            mod = self.module
+            pointwise = all(k == 1 for k in mod.kernel_size) and all(s == 1 for s in mod.stride)  # type: ignore[union-attr]
+            if not pointwise or any(p != 0 for p in mod.padding) or mod.groups != 1:  # type: ignore[union-attr]
+                raise NotMergeable(f"a channel map beside {self.path} folds only into a 1x1, stride-1, unpadded conv")
+            delta = delta.view(*delta.shape, *[1] * (self.weight.ndim - 2))
+        if tuple(delta.shape) != tuple(self.weight.shape):
+            raise NotMergeable(
+                f"its weight change {list(delta.shape)} does not fit {self.path} {list(self.weight.shape)}"
+            )
+        self._need_bias(c, "added bias")
+        self.weight = self.weight + delta
+        if c is not None and self.bias is not None:
+            self.bias = self.bias + c
+
+    def mix_outputs(self, a: torch.Tensor, c: torch.Tensor | None) -> None:
+        """``y <- A y + c`` over output channels."""
+        if self.kind == "norm" or self.weight is None:
+            raise NotMergeable(
+                f"a channel mix cannot fold into {self.path} ({type(self.module).__name__}), "
+                "which has one weight per channel"
+            )
+        if self.kind == "conv" and self.module.groups != 1:  # type: ignore[union-attr]
+            raise NotMergeable(f"a channel mix cannot fold into the grouped conv {self.path}")
+        if tuple(a.shape) != (self.channels, self.channels):
+            raise NotMergeable(f"its channel mix {list(a.shape)} does not fit {self.path}'s {self.channels} channels")
+        self._need_bias(c, "added bias")
+        self.weight = torch.tensordot(a, self.weight, dims=([1], [0]))
+        if self.bias is not None:
+            self.bias = a @ self.bias + (c if c is not None else 0)
+
+
+# ---- the graph around a tuner ------------------------------------------------------------------------
+
+
+class _Graph:
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self.calls: dict[str, list[fx.Node]] = {}
+        self.attrs: list[str] = []
+        for n in gm.graph.nodes:
+            if n.op == "call_module":
+                self.calls.setdefault(str(n.target), []).append(n)
+            elif n.op == "get_attr":
+                self.attrs.append(str(n.target))
+
+    def tuner_node(self, ts: TunerSite) -> fx.Node:
+        nodes = self.calls.get(ts.module, [])
+        if len(nodes) != 1:
+            raise NotMergeable(f"its module is called {len(nodes)} times in the graph")
+        return nodes[0]
+
+    def join_add(self, node: fx.Node) -> fx.Node:
+        """The ``out + T(tap)`` node joining tuner call ``node``."""
+        users = [u for u in node.users if not _plumbing(u)]
+        if len(users) != 1 or not _is_add(users[0]) or users[0].args[1] is not node:
+            raise NotMergeable("its output is not simply added to the layer's output")
+        return users[0]
+
+
+def _plumbing(n: fx.Node) -> bool:
+    return (n.op == "call_function" and n.target is getattr) or (n.op == "call_method" and n.target in ("size", "dim"))
+
+
+def _is_add(n: fx.Node) -> bool:
+    return n.op == "call_function" and n.target in (operator.add, torch.add) and len(n.args) == 2
+
+
+def _is_tuner(n: Any) -> bool:
+    return isinstance(n, fx.Node) and n.op == "call_module" and str(n.target).startswith(TUNER_ROOT + ".")
+
+
+def _describe(n: fx.Node) -> str:
+    if n.op == "call_module":
+        return f"module {n.target}"
+    return f"{getattr(n.target, '__name__', n.target)} ({n.op})"
+
+
+def _resolve_layer(g: _Graph, value: fx.Node, ts: TunerSite) -> fx.Node:
+    """The call of the base layer whose output ``value`` is (through earlier tuners, Identity, Dropout)."""
+    chain: list[fx.Node] = []
+    node = value
+    while True:
+        chain.append(node)
+        if _is_tuner(node) and node.args and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+        elif _is_add(node) and _is_tuner(node.args[1]) and isinstance(node.args[0], fx.Node):
+            node = node.args[0]
+        elif node.op == "call_module":
+            mod = g.gm.get_submodule(str(node.target))
+            if isinstance(mod, (nn.Identity, nn.Dropout)) and node.args and isinstance(node.args[0], fx.Node):
+                node = node.args[0]
+                continue
+            break
+        else:
+            raise NotMergeable(f"the value it changes comes from {_describe(node)}, not from a Linear, Conv or Norm")
+    path = str(node.target)
+    mod = g.gm.get_submodule(path)
+    if _layer_kind(mod) is None:
+        raise NotMergeable(f"the value it changes comes from {path} ({type(mod).__name__}), not a Linear, Conv or Norm")
+    site = ts.site.split("@")[0]
+    if path != site and not path.startswith(site + "."):
+        raise NotMergeable(f"the value it changes comes from {path}, outside its site")
+    if len(g.calls.get(path, [])) != 1:
+        raise NotMergeable(f"{path} is called {len(g.calls[path])} times; folding would change every call")
+    if any(a.startswith(path + ".") for a in g.attrs):
+        raise NotMergeable(f"{path}'s weights are also read directly elsewhere in the graph")
+    inside = set(chain)
+    for n in chain:
+        for u in n.users:
+            if u in inside or _plumbing(u) or _is_tuner(u) or (_is_add(u) and _is_tuner(u.args[1])):
+                continue
+            raise NotMergeable(f"{path}'s output is also used by {_describe(u)}, which would see the folded weights")
+    return node
+
+
+# ---- one function per tuner module class --------------------------------------------------------------
+
+
+@dataclass
+class FoldStep:
+    """One tuner's fold: into ``layer`` at graph position ``order``, by ``apply``."""
+
+    ts: TunerSite
+    layer: str
+    layer_node: fx.Node
+    order: int
+    apply: Callable[[Layer], None]
+
+
+def _f64(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.detach().to("cpu", torch.float64)
+
+
+def fold_channel_affine(g: _Graph, ts: TunerSite, mod: ChannelAffine) -> FoldStep:
+    """SSF / IA³ / bias: ``y <- s ⊙ y + t`` on the layer's output channels."""
+    node = g.tuner_node(ts)
+    leaf = _resolve_layer(g, node.args[0], ts)  # type: ignore[arg-type]
+
+    def apply(layer: Layer) -> None:
+        layer.check_axis(mod.channel_dim, ts.kind)
+        layer.scale_shift(_f64(mod.effective_scale()), _f64(mod.shift))
+
+    return FoldStep(ts, str(leaf.target), leaf, g.order[node], apply)
+
+
+def fold_lora(g: _Graph, ts: TunerSite, mod: Lora) -> FoldStep:
+    """LoRA: ``W' = W + (alpha/r) B A`` (slices: zero blocks for the frozen thirds)."""
+    node = g.tuner_node(ts)
+    add = g.join_add(node)
+    leaf = _resolve_layer(g, add.args[0], ts)  # type: ignore[arg-type]
+    if not leaf.args or node.args[0] is not leaf.args[0]:
+        raise NotMergeable(f"it does not read the input of {leaf.target}")
+    base = g.gm.get_submodule(str(leaf.target))
+    if isinstance(base, nn.Conv2d) and base.padding_mode != "zeros":
+        raise NotMergeable(f"{leaf.target} pads with {base.padding_mode!r}, LoRA's conv pads with zeros")
+
+    def apply(layer: Layer) -> None:
+        layer.add_input_map(_f64(mod.delta_weight()), None)  # type: ignore[arg-type]
+
+    return FoldStep(ts, str(leaf.target), leaf, g.order[add], apply)
+
+
+def adapter_affine(mod: Adapter) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(M, c)`` with ``U(x) = M x + c`` for an adapter whose activation is the identity."""
+    if not isinstance(mod.act, nn.Identity):
+        raise NotMergeable(
+            f"its activation ({type(mod.act).__name__}) is not linear; only `act: identity` adapters fold"
+        )
+    mode = mod.scale.mode
+    if mode == "gate":
+        raise NotMergeable("its gate depends on the input")
+    wd, bd = _f64(mod.down.weight), _f64(mod.down.bias)
+    wu, bu = _f64(mod.up.weight), _f64(mod.up.bias)
+    assert wd is not None and wu is not None and bd is not None and bu is not None
+    m, c = wu @ wd, wu @ bd + bu
+    if mode == "const":
+        m, c = m * mod.scale.const, c * mod.scale.const
+    elif mode in ("scalar", "channel"):
+        s = _f64(mod.scale.weight)
+        assert s is not None
+        m, c = (s[:, None] if mode == "channel" else s) * m, s * c
+    return m, c
+
+
+def fold_adapter(g: _Graph, ts: TunerSite, mod: Adapter) -> FoldStep:
+    """A linear adapter beside (``W' = W + M``) or after (``W' = (I + M) W``) a layer."""
+    node = g.tuner_node(ts)
+    add = g.join_add(node)
+    leaf = _resolve_layer(g, add.args[0], ts)  # type: ignore[arg-type]
+    m, c = adapter_affine(mod)
+    tap = node.args[0]
+    if leaf.args and tap is leaf.args[0]:
+        beside = True
+    elif tap is add.args[0]:
+        beside = False
+    else:
+        raise NotMergeable(f"it reads {_describe(tap)}, neither the input nor the output of {leaf.target}")  # type: ignore[arg-type]
+
+    def apply(layer: Layer) -> None:
+        layer.check_axis(mod.channel_dim, "the adapter")
+        if beside:
+            layer.add_input_map(m, c)
+        else:
+            layer.mix_outputs(torch.eye(m.shape[0], dtype=m.dtype) + m, c)
+
+    return FoldStep(ts, str(leaf.target), leaf, g.order[add], apply)
+
+
+FoldFn = Callable[[_Graph, TunerSite, Any], FoldStep]
+FOLDERS: dict[type[nn.Module], FoldFn] = {
+    ChannelAffine: fold_channel_affine,
+    Lora: fold_lora,
+    Adapter: fold_adapter,
+}
+
+
+def _folder(mod: nn.Module) -> FoldFn | None:
+    for cls in type(mod).__mro__:
+        if cls in FOLDERS:
+            return FOLDERS[cls]
+    return None
+
+
+# ---- the merge -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class MergeResult:
+    state: dict[str, torch.Tensor]  # keyed like the plain backbone
+    folds: list[tuple[str, str, str, str]]  # (rule, kind, site, layer), in the order folded
+    layers: int  # how many base layers changed
+
+
+def _why_not(kind: str, mod: nn.Module) -> str:
+    return f"{kind} tuners ({type(mod).__name__}) add computation that no base weight can express"
+
+
+def merged_state_dict(built: Any) -> MergeResult:
+    """The base state with every tuner folded in; ExportError listing every tuner that cannot fold."""
+    gm: fx.GraphModule = built.model
+    g = _Graph(gm)
+    steps: list[FoldStep] = []
+    refused: list[tuple[TunerSite, str]] = []
+    for ts in tuner_sites(built):
+        mod = gm.get_submodule(ts.module)
+        fold = _folder(mod)
+        if fold is None:
+            refused.append((ts, _why_not(ts.kind, mod)))
+            continue
+        try:
+            steps.append(fold(g, ts, mod))
+        except NotMergeable as e:
+            refused.append((ts, str(e)))
+    live = gm.state_dict()
+    state = {k: live.get(k, v).detach().to("cpu").clone() for k, v in built.base.state_dict().items()}
+    layers: dict[str, Layer] = {}
+    folds: list[tuple[str, str, str, str]] = []
+    for step in sorted(steps, key=lambda s: s.order):
+        layer = layers.get(step.layer)
+        if layer is None:
+            mod = gm.get_submodule(step.layer)
+            meta = step.layer_node.meta.get("tensor_meta")
+            ndim = len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+            w, b = f"{step.layer}.weight", f"{step.layer}.bias"
+            if (getattr(mod, "weight", None) is not None and w not in state) or (
+                getattr(mod, "bias", None) is not None and b not in state
+            ):
+                refused.append((step.ts, f"{step.layer}'s weights are not in the base model's state dict"))
+                continue
+            kind = _layer_kind(mod)
+            assert kind is not None  # _resolve_layer checked it
+            layer = layers[step.layer] = Layer(step.layer, mod, kind, ndim, _f64(state.get(w)), _f64(state.get(b)))
+        try:
+            step.apply(layer)
+        except NotMergeable as e:
+            refused.append((step.ts, str(e)))
+            continue
+        layer.folded.append(step.ts.rule)
+        folds.append((step.ts.rule, step.ts.kind, step.ts.site, step.layer))
+    if refused:
+        raise refusal("cannot merge these tuners into the base weights", refused, TUNERS_ONLY_HINT)
+    for path, layer in layers.items():
+        for name, value in (("weight", layer.weight), ("bias", layer.bias)):
+            key = f"{path}.{name}"
+            if value is not None and key in state:
+                state[key] = value.to(state[key].dtype).contiguous()
+    return MergeResult(state, folds, len(layers))
+
+
+# ---- verification ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Verification:
+    max_abs_diff: float
+    scale: float  # max |tuned output|
+    tolerance: float  # allowed max_abs_diff
+    ok: bool
+
+    def line(self) -> str:
+        verdict = "ok" if self.ok else "FAILED"
+        return (
+            f"verify: max |merged - tuned| = {self.max_abs_diff:.3g} (output scale {self.scale:.3g}, "
+            f"tolerance {self.tolerance:.3g}): {verdict}"
+        )
+
+
+def relative_tolerance(model: nn.Module) -> float:
+    """1e-4 of the output scale in fp32 (1e-2 when the weights are half precision)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return 1e-2 if dtypes & {torch.float16, torch.bfloat16} else 1e-4
+
+
+@torch.no_grad()
+def forward_eval(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    was = model.training
+    model.eval()
+    try:
+        dev = next((p.device for p in model.parameters()), x.device)
+        out = model(x.to(dev))
+    finally:
+        model.train(was)
+    out = out if isinstance(out, torch.Tensor) else out[0]
+    return out.detach().to("cpu", torch.float32)
+
+
+def plain_model(built: Any) -> nn.Module:
+    """A fresh, untuned model of the spec's architecture (random weights, nothing downloaded)."""
+    from utune.models import create_model
+
+    m = built.spec.model
+    return create_model(m.name, pretrained=False, num_classes=m.num_classes, kwargs=dict(m.kwargs))
+
+
+def verify_merged(built: Any, state: dict[str, torch.Tensor], *, batch: int = 2, seed: int = 0) -> Verification:
+    """Load ``state`` strictly into a fresh plain model; compare it with the tuned model on a random batch."""
+    plain = plain_model(built)
+    try:
+        plain.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ExportError(
+            f"the merged weights do not load strictly into a plain {built.spec.model.name}: {str(e).splitlines()[0]}",
+            hint="this is a bug in the export; report it with the spec",
+        ) from None
+    x = torch.randn(batch, *built.input_size, generator=torch.Generator().manual_seed(seed))
+    tuned, merged = forward_eval(built.model, x), forward_eval(plain, x)
+    diff = float((tuned - merged).abs().max())
+    scale = float(tuned.abs().max())
+    tol = relative_tolerance(built.model) * max(scale, 1e-6)
+    return Verification(diff, scale, tol, diff <= tol)
