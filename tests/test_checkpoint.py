@@ -251,8 +251,11 @@ def test_train_run_and_eval_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setitem(sys.modules, "utune.spec", types.SimpleNamespace(spec_to_yaml=lambda s: "version: 1\n"))
     monkeypatch.setitem(sys.modules, "utune.api", types.SimpleNamespace(build=fake_build))
 
+    monkeypatch.setattr(run_mod.time, "strftime", lambda fmt: "20250101-120000")
     out = run_mod.default_run_dir("specs/vit_lora.yaml", base=tmp_path / "runs")
-    assert out.name.startswith("vit_lora-") and out.parent == tmp_path / "runs"
+    assert out == tmp_path / "runs" / "vit_lora-20250101-120000"
+    out.mkdir(parents=True)  # the same second again: a suffix keeps runs apart
+    assert run_mod.default_run_dir("vit_lora.yaml", base=tmp_path / "runs").name == "vit_lora-20250101-120000-2"
     summary = run_mod.train_run(_Built(tiny_vit(), spec), out, resume=False)
     assert (out / "spec.yaml").read_text() == "version: 1\n"
     assert summary["meta"] == {"model": "test_vit", "dataset": "digits", "processes": 1}

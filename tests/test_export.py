@@ -212,6 +212,23 @@ def test_shift_on_a_layer_without_bias_and_non_layer_sites_are_refused() -> None
     assert "block (ssf)" in msg and "add" in msg and "qkv_ia3" not in msg
 
 
+def test_norm_with_a_fused_activation_is_refused() -> None:
+    built = build(
+        spec(
+            "test_efficientnet",
+            [
+                {"name": "stem", "kind": "ssf", "at": "bn1"},  # BatchNormAct2d: BN, then SiLU
+                {"name": "pwl", "kind": "ssf", "at": "blocks.1.0.bn2"},  # BatchNormAct2d with act Identity: folds
+            ],
+            ["classifier"],
+        )
+    )
+    train_steps(built)
+    with pytest.raises(ExportError, match=r"stem \(ssf\).*applies SiLU") as e:
+        merged_state_dict(built)
+    assert "pwl" not in str(e.value)
+
+
 def test_peft_format_refusals_need_no_peft() -> None:
     built = build(
         spec(

@@ -9,20 +9,31 @@ this file fast on a CPU, models whose input size only sizes *frozen* parameters 
 
 The trainable-parameter counts are therefore the real-size ones; :func:`test_trainable_counts` checks that
 no size-dependent parameter trains, and rebuilds at the real size where one does (``full.yaml``).
+
+Random initialisation of a backbone (86 M parameters for ViT-B) costs more than the rest of a build, and
+14 specs share one: the model factory is memoised and every build gets a deep copy of its model, which
+is what a fresh ``create_model`` call would return up to the random values. Everything else is
+``utune.api.build`` as the CLI runs it.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
+import utune.api
 from utune.api import Built, build
 from utune.cli import app
+from utune.models import create_model
 from utune.spec import load_spec
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"
@@ -62,6 +73,7 @@ SITES = {
     ("vit_b16_cifar100/utuning_1.yaml", "ffn"): ["blocks.0::add_1"],
     ("vit_b16_cifar100/vpt_shallow.yaml", "prompt"): ["blocks.0"],
 }
+EXPECTED_CLASSES = 100  # every reference spec is CIFAR-100
 FULL_VIT_TOTAL = 85_875_556  # ViT-B/16 at 224 with a 100-class head (full.yaml's arithmetic)
 
 
@@ -77,10 +89,50 @@ def small_input(model_name: str) -> list[str]:
 
 
 @functools.cache
-def built(rel: str, real_size: bool = False) -> Built:
+def _model(name: str, num_classes: int | None, kwargs: tuple[tuple[str, Any], ...]) -> torch.nn.Module:
+    return create_model(name, pretrained=False, num_classes=num_classes, kwargs=dict(kwargs))
+
+
+def _fresh_model(name: str, *, pretrained: Any, num_classes: int | None, kwargs: dict[str, Any]) -> torch.nn.Module:
+    assert pretrained is False, "tests never download weights"
+    return copy.deepcopy(_model(name, num_classes, tuple(sorted(kwargs.items()))))
+
+
+def build_spec(rel: str, real_size: bool = False) -> Built:
     path = SPECS / rel
     extra = [] if real_size else small_input(load_spec(path).model.name)
-    return build(path, [*NO_DOWNLOAD, *extra])
+    with mock.patch.object(utune.api, "create_model", _fresh_model):
+        return build(path, [*NO_DOWNLOAD, *extra])
+
+
+@dataclass
+class Checked:
+    """What the tests assert on; the model itself is dropped (20 backbones would not fit in memory)."""
+
+    report: dict[str, Any]
+    input_size: tuple[int, int, int]
+    trainable: list[str]  # names of the trainable parameters
+    out: torch.Tensor  # logits of a batch of 1
+    base_out: torch.Tensor  # the untouched model's logits on the same batch, the same head
+    graph: str  # the rewritten model's code
+
+
+@functools.cache
+def checked(rel: str, real_size: bool = False) -> Checked:
+    """Build once; one forward pass of the tuned and the base model on a batch of 1 at the model's size."""
+    b = build_spec(rel, real_size)
+    trainable = [n for n, p in b.model.named_parameters() if p.requires_grad]
+    x = torch.randn(1, *b.input_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        # Some heads start at zero (torchvision's ViT), which would make the base/tuned comparison pass
+        # trivially: give the trainable base parameters (the head) random values; base and model share them.
+        if b.spec.tuners:
+            for name, p in b.model.named_parameters():
+                if p.requires_grad and not name.startswith("utune."):
+                    p.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
+        out = b.model.eval()(x)
+        base_out = b.base.eval()(x)
+    return Checked(b.report, b.input_size, trainable, out, base_out, b.model.code)
 
 
 def test_every_spec_is_collected() -> None:
@@ -114,27 +166,13 @@ def test_header(rel: str) -> None:
 
 @pytest.mark.parametrize("rel", IDS)
 def test_builds_and_runs(rel: str) -> None:
-    """Build (no weights), one forward pass on a batch of 1; tuners that claim identity at init keep the base."""
-    b = built(rel)
-    spec = b.spec
-    x = torch.randn(1, *b.input_size, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        out = b.model.eval()(x)
-    assert out.shape == (1, spec.model.num_classes)
-    assert torch.isfinite(out).all()
-    if not spec.tuners:
-        return
-    # The heads of some backbones start at zero (torchvision's ViT), which would make any comparison pass:
-    # give every trainable base parameter (the head) random values; base and model share them.
-    with torch.no_grad():
-        for name, p in b.model.named_parameters():
-            if p.requires_grad and not name.startswith("utune."):
-                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
-        out = b.model.eval()(x)
-        base = b.base.eval()(x)
-    diff = float((out - base).abs().max())
-    assert float(base.abs().max()) > 0
-    if all(t["identity_at_init"] for t in b.report["tuners"]):
+    """Builds without weights and runs; tuners that claim to be the identity at init leave the output alone."""
+    c = checked(rel)
+    assert c.out.shape == (1, EXPECTED_CLASSES)
+    assert torch.isfinite(c.out).all()
+    assert float(c.base_out.abs().max()) > 0
+    diff = float((c.out - c.base_out).abs().max())
+    if all(t["identity_at_init"] for t in c.report["tuners"]):
         assert diff <= 1e-5, f"{rel}: tuners that are the identity at init changed the output by {diff}"
     else:  # prompts / concat prefixes are attended to from the start, as in VPT and prefix tuning
         assert diff > 1e-6
@@ -142,30 +180,29 @@ def test_builds_and_runs(rel: str) -> None:
 
 @pytest.mark.parametrize("rel", IDS)
 def test_trainable_counts(rel: str) -> None:
-    b = built(rel)
-    trainable = [n for n, p in b.model.named_parameters() if p.requires_grad]
-    if any(SIZE_DEPENDENT.search(n) for n in trainable) and small_input(b.spec.model.name):
-        b = built(rel, real_size=True)  # a size-dependent parameter trains: count at the real size
+    c = checked(rel)
+    if any(SIZE_DEPENDENT.search(n) for n in c.trainable) and c.input_size[1:] != (224, 224):
+        c = checked(rel, real_size=True)  # a size-dependent parameter trains: count at the real size
     total, rules = EXPECTED[rel]
-    assert b.report["trainable_params"] == total
-    assert {t["name"]: t["params"] for t in b.report["tuners"]} == rules
+    assert c.report["trainable_params"] == total
+    assert {t["name"]: t["params"] for t in c.report["tuners"]} == rules
     # tuner parameters are exactly the rules' modules; the rest is the `trainable:` base parameters
-    assert b.report["tuner_params"] == sum(rules.values())
+    assert c.report["tuner_params"] == sum(rules.values())
     for (spec_rel, rule), sites in SITES.items():
         if spec_rel == rel:
-            assert next(t["sites"] for t in b.report["tuners"] if t["name"] == rule) == sites
+            assert next(t["sites"] for t in c.report["tuners"] if t["name"] == rule) == sites
 
 
 def test_full_fine_tuning_counts_every_parameter() -> None:
-    b = built("vit_b16_cifar100/full.yaml", real_size=True)
-    assert b.input_size == (3, 224, 224)
-    assert b.report["total_params"] == b.report["trainable_params"] == FULL_VIT_TOTAL
+    c = checked("vit_b16_cifar100/full.yaml", real_size=True)
+    assert c.input_size == (3, 224, 224)
+    assert c.report["total_params"] == c.report["trainable_params"] == FULL_VIT_TOTAL
 
 
 def test_dual_ffn_tuner_reads_the_residual_stream() -> None:
     """`blocks.N::add_1` with `tap: input` reads x (the stream after MHA), not norm2(x)."""
-    b = built("vit_b16_cifar100/utuning_dual.yaml")
-    calls = [n for n in b.model.graph.nodes if n.op == "call_module" and n.target == "utune.ffn.blocks_0__add_1"]
-    assert len(calls) == 1
-    tap = calls[0].args[0]
-    assert any(u.op == "call_module" and u.target == "blocks.0.norm2" for u in tap.users)
+    code = checked("vit_b16_cifar100/utuning_dual.yaml").graph
+    # the FFN tuner of block 0 is called on the value that blocks.0.norm2 also reads
+    tap = re.search(r"utune_ffn_blocks_0__add_1 = self\.utune\.ffn\.blocks_0__add_1\((\w+)\)", code)
+    assert tap is not None, "no FFN tuner call for block 0 in the rewritten code"
+    assert re.search(rf"\.norm2\({tap.group(1)}\)", code), f"the FFN tuner reads {tap.group(1)}, not norm2's input"

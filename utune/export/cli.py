@@ -90,6 +90,8 @@ def register_cli(app: typer.Typer) -> None:
         _mode(merge, tuners_only, fmt, None)  # bad flags and an existing -o fail before the (slow) rebuild
         if output is not None:
             check_target(output, force)
+        elif source is not None and source.endswith((".yaml", ".yml")):
+            raise UserInputError("exporting from a spec needs -o/--output")
         built = load_source(source, ov, tuners=tuners, which=checkpoint)
         mode = _mode(merge, tuners_only, fmt, getattr(built.spec, "export", None))
         path = output if output is not None else default_output(source, mode)

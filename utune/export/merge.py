@@ -227,6 +227,9 @@ def _resolve_layer(g: _Graph, value: fx.Node, ts: TunerSite) -> fx.Node:
             raise NotMergeable(f"the value it changes comes from {_describe(node)}, not from a Linear, Conv or Norm")
     path = str(node.target)
     mod = g.gm.get_submodule(path)
+    act = getattr(mod, "act", None)
+    if isinstance(act, nn.Module) and not isinstance(act, nn.Identity):  # timm's BatchNormAct2d, GroupNormAct...
+        raise NotMergeable(f"{path} ({type(mod).__name__}) applies {type(act).__name__} after its affine weights")
     if _layer_kind(mod) is None:
         raise NotMergeable(f"the value it changes comes from {path} ({type(mod).__name__}), not a Linear, Conv or Norm")
     site = ts.site.split("@")[0]

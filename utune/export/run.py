@@ -53,7 +53,7 @@ def load_source(
     """A run directory (its checkpoint), or a spec file (plus a tuner file, when given)."""
     from utune.api import build
 
-    if source is not None and str(source).endswith((".yaml", ".yml")) and Path(source).is_file():
+    if source is not None and str(source).endswith((".yaml", ".yml")):
         built = build(source, list(overrides))
         if tuners is not None:
             load_tuners(built, tuners)

@@ -189,6 +189,11 @@ def read_tuners(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     fmt = meta.get("utune.format")
     if fmt is None:
         raise CheckpointError(f"{path} is not a utune tuner file (it has no utune metadata)", hint=_EXPORT_HINT)
+    if fmt.startswith("merged/"):
+        raise CheckpointError(
+            f"{path} holds merged weights, not tuners",
+            hint="load it as the base weights (model.pretrained: FILE, or load_state_dict on the plain model)",
+        )
     if fmt != FORMAT:
         raise CheckpointError(
             f"{path} has format {fmt!r}; this utune ({utune.__version__}) reads {FORMAT!r}",

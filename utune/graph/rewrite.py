@@ -105,11 +105,12 @@ class Rewriter:
             meta = node.meta.get("tensor_meta")
         return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
-    def propagate(self, rule: str) -> None:
+    def propagate(self, rule: str | None = None) -> None:
         """Run the rewritten graph on the dummy batch (eval, no grad), recording every node's shape.
 
-        Called after each rule: a rewrite that type-checks but fails at run time (a token count a
-        relative-position table cannot take, say) is caught here and named, not at training time.
+        Called when a pass needs shapes of nodes inserted earlier, and once after all rules: a rewrite
+        that lints but fails at run time (a token count a relative-position table cannot take, say) is
+        caught here and named by the rule whose nodes it broke, not at training time.
         """
         if self.example is None:
             return
@@ -117,11 +118,12 @@ class Rewriter:
         try:
             propagate_shapes(self.gm, self.example)
         except NodeFailure as e:
-            site = e.node.meta.get("utune_rule")
-            by = f" (a node added by rule {site!r})" if site else ""
+            culprit = e.node.meta.get("utune_rule")
+            who = f"rule {culprit or rule!r}" if (culprit or rule) else "the rewritten model"
+            by = f" (a node added by rule {culprit!r})" if culprit else ""
             first = str(e.cause).splitlines()[0] if str(e.cause) else ""
             raise RewriteError(
-                f"rule {rule!r}: the rewritten model fails on a dummy batch at node {e.node.name}{by}: "
+                f"{who}: the rewritten model fails on a dummy batch at node {e.node.name}{by}: "
                 f"{type(e.cause).__name__}: {first}",
                 hint="this kind does not fit these sites of this model (e.g. extra tokens where the model expects "
                 "a fixed count); select other sites or another kind",
@@ -218,8 +220,7 @@ class Rewriter:
         self.rule, self.site = rule, site
         try:
             yield
-            self.graph.lint()
-            self.gm.recompile()
+            self.graph.lint()  # cheap; the code is regenerated (recompile) before the graph next runs
         except (SelectionError, RewriteError):
             raise
         except Exception as e:

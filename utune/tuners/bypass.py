@@ -1,0 +1,145 @@
+"""Res-Tuning-Bypass: a side network beside a frozen backbone that needs no backward pass through it.
+
+Jiang et al. 2023 (Res-Tuning, NeurIPS). Seeded by the (detached) input of the first selected site,
+for each selected site ``l`` (e.g. every block)::
+
+    b_l = A_lat(x_l) + A_ver(b_{l-1}),   x_l = detach(output of site l),   A(x) = x + W_up·GELU(W_down·x)
+
+and the last ``b`` replaces the input of the ``into`` site (by default the op that reads the last
+selected site's output: the final norm before a ViT's head, the global pool of a CNN). The backbone's
+parameters are frozen and its input needs no gradient, so autograd records none of its operations:
+no stored activations, no backward pass through it. When stage widths or resolutions differ (CNN
+stages), the vertical adapter's residual is a 1x1 projection (and an average pool by the stage's
+downsampling factor), so ``A_ver`` maps ``b_{l-1}`` to stage ``l``'s shape. Not the identity at init.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from utune.graph.rewrite import Rewriter
+from utune.graph.sites import Site
+from utune.tuners.adapter import Adapter, AdapterOptions, _pool_factor
+from utune.tuners.base import TunerKind, TunerOptions, channel_dim
+from utune.tuners.modules import channel_linear
+from utune.tuners.registry import register
+
+
+class BypassOptions(TunerOptions):
+    dim: int = Field(default=10, gt=0)  # bottleneck L of every lateral/vertical adapter (10 in the paper)
+    into: str | None = None  # site whose input the side network's output replaces; default: the reader of the last site
+    seed: str | None = None  # site whose (detached) input seeds the side network; default: the first selected site
+
+
+class ResAdapter(nn.Module):
+    """``A(x) = P(x) + W_up·GELU(W_down·x)``: P is the identity, or a 1x1 projection/pool across stages."""
+
+    def __init__(self, c_in: int, c_out: int, dim: int, channel_dim: int, pool: int = 1) -> None:
+        super().__init__()
+        self.channel_dim, self.pool = channel_dim, pool
+        self.adapter = Adapter(c_in, c_out, AdapterOptions(dim=dim, scale="none"), channel_dim, pool)
+        self.proj = nn.Linear(c_in, c_out) if c_in != c_out else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        delta = self.adapter(x)
+        if self.pool > 1:
+            d = self.channel_dim
+            x = (
+                nn.functional.avg_pool2d(x, self.pool)
+                if d == 1
+                else nn.functional.avg_pool2d(x.movedim(-1, 1), self.pool).movedim(1, -1)
+            )
+        if self.proj is not None:
+            x = channel_linear(x, self.proj, self.channel_dim)
+        return x + delta
+
+
+class SideStep(nn.Module):
+    """One stage of the side network: ``b_l = A_lat(x_l) + A_ver(b_{l-1})``."""
+
+    def __init__(self, lateral: ResAdapter, vertical: ResAdapter) -> None:
+        super().__init__()
+        self.lateral, self.vertical = lateral, vertical
+
+    def forward(self, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.lateral(x.detach()) + self.vertical(b)
+
+
+@register
+class BypassKind(TunerKind):
+    kind = "bypass"
+    Options = BypassOptions
+    summary = "b_l = A_lat(detach x_l) + A_ver(b_{l-1}); last b feeds the head (Res-Tuning-Bypass, Jiang et al. 2023)"
+    placements = ("parallel",)
+    identity_at_init = False
+
+    def check(self, site: Site) -> None:
+        if site.output is None:
+            raise self.fail(site, f"it has {len(site.outputs)} outputs; the bypass reads one per stage")
+
+    def _site(self, rw: Rewriter, path: str, what: str) -> Site:
+        if path not in rw.sites:
+            import difflib
+
+            close = difflib.get_close_matches(path, list(rw.sites), n=3)
+            raise self.fail(
+                rw.sites[next(iter(rw.sites))],
+                f"{what} site {path!r} does not exist",
+                hint=f"closest: {', '.join(close)}" if close else "see `utune inspect`",
+            )
+        return rw.sites[path]
+
+    def _into(self, rw: Rewriter, last: Site) -> Site:
+        if self.options.into:
+            return self._site(rw, self.options.into, "`into`")
+        out = rw.output(last)
+        readers = [
+            s
+            for s in rw.sites.values()
+            if s.op in ("module", "composite") and s.input is out and not s.path.startswith(last.path)
+        ]
+        if not readers:
+            raise self.fail(last, "no op reads its output; set `into:` to the site the side network should feed")
+        return readers[0]
+
+    def insert_rule(self, rw: Rewriter, sites: list[Site]) -> list[str]:
+        opts: BypassOptions = self.options
+        seed_site = self._site(rw, opts.seed, "`seed`") if opts.seed else sites[0]
+        into = self._into(rw, sites[-1])
+        names: list[str] = []
+        with rw.pass_for(self.rule.name, seed_site):
+            b = rw.call_function(torch.detach, (rw.tap(seed_site, "input"),), after=rw.tap(seed_site, "input"))
+        b_shape = rw.shape(b)
+        for site in sites:
+            with rw.pass_for(self.rule.name, site):
+                x = rw.output(site)
+                x_shape = rw.shape(x)
+                if x_shape is None or b_shape is None:
+                    raise self.fail(site, "its output is not a tensor")
+                d = channel_dim(site, x_shape) if len(x_shape) == 4 else -1
+                pool = _pool_factor(_spatial(b_shape, d), _spatial(x_shape, d)) if len(x_shape) == 4 else 1
+                if pool is None or (len(x_shape) != 4 and x_shape[1:-1] != b_shape[1:-1]):
+                    raise self.fail(site, f"the side state {list(b_shape)} cannot be mapped to {list(x_shape)}")
+                step = SideStep(
+                    ResAdapter(x_shape[d], x_shape[d], opts.dim, d),
+                    ResAdapter(b_shape[d], x_shape[d], opts.dim, d, pool),
+                )
+                name = rw.add_module(site, step)
+                b = rw.call(name, (x, b), after=rw.later(x, b))
+                names.append(name)
+                b_shape = x_shape
+        with rw.pass_for(self.rule.name, into):
+            inp = rw.tap(into, "input")
+            if rw.shape(inp) != b_shape:
+                raise self.fail(into, f"its input {rw.shape(inp)} differs from the side state {list(b_shape)}")
+            inside = set(into.nodes)
+            for user in list(inp.users):
+                if user in inside:
+                    user.replace_input_with(inp, b)
+        return names
+
+
+def _spatial(shape: tuple[int, ...], d: int) -> list[int]:
+    return [s for i, s in enumerate(shape[1:], 1) if i != d % len(shape)]
