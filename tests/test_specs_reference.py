@@ -13,7 +13,8 @@ no size-dependent parameter trains, and rebuilds at the real size where one does
 Random initialisation of a backbone (86 M parameters for ViT-B) costs more than the rest of a build, and
 14 specs share one: the model factory is memoised and every build gets a deep copy of its model, which
 is what a fresh ``create_model`` call would return up to the random values. Everything else is
-``utune.api.build`` as the CLI runs it.
+``utune.api.build`` as the CLI runs it. Builds run on one thread: with batches this small a second one
+mostly spin-waits, which on a shared 2-core machine costs several times the CPU time.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import copy
 import functools
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,13 +69,12 @@ EXPECTED: dict[str, tuple[int, dict[str, int]]] = {
     "resnet50_cifar100/lora.yaml": (720_996, {"lora": 516_096}),
     "resnet50_cifar100/adapter.yaml": (686_948, {"block": 482_048}),
 }
-# Number of sites each rule attaches to, where the count alone would not show a wrong selection.
+# The sites a rule attaches to, where the count alone would not show a wrong selection.
 SITES = {
     ("vit_b16_cifar100/utuning_1.yaml", "mha"): ["blocks.0.attn"],
     ("vit_b16_cifar100/utuning_1.yaml", "ffn"): ["blocks.0::add_1"],
     ("vit_b16_cifar100/vpt_shallow.yaml", "prompt"): ["blocks.0"],
 }
-EXPECTED_CLASSES = 100  # every reference spec is CIFAR-100
 FULL_VIT_TOTAL = 85_875_556  # ViT-B/16 at 224 with a 100-class head (full.yaml's arithmetic)
 
 
@@ -110,7 +111,9 @@ class Checked:
     """What the tests assert on; the model itself is dropped (20 backbones would not fit in memory)."""
 
     report: dict[str, Any]
+    num_classes: int | None
     input_size: tuple[int, int, int]
+    small: bool  # built at a small input (see small_input)
     trainable: list[str]  # names of the trainable parameters
     out: torch.Tensor  # logits of a batch of 1
     base_out: torch.Tensor  # the untouched model's logits on the same batch, the same head
@@ -120,7 +123,17 @@ class Checked:
 @functools.cache
 def checked(rel: str, real_size: bool = False) -> Checked:
     """Build once; one forward pass of the tuned and the base model on a batch of 1 at the model's size."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny batches: a second thread mostly spin-waits (5x the CPU time on 2 cores)
+    try:
+        return _check(rel, real_size)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check(rel: str, real_size: bool) -> Checked:
     b = build_spec(rel, real_size)
+    small = not real_size and bool(small_input(b.spec.model.name))
     trainable = [n for n, p in b.model.named_parameters() if p.requires_grad]
     x = torch.randn(1, *b.input_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -132,7 +145,14 @@ def checked(rel: str, real_size: bool = False) -> Checked:
                     p.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
         out = b.model.eval()(x)
         base_out = b.base.eval()(x)
-    return Checked(b.report, b.input_size, trainable, out, base_out, b.model.code)
+    return Checked(b.report, b.spec.model.num_classes, b.input_size, small, trainable, out, base_out, b.model.code)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_models() -> Iterator[None]:
+    yield
+    _model.cache_clear()
+    checked.cache_clear()
 
 
 def test_every_spec_is_collected() -> None:
@@ -155,20 +175,23 @@ def test_cli_validates_every_spec() -> None:
 def test_header(rel: str) -> None:
     """A torchtune-style header: what it reproduces, the commands, and the parameter arithmetic."""
     text = (SPECS / rel).read_text(encoding="utf-8")
-    header = "\n".join(re.match(r"(?:#.*\n)+", text).group(0).splitlines())  # type: ignore[union-attr]
-    assert f"Run:      utune apply specs/{rel} --train --dataset cifar100" in header
-    assert f"Dry run:  utune apply specs/{rel} model.pretrained=false --dry-run --verify" in header
+    head = re.match(r"(?:#.*\n)+", text)
+    assert head is not None, "a spec starts with a comment header"
+    header = head.group(0)
+    assert re.search(rf"Run:\s+utune apply specs/{re.escape(rel)} --train", header)
+    assert re.search(
+        rf"Dry run:\s+utune apply specs/{re.escape(rel)} model\.pretrained=false --dry-run --verify", header
+    )
     assert "Parameter arithmetic" in header
     total = EXPECTED[rel][0]
     assert f"{total:,}" in header, f"the header's arithmetic should arrive at {total:,}"
-    assert text.count("\nversion: 1\n") == 1
 
 
 @pytest.mark.parametrize("rel", IDS)
 def test_builds_and_runs(rel: str) -> None:
     """Builds without weights and runs; tuners that claim to be the identity at init leave the output alone."""
     c = checked(rel)
-    assert c.out.shape == (1, EXPECTED_CLASSES)
+    assert c.out.shape == (1, c.num_classes)
     assert torch.isfinite(c.out).all()
     assert float(c.base_out.abs().max()) > 0
     diff = float((c.out - c.base_out).abs().max())
@@ -181,7 +204,7 @@ def test_builds_and_runs(rel: str) -> None:
 @pytest.mark.parametrize("rel", IDS)
 def test_trainable_counts(rel: str) -> None:
     c = checked(rel)
-    if any(SIZE_DEPENDENT.search(n) for n in c.trainable) and c.input_size[1:] != (224, 224):
+    if c.small and any(SIZE_DEPENDENT.search(n) for n in c.trainable):
         c = checked(rel, real_size=True)  # a size-dependent parameter trains: count at the real size
     total, rules = EXPECTED[rel]
     assert c.report["trainable_params"] == total

@@ -194,7 +194,7 @@ def _plumbing(n: fx.Node) -> bool:
 
 
 def _is_add(n: fx.Node) -> bool:
-    return n.op == "call_function" and n.target in (operator.add, torch.add) and len(n.args) == 2
+    return n.op == "call_function" and n.target in (operator.add, torch.add) and len(n.args) == 2 and not n.kwargs
 
 
 def _is_tuner(n: Any) -> bool:

@@ -1,0 +1,89 @@
+"""Res-Tuning-Bypass: the backbone gets no gradient and autograd records none of its operations."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from tests.archs import HEADS, model_section
+from utune.api import build
+
+CASES = {"vit": "blocks.*", "deit": "blocks.*", "resnet": "layer*", "convnext": "stages.*", "swin": "layers.*"}
+
+
+def bypass_spec(arch: str, **opts: Any) -> dict[str, Any]:
+    rule = {"name": "by", "kind": "bypass", "at": CASES[arch], **opts}
+    return {"version": 1, "model": model_section(arch, 5), "tuners": [rule], "trainable": [HEADS[arch]]}
+
+
+@pytest.mark.parametrize("arch", sorted(CASES))
+def test_backbone_records_no_autograd_ops_and_gets_no_grad(arch: str) -> None:
+    built = build(bypass_spec(arch))
+    model = built.model.train()
+    recorded: list[str] = []
+
+    def hook(name: str):  # noqa: ANN202
+        def fn(module: torch.nn.Module, inputs: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor) and (output.requires_grad or output.grad_fn is not None):
+                recorded.append(name)
+
+        return fn
+
+    stage_root = CASES[arch].split(".")[0]
+    handles = [
+        m.register_forward_hook(hook(n))
+        for n, m in model.named_modules()
+        if n.startswith(stage_root + ".") or n == stage_root
+    ]
+    x = torch.randn(2, *built.input_size)
+    out = model(x)
+    for h in handles:
+        h.remove()
+    assert recorded == [], f"autograd recorded backbone ops: {recorded[:5]}"
+    torch.nn.functional.cross_entropy(out, torch.tensor([0, 1])).backward()
+    base_grads = [
+        n
+        for n, p in model.named_parameters()
+        if p.grad is not None and not n.startswith("utune.") and not n.startswith(HEADS[arch])
+    ]
+    assert base_grads == []
+    tuner_grads = [n for n, p in model.named_parameters() if n.startswith("utune.")]
+    assert tuner_grads and all(model.get_parameter(n).grad is not None for n in tuner_grads)
+
+
+def test_vit_bypass_parameter_arithmetic() -> None:
+    built = build(bypass_spec("vit", dim=10))
+    c = 64
+    adapter = c * 10 + 10 + 10 * c + c  # down + up, biases, no scale
+    assert built.report["tuner_params"] == 6 * 2 * adapter
+
+
+def test_training_reduces_loss() -> None:
+    torch.manual_seed(0)
+    built = build(bypass_spec("vit"))
+    model = built.model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    x, y = torch.randn(8, *built.input_size), torch.arange(8) % 5
+    losses = []
+    for _ in range(30):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_bypass_reports_its_difference_instead_of_claiming_identity() -> None:
+    built = build(bypass_spec("vit"), verify=True)
+    assert built.report["identity_max_abs_diff"] > 0
+    assert built.report["tuners"][0]["identity_at_init"] is False
+
+
+def test_bypass_into_and_seed_must_exist() -> None:
+    from utune.errors import SelectionError
+
+    with pytest.raises(SelectionError, match="`into` site 'nrom'"):
+        build(bypass_spec("vit", into="nrom"))
