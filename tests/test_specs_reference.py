@@ -62,6 +62,8 @@ EXPECTED: dict[str, tuple[int, dict[str, int]]] = {
     "vit_b16_cifar100/utuning_tri.yaml": (676_180, {"mha": 202_872, "ffn": 202_872, "block": 193_536}),
     "vit_b16_cifar100/utuning_1.yaml": (110_712, {"mha": 16_906, "ffn": 16_906}),
     "vit_b16_cifar100/restuning_dual.yaml": (482_644, {"mha": 202_872, "ffn": 202_872}),
+    "vit_b16_cifar100/restuning_bypass.yaml": (464_212, {"bypass": 387_312}),
+    "resnet50_cifar100/bypass.yaml": (3_199_460, {"bypass": 2_994_560}),
     "tv_vit_b16_cifar100/utuning_dual.yaml": (482_644, {"mha": 202_872, "ffn": 202_872}),
     "swin_t_cifar100/lora_adapter.yaml": (315_484, {"lora": 141_312, "ffn": 97_272}),
     "convnext_t_cifar100/adapter.yaml": (222_808, {"block": 145_908}),

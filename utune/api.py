@@ -223,6 +223,11 @@ def build(
         tuned_out = _forward_eval(gm, x)
         report["identity_max_abs_diff"] = float((tuned_out - base_out).abs().max())
         report["output_scale"] = float(base_out.abs().max())
+        if report["output_scale"] == 0.0:
+            warnings.append(
+                "--verify: the base model's output is all zeros (a zero-initialised head, e.g. torchvision "
+                "without weights), so the comparison shows nothing; verify with pretrained weights"
+            )
     report["build_seconds"] = round(time.perf_counter() - t0, 3)
     report["timings"] = {  # where build time goes: model creation (weight init), trace + shapes, passes
         "create_s": round(t_created - t0, 3),

@@ -20,8 +20,8 @@ reason, when the tuner reads anything but the layer's own input or output, when 
 used elsewhere, when the layer is called more than once, or when the layer cannot hold the result (a shift
 on a layer without a bias, a channel mix on a norm, a non-linear adapter).
 
-The per-tuner functions live in :data:`FOLDERS`, keyed by the tuner module's class; a tuner kind's
-``merge`` hook would be the same function on the kind.
+Reading the graph (:func:`locate`) is generic; the math is per tuner, in :data:`MERGERS` keyed by the tuner
+module's class (each function is what a ``TunerKind.merge(tuner, layer, tap)`` hook would hold).
 """
 
 from __future__ import annotations
@@ -248,112 +248,121 @@ def _resolve_layer(g: _Graph, value: fx.Node, ts: TunerSite) -> fx.Node:
     return node
 
 
-# ---- one function per tuner module class --------------------------------------------------------------
-
-
-@dataclass
-class FoldStep:
-    """One tuner's fold: into ``layer`` at graph position ``order``, by ``apply``."""
-
-    ts: TunerSite
-    layer: str
-    layer_node: fx.Node
-    order: int
-    apply: Callable[[Layer], None]
+# ---- where a tuner joins, and the per-kind math ------------------------------------------------------------
 
 
 def _f64(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None else t.detach().to("cpu", torch.float64)
 
 
-def fold_channel_affine(g: _Graph, ts: TunerSite, mod: ChannelAffine) -> FoldStep:
+def locate(g: _Graph, ts: TunerSite) -> tuple[fx.Node, int, str]:
+    """``(layer call, graph position of the join, tap)`` for one tuner, read from the graph.
+
+    ``tap`` says how the tuner joins the layer's output ``y``: ``replace`` (``y <- T(y)``), ``input``
+    (``y <- y + T(x)`` with ``x`` the layer's own input) or ``output`` (``y <- y + T(y)``).
+    """
+    node = g.tuner_node(ts)
+    users = [u for u in node.users if not _plumbing(u)]
+    if len(users) == 1 and _is_add(users[0]) and users[0].args[1] is node:  # join_add: y + T(tap)
+        add = users[0]
+        leaf = _resolve_layer(g, add.args[0], ts)  # type: ignore[arg-type]
+        if len(node.args) != 1 or node.kwargs:
+            raise NotMergeable("it reads more than one value")
+        tap = node.args[0]
+        if leaf.args and tap is leaf.args[0]:
+            return leaf, g.order[add], "input"
+        if tap is add.args[0]:
+            return leaf, g.order[add], "output"
+        raise NotMergeable(f"it reads {_describe(tap)}, neither the input nor the output of {leaf.target}")  # type: ignore[arg-type]
+    if len(node.args) == 1 and isinstance(node.args[0], fx.Node) and not node.kwargs:  # join_replace: T(y)
+        return _resolve_layer(g, node.args[0], ts), g.order[node], "replace"
+    raise NotMergeable("its output is not joined to a single layer's output")
+
+
+# What a tuner kind's ``merge(tuner, layer, tap)`` hook does, here keyed by the tuner module's class: fold
+# ``tuner`` into ``layer`` (float64 copies of the base layer's weight and bias) or raise NotMergeable.
+
+
+def merge_channel_affine(tuner: ChannelAffine, layer: Layer, tap: str) -> None:
     """SSF / IA³ / bias: ``y <- s ⊙ y + t`` on the layer's output channels."""
-    node = g.tuner_node(ts)
-    leaf = _resolve_layer(g, node.args[0], ts)  # type: ignore[arg-type]
-
-    def apply(layer: Layer) -> None:
-        layer.check_axis(mod.channel_dim, ts.kind)
-        layer.scale_shift(_f64(mod.effective_scale()), _f64(mod.shift))
-
-    return FoldStep(ts, str(leaf.target), leaf, g.order[node], apply)
+    if tap != "replace":
+        raise NotMergeable(f"it is joined as {tap}, not as a map of the layer's output")
+    layer.check_axis(tuner.channel_dim, "its scale/shift")
+    layer.scale_shift(_f64(tuner.effective_scale()), _f64(tuner.shift))
 
 
-def fold_lora(g: _Graph, ts: TunerSite, mod: Lora) -> FoldStep:
+def merge_lora(tuner: Lora, layer: Layer, tap: str) -> None:
     """LoRA: ``W' = W + (alpha/r) B A`` (slices: zero blocks for the frozen thirds)."""
-    node = g.tuner_node(ts)
-    add = g.join_add(node)
-    leaf = _resolve_layer(g, add.args[0], ts)  # type: ignore[arg-type]
-    if not leaf.args or node.args[0] is not leaf.args[0]:
-        raise NotMergeable(f"it does not read the input of {leaf.target}")
-    base = g.gm.get_submodule(str(leaf.target))
-    if isinstance(base, nn.Conv2d) and base.padding_mode != "zeros":
-        raise NotMergeable(f"{leaf.target} pads with {base.padding_mode!r}, LoRA's conv pads with zeros")
-
-    def apply(layer: Layer) -> None:
-        layer.add_input_map(_f64(mod.delta_weight()), None)  # type: ignore[arg-type]
-
-    return FoldStep(ts, str(leaf.target), leaf, g.order[add], apply)
+    if tap != "input":
+        raise NotMergeable(f"it does not read the input of {layer.path}")
+    if getattr(layer.module, "padding_mode", "zeros") != "zeros":
+        raise NotMergeable(f"{layer.path} pads with {layer.module.padding_mode!r}, LoRA's conv pads with zeros")
+    layer.add_input_map(_f64(tuner.delta_weight()), None)  # type: ignore[arg-type]
 
 
-def adapter_affine(mod: Adapter) -> tuple[torch.Tensor, torch.Tensor]:
+def adapter_affine(tuner: Adapter) -> tuple[torch.Tensor, torch.Tensor]:
     """``(M, c)`` with ``U(x) = M x + c`` for an adapter whose activation is the identity."""
-    if not isinstance(mod.act, nn.Identity):
+    if not isinstance(tuner.act, nn.Identity):
         raise NotMergeable(
-            f"its activation ({type(mod.act).__name__}) is not linear; only `act: identity` adapters fold"
+            f"its activation ({type(tuner.act).__name__}) is not linear; only `act: identity` adapters fold"
         )
-    mode = mod.scale.mode
+    mode = tuner.scale.mode
     if mode == "gate":
         raise NotMergeable("its gate depends on the input")
-    wd, bd = _f64(mod.down.weight), _f64(mod.down.bias)
-    wu, bu = _f64(mod.up.weight), _f64(mod.up.bias)
+    wd, bd = _f64(tuner.down.weight), _f64(tuner.down.bias)
+    wu, bu = _f64(tuner.up.weight), _f64(tuner.up.bias)
     assert wd is not None and wu is not None and bd is not None and bu is not None
     m, c = wu @ wd, wu @ bd + bu
     if mode == "const":
-        m, c = m * mod.scale.const, c * mod.scale.const
+        m, c = m * tuner.scale.const, c * tuner.scale.const
     elif mode in ("scalar", "channel"):
-        s = _f64(mod.scale.weight)
+        s = _f64(tuner.scale.weight)
         assert s is not None
         m, c = (s[:, None] if mode == "channel" else s) * m, s * c
     return m, c
 
 
-def fold_adapter(g: _Graph, ts: TunerSite, mod: Adapter) -> FoldStep:
-    """A linear adapter beside (``W' = W + M``) or after (``W' = (I + M) W``) a layer."""
-    node = g.tuner_node(ts)
-    add = g.join_add(node)
-    leaf = _resolve_layer(g, add.args[0], ts)  # type: ignore[arg-type]
-    m, c = adapter_affine(mod)
-    tap = node.args[0]
-    if leaf.args and tap is leaf.args[0]:
-        beside = True
-    elif tap is add.args[0]:
-        beside = False
+def merge_adapter(tuner: Adapter, layer: Layer, tap: str) -> None:
+    """A linear adapter beside (``W' = W + M``, ``b' = b + c``) or after (``W' = (I + M) W``) a layer."""
+    m, c = adapter_affine(tuner)
+    layer.check_axis(tuner.channel_dim, "the adapter")
+    if tap == "input":
+        layer.add_input_map(m, c)
+    elif tap == "output":
+        layer.mix_outputs(torch.eye(m.shape[0], dtype=m.dtype) + m, c)
     else:
-        raise NotMergeable(f"it reads {_describe(tap)}, neither the input nor the output of {leaf.target}")  # type: ignore[arg-type]
-
-    def apply(layer: Layer) -> None:
-        layer.check_axis(mod.channel_dim, "the adapter")
-        if beside:
-            layer.add_input_map(m, c)
-        else:
-            layer.mix_outputs(torch.eye(m.shape[0], dtype=m.dtype) + m, c)
-
-    return FoldStep(ts, str(leaf.target), leaf, g.order[add], apply)
+        raise NotMergeable(f"it is joined as {tap}")
 
 
-FoldFn = Callable[[_Graph, TunerSite, Any], FoldStep]
-FOLDERS: dict[type[nn.Module], FoldFn] = {
-    ChannelAffine: fold_channel_affine,
-    Lora: fold_lora,
-    Adapter: fold_adapter,
+MergeFn = Callable[[Any, Layer, str], None]
+MERGERS: dict[type[nn.Module], MergeFn] = {
+    ChannelAffine: merge_channel_affine,
+    Lora: merge_lora,
+    Adapter: merge_adapter,
 }
 
 
-def _folder(mod: nn.Module) -> FoldFn | None:
+def _merger(mod: nn.Module) -> MergeFn | None:
     for cls in type(mod).__mro__:
-        if cls in FOLDERS:
-            return FOLDERS[cls]
+        if cls in MERGERS:
+            return MERGERS[cls]
     return None
+
+
+@dataclass
+class FoldStep:
+    """One tuner's fold: into the layer called by ``layer_node``, at graph position ``order``."""
+
+    ts: TunerSite
+    tuner: nn.Module
+    merge: MergeFn
+    layer_node: fx.Node
+    order: int
+    tap: str
+
+    @property
+    def layer(self) -> str:
+        return str(self.layer_node.target)
 
 
 # ---- the merge -----------------------------------------------------------------------------------------
@@ -378,14 +387,16 @@ def merged_state_dict(built: Any) -> MergeResult:
     refused: list[tuple[TunerSite, str]] = []
     for ts in tuner_sites(built):
         mod = gm.get_submodule(ts.module)
-        fold = _folder(mod)
-        if fold is None:
+        merge = _merger(mod)
+        if merge is None:
             refused.append((ts, _why_not(ts.kind, mod)))
             continue
         try:
-            steps.append(fold(g, ts, mod))
+            leaf, order, tap = locate(g, ts)
         except NotMergeable as e:
             refused.append((ts, str(e)))
+            continue
+        steps.append(FoldStep(ts, mod, merge, leaf, order, tap))
     live = gm.state_dict()
     state = {k: live.get(k, v).detach().to("cpu").clone() for k, v in built.base.state_dict().items()}
     layers: dict[str, Layer] = {}
@@ -406,7 +417,7 @@ def merged_state_dict(built: Any) -> MergeResult:
             assert kind is not None  # _resolve_layer checked it
             layer = layers[step.layer] = Layer(step.layer, mod, kind, ndim, _f64(state.get(w)), _f64(state.get(b)))
         try:
-            step.apply(layer)
+            step.merge(step.tuner, layer, step.tap)
         except NotMergeable as e:
             refused.append((step.ts, str(e)))
             continue

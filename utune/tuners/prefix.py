@@ -7,7 +7,9 @@
 - ``placement: parallel`` (U-Tuning P-Prefix, Jiang et al. 2023): ``x' = OP(x) + s ⊙ Attn(Q, K_pre, V_pre)``
   with ``Q`` from the frozen query projection of the attention at or beside the site. For FFN and Block
   sites, which have no query projection of their own, the block's attention query projection is used
-  (the papers do not say which; this is utune's documented choice). ``V_pre`` starts at zero: identity.
+  (the papers do not say which; this is utune's documented choice); a Block site's input passes through
+  the block's pre-attention norm first, the input that projection was trained on. ``V_pre`` starts at
+  zero: identity at init.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import nn
 
 from utune.graph.rewrite import Rewriter
 from utune.graph.sites import Site
-from utune.tuners.attention import find_attention, find_projections
+from utune.tuners.attention import find_attention, find_projections, query_source
 from utune.tuners.base import TunerKind, TunerOptions
 from utune.tuners.modules import Scale
 from utune.tuners.registry import register
@@ -138,6 +140,7 @@ class PrefixKind(TunerKind):
         opts: PrefixOptions = self.options
         module = ParallelPrefix(opts.length, proj.dim, proj.num_heads, proj.fused, opts.scale, opts.init_std)
         name = rw.add_module(site, module)
-        q_all = rw.call_base(proj.q, (tap,), after=tap)
+        src = query_source(rw, proj, tap)
+        q_all = rw.call_base(proj.q, (src,), after=src)
         rw.join_add(site, name, q_all)
         return [name]

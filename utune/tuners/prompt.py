@@ -22,7 +22,7 @@ from torch import nn
 from utune.graph.rewrite import Rewriter
 from utune.graph.select import layer_index
 from utune.graph.sites import Site
-from utune.tuners.attention import find_projections
+from utune.tuners.attention import find_projections, query_source
 from utune.tuners.base import TunerKind, TunerOptions, node_shape
 from utune.tuners.modules import Scale
 from utune.tuners.registry import register
@@ -170,7 +170,8 @@ class PromptKind(TunerKind):
         module = ParallelPrompt(opts.length, proj.dim, proj.num_heads, proj.fused, opts.scale, opts.init_std)
         name = rw.add_module(site, module)
         tokens = rw.call(f"{name}.prompt", (tap,), after=tap)
-        q_all = rw.call_base(proj.q, (tap,), after=tokens)
+        src = query_source(rw, proj, tap)
+        q_all = rw.call_base(proj.q, (src,), after=rw.later(tokens, src))
         k_all = rw.call_base(proj.k, (tokens,), after=q_all)
         v_all = k_all if proj.v == proj.k else rw.call_base(proj.v, (tokens,), after=k_all)
         rw.join_add(site, name, q_all, extra=(k_all, v_all))
