@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,11 @@ import timm
 import torch
 from torch import nn
 
-from utune.api import build
-from utune.export import merged_state_dict, verify_merged
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.machine import describe_machine, write_results  # noqa: E402
+from utune.api import build  # noqa: E402
+from utune.export import merged_state_dict, verify_merged  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -42,26 +45,10 @@ SPECS: dict[str, list[dict[str, Any]]] = {
 }
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def machine() -> dict[str, Any]:
-    return {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "timm": timm.__version__,
-        "python": platform.python_version(),
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-    }
+    info = describe_machine("cpu")
+    info["timm"] = timm.__version__
+    return info
 
 
 @torch.no_grad()
@@ -158,11 +145,9 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "rows": rows,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"merge_{args.model}_cpu"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result))
-    print(f"wrote {stem}.json and .md")
+    stem = f"merge_{args.model}_cpu"
+    write_results(RESULTS, stem, result, markdown(result))
+    print(f"wrote {RESULTS / stem}.json and .md")
 
 
 def markdown(r: dict[str, Any]) -> str:
@@ -174,9 +159,8 @@ def markdown(r: dict[str, Any]) -> str:
         "models timed round-robin, median. Run on "
         f"{r['date']}.",
         "",
-        f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), torch {m['torch']}, "
-        f"timm {m['timm']}, Python {m['python']}. Load average {m['load_average_at_start']} at the start, "
-        f"{r['load_average_at_end']} at the end (a shared machine: absolute times are noisy).",
+        f"Machine: {m['summary']}; timm {m['timm']}; load average {r['load_average_at_end'][0]:.1f} at the end "
+        "(a shared machine: absolute times are noisy, compare within a row).",
         "",
         "| spec | tuner params | plain (s) | fx-traced, no tuners (s) | tuned (s) | merged (s) | tuned vs plain "
         "| merged vs plain | merge (s) | max abs diff merged/tuned | tuned/plain |",

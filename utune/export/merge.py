@@ -306,6 +306,8 @@ def adapter_affine(tuner: Adapter) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotMergeable(
             f"its activation ({type(tuner.act).__name__}) is not linear; only `act: identity` adapters fold"
         )
+    if getattr(tuner, "pool", 1) != 1:
+        raise NotMergeable(f"it average-pools its input by {tuner.pool} (beside a downsampling stage)")
     mode = tuner.scale.mode
     if mode == "gate":
         raise NotMergeable("its gate depends on the input")

@@ -155,6 +155,8 @@ def find_sites(gm: fx.GraphModule, model: nn.Module | None = None) -> dict[str, 
             if p:
                 composite_nodes.setdefault(p, []).append(node)
     for path, nodes in composite_nodes.items():
+        if path in called:  # a leaf's buffer read while its call was traced carries the leaf's path: not a composite
+            continue
         try:
             mod = root.get_submodule(path)
         except AttributeError:

@@ -114,7 +114,11 @@ class LoraKind(TunerKind):
                 hint="select layers with `type: Linear` or a glob ending in the layer name",
             )
         if isinstance(mod, nn.Conv2d) and mod.groups != 1:
-            raise self.fail(site, f"grouped convolution (groups={mod.groups}) has no low-rank form here")
+            raise self.fail(
+                site,
+                f"grouped/depthwise convolution (groups={mod.groups}) has no low-rank form here",
+                hint="exclude depthwise convolutions from the rule, e.g. exclude: ['**.conv_dw'], or select by name",
+            )
         if self.options.slices and not is_fused_qkv(site):
             raise self.fail(
                 site,
