@@ -19,6 +19,7 @@ ARCHS: dict[str, tuple[str, dict[str, Any], int]] = {
     "resnet": ("test_resnet", {}, 64),
     "efficientnet": ("test_efficientnet", {}, 64),
     "beit": ("beit_base_patch16_224", {"img_size": 32, "depth": 2, "embed_dim": 32, "num_heads": 2}, 32),
+    "levit": ("levit_128s", {}, 224),  # caches attention biases in eval mode only: the train graph serves both
     "tv_vit": (
         "torchvision:vit_b_16",
         {"image_size": 32},
