@@ -27,8 +27,7 @@ test: lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
 quickstart: $(STAMP)
-	$(VENV)/bin/utune inspect vit_base_patch16_224 --depth 2
-	$(VENV)/bin/utune apply specs/vit_b16_cifar100/utuning_dual.yaml model.pretrained=false --dry-run --verify
+	$(PY) quickstart/run.py $(QUICKSTART_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

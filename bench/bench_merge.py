@@ -4,7 +4,8 @@ A merged model *is* the plain architecture with other weights, so it should run 
 the unmerged tuned model pays for its extra branches. For each spec the script builds the tuned model, sets
 its tuners to non-trivial values (random; speed does not depend on them), merges and verifies the export,
 and times eval-mode forwards of plain / tuned / merged models. The models are timed round-robin (one
-forward of each per round) so that load on a shared machine drifts over all of them alike; the median of the
+forward of each per round, the order rotating between rounds) so that load on a shared machine drifts
+over all of them alike; the median of the
 timed rounds is reported. Results: ``bench/results/merge_<model>_cpu.{json,md}``.
 
     .venv/bin/python bench/bench_merge.py                  # vit_base_patch16_224, batch 8, 224 px
@@ -68,10 +69,11 @@ def time_round_robin(models: dict[str, nn.Module], x: torch.Tensor, warmup: int,
         for m in models.values():
             m(x)
     times: dict[str, list[float]] = {k: [] for k in models}
-    for _ in range(iters):
-        for k, m in models.items():
+    names = list(models)
+    for i in range(iters):
+        for k in names[i % len(names) :] + names[: i % len(names)]:  # rotate: no model always runs first
             t0 = time.perf_counter()
-            m(x)
+            models[k](x)
             times[k].append(time.perf_counter() - t0)
     return {
         k: {"median_s": statistics.median(v), "min_s": min(v), "all_s": [round(t, 4) for t in v]}
@@ -156,7 +158,7 @@ def markdown(r: dict[str, Any]) -> str:
         f"# Merged vs plain vs tuned inference: {r['model']}",
         "",
         f"CPU, eval mode, batch {r['batch']}, {r['img']} px; {r['warmup']} warm-up + {r['iters']} timed rounds, "
-        "models timed round-robin, median. Run on "
+        "models timed round-robin in rotating order, median. Run on "
         f"{r['date']}.",
         "",
         f"Machine: {m['summary']}; timm {m['timm']}; load average {r['load_average_at_end'][0]:.1f} at the end "

@@ -36,15 +36,15 @@ METHODS: list[tuple[str, str, str]] = [
     ("vpt_deep", "VPT-Deep", "vpt_deep.yaml"),
     ("bypass", "Res-Tuning-Bypass", "bypass.yaml"),
 ]
-SMOKE_METHODS = ("linear", "utuning", "lora")
-SMOKE_OVERRIDES = ("train.epochs=1", "train.max_steps=3")
+SMOKE_METHODS = ("utuning", "lora")
+SMOKE_OVERRIDES = ("train.epochs=1", "train.max_steps=2")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="run folder (default: runs/quickstart-<time>)")
     p.add_argument("--methods", default=None, help=f"comma-separated subset of: {', '.join(m[0] for m in METHODS)}")
-    p.add_argument("--smoke", action="store_true", help="3 methods, 3 steps each: a fast end-to-end check")
+    p.add_argument("--smoke", action="store_true", help="U-Tuning and LoRA, 2 steps each: a fast end-to-end check")
     p.add_argument("--weights", type=Path, default=WEIGHTS, help="the pre-trained backbone (default: the shipped one)")
     p.add_argument(
         "--threads",
@@ -52,9 +52,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=int(os.environ.get("UTUNE_QS_THREADS", "1")),
         help="torch intra-op threads (default 1: faster than 2 on a busy 2-core machine, see README)",
     )
+    p.add_argument(
+        "--augment",
+        choices=("none", "utune"),
+        default="none",
+        help="training-split transform: none (the evaluation resize, the default) or utune (timm's ImageNet\n"
+        "augmentation, which utune applies to every training split today; see README)",
+    )
     p.add_argument("--no-export", action="store_true", help="skip the export step")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides for every method, e.g. train.epochs=2")
     return p.parse_args(argv)
+
+
+# ---- the training transform ------------------------------------------------------------------------
+
+
+def use_eval_transform_for_training() -> None:
+    """Read the training split with the evaluation transform (resize + centre crop), no augmentation.
+
+    utune gives every training split timm's ImageNet augmentation (random-resized crops down to 8 % of the
+    image, horizontal flips, colour jitter) and has no spec switch for it yet. On 8x8 digits most such crops
+    no longer show the digit, and flips turn digits into other glyphs. ``build_datasets`` is what
+    ``train_run``/``eval_run`` build their loaders from, so this wraps it: same datasets, and the ``train``
+    split gets the transform ``val``/``test`` use. Remove once a spec can say ``data.augment: false``.
+    """
+    from utune.train import data
+    from utune.train.datasets.transforms import build_transform
+
+    if getattr(data.build_datasets, "_quickstart", False):
+        return
+    original = data.build_datasets
+
+    def build_datasets(cfg, data_config, *, splits=("train", "val"), download=False):
+        datasets = original(cfg, data_config, splits=splits, download=download)
+        for split, ds in datasets.items():
+            if split == "train" and hasattr(ds, "transform"):
+                ds.transform = build_transform(data_config, cfg.img_size, training=False)
+        return datasets
+
+    build_datasets._quickstart = True  # type: ignore[attr-defined]
+    data.build_datasets = build_datasets
 
 
 # ---- running the methods ----------------------------------------------------------------------------
@@ -152,7 +189,9 @@ def export_step(out: Path, results: list[dict[str, Any]]) -> list[dict[str, Any]
         built = load_run(out / "utuning")
         path = folder / "utuning_tuners.safetensors"
         res = export(built, "tuners-only", path, force=True)
-        done.append({"what": "U-Tuning tuners only", "path": str(path), "bytes": res["bytes"], "tensors": res["tensors"]})
+        done.append(
+            {"what": "U-Tuning tuners only", "path": str(path), "bytes": res["bytes"], "tensors": res["tensors"]}
+        )
     return done
 
 
@@ -193,7 +232,7 @@ def where(row: dict[str, Any]) -> str:
 
 def write_markdown(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
-        f"| method | test acc | trainable params | trainable % | train time (s) | tuners |",
+        "| method | test acc | trainable params | trainable % | train time (s) | tuners |",
         "|---|---:|---:|---:|---:|---|",
     ]
     for r in rows:
@@ -396,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     import utune
     from utune.models import read_state_dict
 
+    if args.augment == "none":
+        use_eval_transform_for_training()
+
     if args.methods:
         wanted = [m.strip() for m in args.methods.split(",") if m.strip()]
     else:
@@ -458,6 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_n": len(digits_ds._splits()["train"][1]),
         "seed": seed,
         "threads": torch.get_num_threads(),
+        "train_augmentation": args.augment,
         "smoke": args.smoke,
         "overrides": overrides,
         "torch": torch.__version__,

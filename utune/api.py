@@ -45,6 +45,7 @@ class Built:
     data_config: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
     tuner_modules: dict[str, list[str]] = field(default_factory=dict)  # rule -> module names in ``model``
+    verify_batch: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, base output) when verify=True
 
 
 def _to_selector(at: Any) -> Selector:
@@ -243,7 +244,16 @@ def build(
         data_config(model, spec.model.img_size or spec.data.img_size),
         warnings,
         modules,
+        (x, base_out) if verify and x is not None and base_out is not None else None,
     )
+
+
+def refresh_verify(built: Built) -> None:
+    """Recompute ``identity_max_abs_diff`` after the tuners changed (e.g. weights loaded from a file)."""
+    if built.verify_batch is None:
+        return
+    x, base_out = built.verify_batch
+    built.report["identity_max_abs_diff"] = float((_forward_eval(built.model, x) - base_out).abs().max())
 
 
 @torch.no_grad()

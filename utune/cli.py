@@ -26,6 +26,10 @@ app = typer.Typer(
 spec_app = typer.Typer(help="Check spec files and print their schema.", no_args_is_help=True)
 app.add_typer(spec_app, name="spec")
 
+from utune.export.cli import register_cli  # noqa: E402  (the export command lives with the export code)
+
+register_cli(app)
+
 Format = Annotated[str, typer.Option("--format", "-f", help="table | json (inspect: also tree)")]
 Overrides = Annotated[list[str] | None, typer.Argument(help="key.path=value overrides, e.g. tuners.0.dim=16")]
 
@@ -183,6 +187,8 @@ def _print_report(report: dict[str, Any]) -> None:
     if report.get("identity_max_abs_diff") is not None:
         claim = all(t["identity_at_init"] for t in report["tuners"])
         note = "identity at init" if claim else "not all tuners start as the identity"
+        if report.get("tuners_file"):
+            note = f"the effect of the tuners loaded from {report['tuners_file']}"
         out.info(f"verify: max |tuned - base| = {report['identity_max_abs_diff']:.3g} on a random batch ({note})")
 
 
@@ -197,6 +203,9 @@ def apply(
     data_dir: Annotated[Path | None, typer.Option(help="override data.root")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="run directory (default runs/<spec>-<time>)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from the last checkpoint in --out")] = False,
+    tuners: Annotated[
+        Path | None, typer.Option("--tuners", help="load tuner weights (from `utune export --tuners-only`)")
+    ] = None,
     fmt: Format = "table",
 ) -> None:
     """Build the model, attach the spec's tuners, report; with --train, train it."""
@@ -213,6 +222,16 @@ def apply(
     if resume and not train:
         raise UserInputError("--resume needs --train")
     built = build(spec, ov, verify=verify)
+    if tuners is not None:
+        from utune.export import load_tuners
+
+        loaded = load_tuners(built, tuners)
+        built.report["tuners_file"] = str(tuners)
+        out.info(f"loaded {loaded['tensors']} tensors from {tuners}")
+        if verify:  # --verify compares against the base: with loaded tuners it reports their effect
+            from utune.api import refresh_verify
+
+            refresh_verify(built)
     for w in built.warnings:
         out.warn(w)
     if not train:

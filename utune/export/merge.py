@@ -20,144 +20,26 @@ reason, when the tuner reads anything but the layer's own input or output, when 
 used elsewhere, when the layer is called more than once, or when the layer cannot hold the result (a shift
 on a layer without a bias, a channel mix on a norm, a non-linear adapter).
 
-Reading the graph (:func:`locate`) is generic; the math is per tuner, in :data:`MERGERS` keyed by the tuner
-module's class (each function is what a ``TunerKind.merge(tuner, layer, tap)`` hook would hold).
+Reading the graph (:func:`locate`) is generic; the math is the tuner module's own ``fold(layer, tap)``
+(in its kind's file), built from the moves of :class:`utune.tuners.fold.Layer`.
 """
 
 from __future__ import annotations
 
 import operator
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from utune.errors import ExportError
 from utune.export._sites import TunerSite, refusal, tuner_sites
 from utune.graph.rewrite import TUNER_ROOT
-from utune.tuners.adapter import Adapter
-from utune.tuners.lora import Lora
-from utune.tuners.scaling import ChannelAffine
+from utune.tuners.fold import Layer, NotMergeable, f64, layer_kind
 
 TUNERS_ONLY_HINT = "export the tuners with --tuners-only instead (`utune apply SPEC --tuners FILE` loads them back)"
-
-
-class NotMergeable(Exception):
-    """One tuner at one site cannot fold; ``str(e)`` says why."""
-
-
-# ---- the layer being folded into ----------------------------------------------------------------------
-
-_TIMM_NORMS = {"RmsNorm", "RmsNorm2d"}  # timm norms outside torch's classes: y = w ⊙ x / rms(x)
-
-
-def _layer_kind(mod: nn.Module) -> str | None:
-    if isinstance(mod, nn.Linear):
-        return "linear"
-    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return "conv"
-    torch_norms = (nn.LayerNorm, _BatchNorm, nn.GroupNorm, nn.RMSNorm)
-    if isinstance(mod, torch_norms) or type(mod).__name__ in _TIMM_NORMS:
-        return "norm"
-    return None
-
-
-def _channel_axis(mod: nn.Module, kind: str, ndim: int | None) -> int | None:
-    """The output axis holding the layer's channels (non-negative when ``ndim`` is known, else -1 or 1)."""
-    last = ndim - 1 if ndim is not None else -1
-    if kind == "linear":
-        return last
-    if kind == "conv" or isinstance(mod, (_BatchNorm, nn.GroupNorm)):
-        return 1
-    return 1 if "2d" in type(mod).__name__.lower() else last  # LayerNorm2d, RmsNorm2d: NCHW
-
-
-@dataclass
-class Layer:
-    """Float64 working copies of one base layer's weight and bias, and what the layer is."""
-
-    path: str
-    module: nn.Module
-    kind: str  # linear | conv | norm
-    ndim: int | None  # rank of the layer's output tensor, when shape propagation recorded it
-    weight: torch.Tensor | None
-    bias: torch.Tensor | None
-    folded: list[str] = field(default_factory=list)
-
-    @property
-    def channels(self) -> int:
-        assert self.weight is not None or self.bias is not None
-        return int((self.weight if self.weight is not None else self.bias).shape[0])  # type: ignore[union-attr]
-
-    @property
-    def axis(self) -> int | None:
-        return _channel_axis(self.module, self.kind, self.ndim)
-
-    def check_axis(self, dim: int, what: str) -> None:
-        """The tuner's channel dim ``dim`` (1 or -1) must be the axis the layer's channels are on."""
-        want = self.axis
-        got = dim % self.ndim if self.ndim is not None else dim
-        if want is not None and got != want:
-            raise NotMergeable(f"{what} acts on dim {dim} of the output but {self.path}'s channels are on dim {want}")
-
-    def _need_bias(self, c: torch.Tensor | None, why: str) -> None:
-        if self.bias is None and c is not None and bool(c.ne(0).any()):
-            raise NotMergeable(f"{self.path} ({type(self.module).__name__}) has no bias to hold the {why}")
-
-    def scale_shift(self, s: torch.Tensor | None, t: torch.Tensor | None) -> None:
-        """``y <- s ⊙ y + t`` per output channel."""
-        n = self.channels
-        for v, name in ((s, "scale"), (t, "shift")):
-            if v is not None and v.numel() != n:
-                raise NotMergeable(f"its {name} has {v.numel()} channels, {self.path} has {n}")
-        if self.weight is None and s is not None and bool(s.ne(1).any()):
-            raise NotMergeable(f"{self.path} ({type(self.module).__name__}) has no affine weight to hold the scale")
-        self._need_bias(t, "shift")
-        if s is not None and self.weight is not None:
-            self.weight = s.view(-1, *[1] * (self.weight.ndim - 1)) * self.weight
-        if self.bias is not None:
-            if s is not None:
-                self.bias = s * self.bias
-            if t is not None:
-                self.bias = self.bias + t
-
-    def add_input_map(self, delta: torch.Tensor, c: torch.Tensor | None) -> None:
-        """``y <- y + ΔW x + c`` with ``ΔW`` shaped like the weight (x: the layer's own input)."""
-        if self.kind == "norm" or self.weight is None:
-            raise NotMergeable(f"{self.path} is a {type(self.module).__name__}; a map of its input cannot fold into it")
-        if self.kind == "conv" and delta.ndim == 2:  # a channel map beside a 1x1, stride-1, unpadded conv
-            mod = self.module
-            pointwise = all(k == 1 for k in mod.kernel_size) and all(s == 1 for s in mod.stride)  # type: ignore[union-attr]
-            if not pointwise or any(p != 0 for p in mod.padding) or mod.groups != 1:  # type: ignore[union-attr]
-                raise NotMergeable(f"a channel map beside {self.path} folds only into a 1x1, stride-1, unpadded conv")
-            delta = delta.view(*delta.shape, *[1] * (self.weight.ndim - 2))
-        if tuple(delta.shape) != tuple(self.weight.shape):
-            raise NotMergeable(
-                f"its weight change {list(delta.shape)} does not fit {self.path} {list(self.weight.shape)}"
-            )
-        self._need_bias(c, "added bias")
-        self.weight = self.weight + delta
-        if c is not None and self.bias is not None:
-            self.bias = self.bias + c
-
-    def mix_outputs(self, a: torch.Tensor, c: torch.Tensor | None) -> None:
-        """``y <- A y + c`` over output channels."""
-        if self.kind == "norm" or self.weight is None:
-            raise NotMergeable(
-                f"a channel mix cannot fold into {self.path} ({type(self.module).__name__}), "
-                "which has one weight per channel"
-            )
-        if self.kind == "conv" and self.module.groups != 1:  # type: ignore[union-attr]
-            raise NotMergeable(f"a channel mix cannot fold into the grouped conv {self.path}")
-        if tuple(a.shape) != (self.channels, self.channels):
-            raise NotMergeable(f"its channel mix {list(a.shape)} does not fit {self.path}'s {self.channels} channels")
-        self._need_bias(c, "added bias")
-        self.weight = torch.tensordot(a, self.weight, dims=([1], [0]))
-        if self.bias is not None:
-            self.bias = a @ self.bias + (c if c is not None else 0)
 
 
 # ---- the graph around a tuner ------------------------------------------------------------------------
@@ -230,7 +112,7 @@ def _resolve_layer(g: _Graph, value: fx.Node, ts: TunerSite) -> fx.Node:
     act = getattr(mod, "act", None)
     if isinstance(act, nn.Module) and not isinstance(act, nn.Identity):  # timm's BatchNormAct2d, GroupNormAct...
         raise NotMergeable(f"{path} ({type(mod).__name__}) applies {type(act).__name__} after its affine weights")
-    if _layer_kind(mod) is None:
+    if layer_kind(mod) is None:
         raise NotMergeable(f"the value it changes comes from {path} ({type(mod).__name__}), not a Linear, Conv or Norm")
     site = ts.site.split("@")[0]
     if path != site and not path.startswith(site + "."):
@@ -249,10 +131,6 @@ def _resolve_layer(g: _Graph, value: fx.Node, ts: TunerSite) -> fx.Node:
 
 
 # ---- where a tuner joins, and the per-kind math ------------------------------------------------------------
-
-
-def _f64(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.detach().to("cpu", torch.float64)
 
 
 def locate(g: _Graph, ts: TunerSite) -> tuple[fx.Node, int, str]:
@@ -279,76 +157,12 @@ def locate(g: _Graph, ts: TunerSite) -> tuple[fx.Node, int, str]:
     raise NotMergeable("its output is not joined to a single layer's output")
 
 
-# What a tuner kind's ``merge(tuner, layer, tap)`` hook does, here keyed by the tuner module's class: fold
-# ``tuner`` into ``layer`` (float64 copies of the base layer's weight and bias) or raise NotMergeable.
-
-
-def merge_channel_affine(tuner: ChannelAffine, layer: Layer, tap: str) -> None:
-    """SSF / IA³ / bias: ``y <- s ⊙ y + t`` on the layer's output channels."""
-    if tap != "replace":
-        raise NotMergeable(f"it is joined as {tap}, not as a map of the layer's output")
-    layer.check_axis(tuner.channel_dim, "its scale/shift")
-    layer.scale_shift(_f64(tuner.effective_scale()), _f64(tuner.shift))
-
-
-def merge_lora(tuner: Lora, layer: Layer, tap: str) -> None:
-    """LoRA: ``W' = W + (alpha/r) B A`` (slices: zero blocks for the frozen thirds)."""
-    if tap != "input":
-        raise NotMergeable(f"it does not read the input of {layer.path}")
-    if getattr(layer.module, "padding_mode", "zeros") != "zeros":
-        raise NotMergeable(f"{layer.path} pads with {layer.module.padding_mode!r}, LoRA's conv pads with zeros")
-    layer.add_input_map(_f64(tuner.delta_weight()), None)  # type: ignore[arg-type]
-
-
-def adapter_affine(tuner: Adapter) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(M, c)`` with ``U(x) = M x + c`` for an adapter whose activation is the identity."""
-    if not isinstance(tuner.act, nn.Identity):
-        raise NotMergeable(
-            f"its activation ({type(tuner.act).__name__}) is not linear; only `act: identity` adapters fold"
-        )
-    if getattr(tuner, "pool", 1) != 1:
-        raise NotMergeable(f"it average-pools its input by {tuner.pool} (beside a downsampling stage)")
-    mode = tuner.scale.mode
-    if mode == "gate":
-        raise NotMergeable("its gate depends on the input")
-    wd, bd = _f64(tuner.down.weight), _f64(tuner.down.bias)
-    wu, bu = _f64(tuner.up.weight), _f64(tuner.up.bias)
-    assert wd is not None and wu is not None and bd is not None and bu is not None
-    m, c = wu @ wd, wu @ bd + bu
-    if mode == "const":
-        m, c = m * tuner.scale.const, c * tuner.scale.const
-    elif mode in ("scalar", "channel"):
-        s = _f64(tuner.scale.weight)
-        assert s is not None
-        m, c = (s[:, None] if mode == "channel" else s) * m, s * c
-    return m, c
-
-
-def merge_adapter(tuner: Adapter, layer: Layer, tap: str) -> None:
-    """A linear adapter beside (``W' = W + M``, ``b' = b + c``) or after (``W' = (I + M) W``) a layer."""
-    m, c = adapter_affine(tuner)
-    layer.check_axis(tuner.channel_dim, "the adapter")
-    if tap == "input":
-        layer.add_input_map(m, c)
-    elif tap == "output":
-        layer.mix_outputs(torch.eye(m.shape[0], dtype=m.dtype) + m, c)
-    else:
-        raise NotMergeable(f"it is joined as {tap}")
-
-
-MergeFn = Callable[[Any, Layer, str], None]
-MERGERS: dict[type[nn.Module], MergeFn] = {
-    ChannelAffine: merge_channel_affine,
-    Lora: merge_lora,
-    Adapter: merge_adapter,
-}
+MergeFn = Callable[[Layer, str], None]
 
 
 def _merger(mod: nn.Module) -> MergeFn | None:
-    for cls in type(mod).__mro__:
-        if cls in MERGERS:
-            return MERGERS[cls]
-    return None
+    """The tuner module's own ``fold(layer, tap)``, when its kind can fold at all."""
+    return getattr(mod, "fold", None)
 
 
 @dataclass
@@ -415,11 +229,11 @@ def merged_state_dict(built: Any) -> MergeResult:
             ):
                 refused.append((step.ts, f"{step.layer}'s weights are not in the base model's state dict"))
                 continue
-            kind = _layer_kind(mod)
+            kind = layer_kind(mod)
             assert kind is not None  # _resolve_layer checked it
-            layer = layers[step.layer] = Layer(step.layer, mod, kind, ndim, _f64(state.get(w)), _f64(state.get(b)))
+            layer = layers[step.layer] = Layer(step.layer, mod, kind, ndim, f64(state.get(w)), f64(state.get(b)))
         try:
-            step.merge(step.tuner, layer, step.tap)
+            step.merge(layer, step.tap)
         except NotMergeable as e:
             refused.append((step.ts, str(e)))
             continue

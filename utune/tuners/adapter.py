@@ -20,6 +20,7 @@ from torch import nn
 from utune.graph.rewrite import Rewriter
 from utune.graph.sites import Site
 from utune.tuners.base import TunerKind, TunerOptions, channel_dim
+from utune.tuners.fold import Layer, NotMergeable, f64
 from utune.tuners.modules import ACTIVATIONS, Scale, channel_linear, kaiming_linear_
 from utune.tuners.registry import register
 
@@ -50,6 +51,39 @@ class Adapter(nn.Module):
             for layer in (self.down, self.up):
                 nn.init.xavier_uniform_(layer.weight)
                 nn.init.zeros_(layer.bias)
+
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(M, c)`` with ``U(x) = M x + c``, for an adapter whose activation is the identity."""
+        if not isinstance(self.act, nn.Identity):
+            raise NotMergeable(
+                f"its activation ({type(self.act).__name__}) is not linear; only `act: identity` adapters fold"
+            )
+        if self.pool != 1:
+            raise NotMergeable(f"it average-pools its input by {self.pool} (beside a downsampling stage)")
+        mode = self.scale.mode
+        if mode == "gate":
+            raise NotMergeable("its gate depends on the input")
+        wd, bd, wu, bu = (f64(t) for t in (self.down.weight, self.down.bias, self.up.weight, self.up.bias))
+        assert wd is not None and wu is not None and bd is not None and bu is not None
+        m, c = wu @ wd, wu @ bd + bu
+        if mode == "const":
+            m, c = m * self.scale.const, c * self.scale.const
+        elif mode in ("scalar", "channel"):
+            s = f64(self.scale.weight)
+            assert s is not None
+            m, c = (s[:, None] if mode == "channel" else s) * m, s * c
+        return m, c
+
+    def fold(self, layer: Layer, tap: str) -> None:
+        """Merge a linear adapter beside (``W' = W + M``, ``b' = b + c``) or after (``W' = (I + M) W``) a layer."""
+        m, c = self.affine()
+        layer.check_axis(self.channel_dim, "the adapter")
+        if tap == "input":
+            layer.add_input_map(m, c)
+        elif tap == "output":
+            layer.mix_outputs(torch.eye(m.shape[0], dtype=m.dtype) + m, c)
+        else:
+            raise NotMergeable(f"it is joined as {tap}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = self.channel_dim

@@ -17,6 +17,7 @@ from torch import nn
 from utune.graph.rewrite import Rewriter
 from utune.graph.sites import Site
 from utune.tuners.base import TunerKind, TunerOptions, is_fused_qkv
+from utune.tuners.fold import Layer, NotMergeable, f64
 from utune.tuners.registry import register
 
 SLICES = ("q", "k", "v")
@@ -82,6 +83,14 @@ class Lora(nn.Module):
                     zero = x.new_zeros(*x.shape[:-1], self.part)
                 parts.append(zero)
         return torch.cat(parts, dim=-1)
+
+    def fold(self, layer: Layer, tap: str) -> None:
+        """Merge: ``W' = W + (alpha/r) B A`` (slices: zero blocks for the frozen thirds)."""
+        if tap != "input":
+            raise NotMergeable(f"it does not read the input of {layer.path}")
+        if getattr(layer.module, "padding_mode", "zeros") != "zeros":
+            raise NotMergeable(f"{layer.path} pads with {layer.module.padding_mode!r}, LoRA's conv pads with zeros")
+        layer.add_input_map(f64(self.delta_weight()), None)  # type: ignore[arg-type]
 
     def delta_weight(self) -> torch.Tensor:
         """The exact weight change ``scaling · B A`` (slices stacked with zeros for the frozen thirds)."""

@@ -16,6 +16,7 @@ from torch import nn
 from utune.graph.rewrite import Rewriter
 from utune.graph.sites import Site
 from utune.tuners.base import TunerKind, TunerOptions, channel_dim, is_fused_qkv
+from utune.tuners.fold import Layer, NotMergeable, f64
 from utune.tuners.modules import channel_view
 from utune.tuners.registry import register
 
@@ -51,6 +52,13 @@ class ChannelAffine(nn.Module):
         if self.scale is None or self.index is None:
             return self.scale
         return self.scale.new_ones(self.channels).index_copy(0, self.index, self.scale)
+
+    def fold(self, layer: Layer, tap: str) -> None:
+        """Merge: ``y <- s ⊙ y + t`` on the layer's output channels (its weight rows and bias)."""
+        if tap != "replace":
+            raise NotMergeable(f"it is joined as {tap}, not as a map of the layer's output")
+        layer.check_axis(self.channel_dim, "its scale/shift")
+        layer.scale_shift(f64(self.effective_scale()), f64(self.shift))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.effective_scale()
