@@ -87,3 +87,33 @@ def test_bypass_into_and_seed_must_exist() -> None:
 
     with pytest.raises(SelectionError, match="`into` site 'nrom'"):
         build(bypass_spec("vit", into="nrom"))
+
+
+def test_tuner_only_export_round_trips(tmp_path: Any) -> None:
+    from utune.export import export_tuners, load_tuners
+
+    spec = bypass_spec("resnet")
+    built = build(spec)
+    with torch.no_grad():
+        for p in built.model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(2, *built.input_size)
+    built.model.eval()
+    ref = built.model(x)
+    export_tuners(built, tmp_path / "bypass.safetensors")
+    fresh = build(spec)
+    load_tuners(fresh, tmp_path / "bypass.safetensors")
+    fresh.model.eval()
+    assert torch.equal(fresh.model(x), ref)
+
+
+def test_inspect_with_a_bypass_spec_marks_the_stages(tmp_path: Any) -> None:
+    import yaml
+
+    from utune.api import inspect
+
+    path = tmp_path / "by.yaml"
+    path.write_text(yaml.safe_dump(bypass_spec("vit")))
+    rows = {r["path"]: r for r in inspect(path, spec=path)}
+    assert rows["blocks.0"]["rules"] == ["by"] and rows["blocks.0.attn"]["rules"] == []
