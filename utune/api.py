@@ -13,7 +13,7 @@ from torch import fx, nn
 from utune.errors import SelectionError, TraceError
 from utune.graph.glob import glob_match
 from utune.graph.rewrite import TUNER_ROOT, Rewriter
-from utune.graph.select import Selector, select
+from utune.graph.select import select
 from utune.graph.shapes import NodeFailure, propagate_shapes
 from utune.graph.sites import Site, find_sites
 from utune.graph.trace import trace
@@ -46,14 +46,6 @@ class Built:
     warnings: list[str] = field(default_factory=list)
     tuner_modules: dict[str, list[str]] = field(default_factory=dict)  # rule -> module names in ``model``
     verify_batch: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, base output) when verify=True
-
-
-def _to_selector(at: Any) -> Selector:
-    return (
-        at
-        if isinstance(at, Selector)
-        else Selector.model_validate(at.model_dump() if hasattr(at, "model_dump") else at)
-    )
 
 
 def _propagate_shapes(gm: fx.GraphModule, size: tuple[int, int, int], batch: int = 2) -> None:
@@ -97,7 +89,7 @@ def inspect(
     if spec is not None:
         for rule in spec.tuners:
             try:
-                sel = select(traced.sites, _to_selector(rule.at), rule.name)
+                sel = select(traced.sites, rule.at, rule.name)
             except SelectionError:
                 continue
             for s in sel.sites:
@@ -160,7 +152,7 @@ def build(
     spec = load_spec(spec_or_path, overrides)
     # seeded: a random (pretrained: false) backbone and the tuners' init are the same on every build,
     # so a run can be resumed, evaluated and exported from its spec alone
-    torch.manual_seed(spec.train.seed if seed == 0 else seed)
+    torch.manual_seed(spec.train.seed)
     num_classes = spec.model.num_classes
     model = create_model(
         spec.model.name, pretrained=spec.model.pretrained, num_classes=num_classes, kwargs=dict(spec.model.kwargs)
@@ -180,7 +172,7 @@ def build(
     modules: dict[str, list[str]] = {}
     for rule in spec.tuners:
         kind = get_kind(rule.kind)(rule)
-        sel = select(sites, _to_selector(rule.at), rule.name)
+        sel = select(sites, rule.at, rule.name)
         warnings += sel.warnings
         for site in sel.sites:
             kind.check(site)

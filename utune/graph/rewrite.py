@@ -52,7 +52,6 @@ class Rewriter:
         self.graph = gm.graph
         self.sites = sites
         self._current: dict[fx.Node, fx.Node] = {}
-        self._order: dict[fx.Node, int] = {}
         self.rule = ""
         self.site: Site | None = None
         if not hasattr(gm, TUNER_ROOT):
@@ -145,11 +144,6 @@ class Rewriter:
                 break
             keep[k] = v
         return keep
-
-    @contextmanager
-    def inserting_after(self, node: fx.Node) -> Iterator[None]:
-        with self.graph.inserting_after(node):
-            yield
 
     def _new(self, node: fx.Node) -> fx.Node:
         if self.site is not None:
