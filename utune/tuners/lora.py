@@ -72,7 +72,8 @@ class Lora(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.dropout(x)
         if self.slices is None:
-            return self.branch(x) * self.scaling
+            y = self.branch(x)
+            return y if self.scaling == 1.0 else y * self.scaling  # skip a full-size multiply when alpha = r
         parts = []
         zero = None
         for s in SLICES:
