@@ -103,6 +103,7 @@ MATRIX: dict[str, dict[str, Any]] = {
         "vit_avg": {"at": "blocks.*.attn", "placement": "parallel", "scale": "scalar"},
         "swin": {"at": "layers.*.blocks.*.attn", "placement": "parallel"},
     },
+    "bypass": {"vit": "blocks.*", "deit": "blocks.*", "swin": "layers.*", "convnext": "stages.*", "resnet": "layer*"},
 }
 
 CASES = [(case, arch) for case, per_arch in MATRIX.items() for arch in per_arch]
