@@ -24,7 +24,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check utune tests bench
 
 test: lint
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -p no:cacheprovider
 
 quickstart: $(STAMP)
 	$(PY) quickstart/run.py $(QUICKSTART_ARGS)
