@@ -430,3 +430,18 @@ def test_build_loader_distributed_and_workers(tmp_path: Path) -> None:
         assert [len(labels) for _, labels in loader] == [50] * 7
     finally:
         torch.distributed.destroy_process_group()
+
+
+def test_augment_false_gives_the_training_split_the_eval_transform() -> None:
+    data_config = {
+        "input_size": (3, 32, 32),
+        "mean": (0.5,) * 3,
+        "std": (0.5,) * 3,
+        "interpolation": "bilinear",
+        "crop_pct": 1.0,
+    }
+    plain = build_datasets(DataConfig(dataset="digits", augment=False), data_config, splits=("train", "val"))
+    first = [plain["train"][0][0] for _ in range(2)]
+    assert torch.equal(first[0], first[1])  # deterministic: no random crop or flip
+    augmented = build_datasets(DataConfig(dataset="digits"), data_config, splits=("train",))
+    assert augmented["train"][0][0].shape == first[0].shape

@@ -16,6 +16,9 @@ class DataConfig(Section):
     root: str | None = None  # where the data lives; default: ~/.cache/utune/data/<dataset>
     img_size: int | None = Field(default=None, gt=0)  # default: the model's own input size
     num_workers: int = Field(default=2, ge=0)
+    # training augmentation (timm's random-resized crop, flip, colour jitter); false: the evaluation
+    # transform for every split, better for tiny images (8x8 digits) that a crop destroys
+    augment: bool = True
 
 
 class TrainConfig(Section):

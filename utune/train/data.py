@@ -96,7 +96,9 @@ def build_datasets(
         )
     datasets = {}
     for split in wanted:
-        transform = build_transform(data_config, cfg.img_size, training=split in TRAIN_SPLITS, augment=entry.augment)
+        transform = build_transform(
+            data_config, cfg.img_size, training=split in TRAIN_SPLITS and cfg.augment, augment=entry.augment
+        )
         datasets[split] = entry.load(source, split, transform)
     return datasets
 
