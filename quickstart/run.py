@@ -1,6 +1,6 @@
 """utune's quickstart: tune a ViT that utune pre-trained on Fashion-MNIST on a different real dataset.
 
-    python quickstart/run.py                 # what `make quickstart` runs (about 3-5 minutes on 2 CPU cores)
+    python quickstart/run.py                 # what `make quickstart` runs (about 2 minutes on 2 CPU cores)
     python quickstart/run.py --smoke         # three methods, a few steps each: checks the pipeline in seconds
     python quickstart/run.py --methods linear,lora --out runs/qs
 
@@ -56,42 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--augment",
         choices=("none", "utune"),
         default="none",
-        help="training-split transform: none (the evaluation resize, the default) or utune (timm's ImageNet\n"
-        "augmentation, which utune applies to every training split today; see README)",
+        help="training-split transform: none (data.augment=false: the evaluation resize, the default) or utune\n"
+        "(utune's default timm augmentation; see README)",
     )
     p.add_argument("--no-export", action="store_true", help="skip the export step")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides for every method, e.g. train.epochs=2")
     return p.parse_args(argv)
-
-
-# ---- the training transform ------------------------------------------------------------------------
-
-
-def use_eval_transform_for_training() -> None:
-    """Read the training split with the evaluation transform (resize + centre crop), no augmentation.
-
-    utune gives every training split timm's ImageNet augmentation (random-resized crops down to 8 % of the
-    image, horizontal flips, colour jitter) and has no spec switch for it yet. On 8x8 digits most such crops
-    no longer show the digit, and flips turn digits into other glyphs. ``build_datasets`` is what
-    ``train_run``/``eval_run`` build their loaders from, so this wraps it: same datasets, and the ``train``
-    split gets the transform ``val``/``test`` use. Remove once a spec can say ``data.augment: false``.
-    """
-    from utune.train import data
-    from utune.train.datasets.transforms import build_transform
-
-    if getattr(data.build_datasets, "_quickstart", False):
-        return
-    original = data.build_datasets
-
-    def build_datasets(cfg, data_config, *, splits=("train", "val"), download=False):
-        datasets = original(cfg, data_config, splits=splits, download=download)
-        for split, ds in datasets.items():
-            if split == "train" and hasattr(ds, "transform"):
-                ds.transform = build_transform(data_config, cfg.img_size, training=False)
-        return datasets
-
-    build_datasets._quickstart = True  # type: ignore[attr-defined]
-    data.build_datasets = build_datasets
 
 
 # ---- running the methods ----------------------------------------------------------------------------
@@ -435,8 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     import utune
     from utune.models import read_state_dict
 
-    if args.augment == "none":
-        use_eval_transform_for_training()
+    if args.augment == "none":  # tiny digits: timm's random-resized crops and flips destroy them (README)
+        args.overrides = ["data.augment=false", *args.overrides]
 
     if args.methods:
         wanted = [m.strip() for m in args.methods.split(",") if m.strip()]

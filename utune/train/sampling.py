@@ -86,7 +86,8 @@ class ShardSampler(Sampler[int]):
 
 
 def _seed_all(seed: int) -> None:
-    torch.manual_seed(seed)
+    # the CPU generator only: torch.manual_seed also queues lazy CUDA seeding, ~0.3-0.8 ms a sample
+    torch.default_generator.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed & 0xFFFFFFFF)
 
