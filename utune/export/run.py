@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import utune
-from utune.errors import CheckpointError, ExportError, UserInputError
+from utune.errors import ExportError, UserInputError
 from utune.export.io import check_target, write_safetensors
 from utune.export.merge import merged_state_dict, verify_merged
 from utune.export.peft_format import export_peft
@@ -25,22 +25,10 @@ def load_run(run_dir: Path | str | None = None, overrides: Sequence[str] = (), w
 
     ``run_dir`` None: the most recent run under ``runs/``. ``which``: ``latest`` or ``best``.
     """
-    from utune.api import build
-    from utune.train.checkpoint import WEIGHTS, load_trainable, read_weights, resolve_checkpoint
-    from utune.train.run import latest_run
+    from utune.train.run import latest_run, restore_run
 
     run = Path(run_dir) if run_dir is not None else latest_run()
-    spec_path = run / "spec.yaml"
-    if not spec_path.is_file():
-        raise CheckpointError(
-            f"{run} is not a utune run directory (no spec.yaml)",
-            hint="pass a folder made by `utune apply SPEC --train`, or a spec .yaml with --tuners FILE",
-        )
-    folder = resolve_checkpoint(run, which)
-    weights = read_weights(folder / WEIGHTS)
-    built = build(spec_path, list(overrides))
-    load_trainable(built.model, weights, source=folder / WEIGHTS)
-    return built
+    return restore_run(run, list(overrides), which=which)
 
 
 def load_source(

@@ -97,30 +97,41 @@ def train_run(built: BuiltLike, out_dir: Path, resume: bool) -> dict:
         du.cleanup()
 
 
+def restore_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), *, which: str = "latest") -> Any:
+    """Rebuild a run's model from its ``spec.yaml`` and load its checkpoint (``latest`` or ``best``).
+
+    The frozen weights must be the ones the run trained against (checked by fingerprint); the trainable
+    tensors load strictly by name. Shared by ``utune eval`` and ``utune export``.
+    """
+    from utune.api import build
+
+    spec_path = Path(run_dir) / "spec.yaml"
+    if not spec_path.is_file():
+        raise CheckpointError(
+            f"{run_dir} is not a utune run directory (no spec.yaml)",
+            hint="pass a folder made by `utune apply SPEC --train`, e.g. runs/<spec>-<time>",
+        )
+    folder = resolve_checkpoint(Path(run_dir), which)
+    weights = read_weights(folder / WEIGHTS)
+    built = build(spec_path, list(overrides))
+    check_frozen(built.model, read_state(folder / STATE), folder)
+    load_trainable(built.model, weights, source=folder / WEIGHTS)
+    return built
+
+
 def eval_run(run_dir: Path, dataset: str | None = None, split: str = "test", *, which: str = "latest") -> dict:
     """Rebuild a run's model from its ``spec.yaml``, load its checkpoint and score ``split``.
 
     ``dataset`` evaluates on another dataset (``data.dataset=...`` override); its classes must match the
     trained head. ``which`` is ``latest`` or ``best``.
     """
-    from utune.api import build
-
     run_dir = Path(run_dir)
-    spec_path = run_dir / "spec.yaml"
-    if not spec_path.is_file():
-        raise CheckpointError(
-            f"{run_dir} is not a utune run directory (no spec.yaml)",
-            hint="pass a folder made by `utune apply ... --train`, e.g. runs/<spec>-<time>",
-        )
-    folder = resolve_checkpoint(run_dir, which)
-    weights = read_weights(folder / WEIGHTS)
-    built = build(spec_path, [f"data.dataset={dataset}"] if dataset else [])
-    check_frozen(built.model, read_state(folder / STATE), folder)
-    load_trainable(built.model, weights, source=folder / WEIGHTS)
+    built = restore_run(run_dir, [f"data.dataset={dataset}"] if dataset else [], which=which)
     spec = built.spec
     loaders = build_loaders(spec.data, built.data_config, spec.train, splits=(split,))
     device = du.resolve_device(spec.train.device)
     result = evaluate(built.model.to(device), loaders[split], device, amp=spec.train.amp)
+    folder = resolve_checkpoint(run_dir, which)
     return {"run": str(run_dir), "checkpoint": str(folder), "dataset": spec.data.dataset, "split": split, **result}
 
 
