@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check utune tests bench
-	$(VENV)/bin/ruff format --check utune tests bench
+	$(VENV)/bin/ruff check utune tests bench quickstart
+	$(VENV)/bin/ruff format --check utune tests bench quickstart
 
 test: lint
 	$(PY) -m pytest -p no:cacheprovider
