@@ -53,7 +53,7 @@ class Built:
     data_config = {{}}
     report = {{}}
 
-run_mod.build_loaders = lambda data_cfg, data_config, tcfg, splits=("train", "val"): digits_loaders()
+run_mod.build_loaders = lambda data_cfg, data_config, tcfg, splits=("train", "val"), **kw: digits_loaders()
 sys.modules["utune.spec"] = types.SimpleNamespace(spec_to_yaml=lambda s: "version: 1\\n")
 # Each rank proposes its own run dir (as timestamped defaults can differ); rank 0's must win.
 summary = run_mod.train_run(Built, tmp / f"run-from-rank{{rank}}", resume=False)

@@ -75,3 +75,40 @@ class ExportError(UtuneError):
     """An export that cannot be done (non-mergeable tuner, verification failure, existing file)."""
 
     exit_code = 2
+
+
+class StorageError(UserInputError):
+    """A file or folder utune must write cannot be written (full disk, no permission, a file in the way).
+
+    Raised only after the partial file is removed: what was there before (the previous checkpoint, an
+    existing export) is intact.
+    """
+
+
+class DeviceError(UserInputError):
+    """The requested device (or the process group torchrun describes) is not available."""
+
+
+class Interrupted(UtuneError):
+    """SIGINT or SIGTERM stopped a command. ``exit_code`` follows the shell convention (128 + signal)."""
+
+    def __init__(self, message: str, hint: str | None = None, *, signal_number: int = 2) -> None:
+        super().__init__(message, hint)
+        self.exit_code = 128 + signal_number
+
+
+class TrainingInterrupted(Interrupted):
+    """Training stopped on a signal; ``checkpoint_step`` is the step ``--resume`` continues from (or None)."""
+
+    def __init__(
+        self,
+        message: str,
+        hint: str | None = None,
+        *,
+        signal_number: int = 2,
+        out_dir: str = "",
+        step: int = 0,
+        checkpoint_step: int | None = None,
+    ) -> None:
+        super().__init__(message, hint, signal_number=signal_number)
+        self.out_dir, self.step, self.checkpoint_step = out_dir, step, checkpoint_step

@@ -21,7 +21,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from utune._fs import make_dir, storage_error, temp_dir
 from utune.errors import CheckpointError
 
 WEIGHTS = "model.safetensors"
@@ -165,11 +165,15 @@ def _fsync_path(path: Path) -> None:
 
 def _write_pointer(ckpt_dir: Path, tag: str, target: str) -> None:
     tmp = ckpt_dir / f".{tag}.txt.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(target + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, ckpt_dir / f"{tag}.txt")
+    try:
+        with open(tmp, "w") as f:
+            f.write(target + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, ckpt_dir / f"{tag}.txt")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_path(ckpt_dir)
 
 
@@ -206,17 +210,37 @@ def save_checkpoint(
     state: Mapping[str, Any],
     tags: Iterable[str] = ("latest",),
 ) -> Path:
-    """Write one checkpoint atomically, point ``tags`` at it, drop folders no tag points at."""
+    """Write one checkpoint atomically, point ``tags`` at it, drop folders no tag points at.
+
+    A failed write (full disk, no permission) removes its temp folder and raises a StorageError; the
+    previous checkpoint and the pointers naming it are untouched.
+    """
     tags = list(tags)
     if unknown := set(tags) - set(TAGS):
         raise ValueError(f"unknown checkpoint tags {sorted(unknown)}")
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(ckpt_dir, "checkpoint folder")
     name = f"step-{step:08d}"
     final = ckpt_dir / name
-    if not (final.is_dir() and name in read_pointers(ckpt_dir).values()):
-        # An existing, pointed-at folder for this step is already complete (same step, same content);
-        # anything else under that name is the leftover of a crash and is replaced.
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=ckpt_dir))
+    try:
+        if not (final.is_dir() and name in read_pointers(ckpt_dir).values()):
+            # An existing, pointed-at folder for this step is already complete (same step, same content);
+            # anything else under that name is the leftover of a crash and is replaced.
+            _write_folder(ckpt_dir, final, step, weights, state)
+        for tag in tags:
+            _write_pointer(ckpt_dir, tag, name)
+    except OSError as e:
+        prior = read_pointers(ckpt_dir).get("latest")
+        intact = f"the previous checkpoint ({prior}) is intact" if prior and prior != name else None
+        raise storage_error(e, final, what="checkpoint", intact=intact) from None
+    _prune(ckpt_dir)
+    return final
+
+
+def _write_folder(
+    ckpt_dir: Path, final: Path, step: int, weights: Mapping[str, torch.Tensor], state: Mapping[str, Any]
+) -> None:
+    tmp = temp_dir(ckpt_dir, ".tmp-")
+    try:
         tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in weights.items()}
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "step": str(step)})
         _fsync_path(tmp / WEIGHTS)
@@ -228,10 +252,9 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         _publish(tmp, final)
-    for tag in tags:
-        _write_pointer(ckpt_dir, tag, name)
-    _prune(ckpt_dir)
-    return final
+    except BaseException:  # a full disk, a signal: leave no half-written folder behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 # ---- reading --------------------------------------------------------------------------------------

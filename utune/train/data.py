@@ -34,7 +34,8 @@ Each family's module under :mod:`utune.train.datasets` documents its layout in f
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,13 +43,23 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from utune._signals import ignore_sigint_in_worker
 from utune.errors import DataError
 from utune.train.config import DataConfig
 from utune.train.datasets._common import Source, data_base, resolve_root
-from utune.train.datasets.registry import TRAIN_SPLITS, Entry, lookup, names
+from utune.train.datasets.registry import ENTRIES, TRAIN_SPLITS, Entry, lookup, names
 from utune.train.datasets.transforms import build_transform
 
-__all__ = ["build_datasets", "build_loader", "data_base", "dataset_names", "dataset_root", "num_classes"]
+__all__ = [
+    "OpenedData",
+    "build_datasets",
+    "build_loader",
+    "data_base",
+    "dataset_names",
+    "dataset_root",
+    "num_classes",
+    "open_datasets",
+]
 
 
 def dataset_names() -> list[str]:
@@ -72,21 +83,48 @@ def num_classes(cfg: DataConfig) -> int:
     return entry.classes(_source(cfg, entry, download=False))
 
 
-def build_datasets(
-    cfg: DataConfig,
-    data_config: Mapping[str, Any],
-    *,
-    splits: Iterable[str] = ("train", "val"),
-    download: bool = False,
-) -> dict[str, Dataset]:
-    """``{split: Dataset}`` for ``cfg.dataset``, transformed for the model described by ``data_config``.
+class DeferredTransform:
+    """A transform set after the dataset is opened: data is checked before the model (whose data config
+    the transform needs) is built. Picklable, so DataLoader workers get it under any start method."""
 
-    ``data_config`` is the model's resolved timm data config (``input_size``, ``mean``, ``std``,
-    ``interpolation``, ``crop_pct``); ``cfg.img_size`` overrides its size. Training splits (``train``,
-    ``trainval``, ``train800``) get training augmentation. ``download`` lets CIFAR, Fashion-MNIST and
-    Flowers-102 fetch missing files from their official sources.
-    """
+    def __init__(self) -> None:
+        self.fn: Callable[[Any], Any] | None = None
+
+    def __call__(self, image: Any) -> Any:
+        if self.fn is None:
+            raise RuntimeError("utune: a dataset was read before its transform was set (OpenedData.attach)")
+        return self.fn(image)
+
+
+@dataclass
+class OpenedData:
+    """Datasets found and opened (files checked), waiting for the model's transform."""
+
+    cfg: DataConfig
+    entry: Entry
+    datasets: dict[str, Dataset]
+    transforms: dict[str, DeferredTransform]
+    classes: int
+
+    def attach(self, data_config: Mapping[str, Any], *, augment_training: bool = True) -> dict[str, Dataset]:
+        """Set each split's transform for the model; ``augment_training=False``: evaluation transform for all."""
+        for split, deferred in self.transforms.items():
+            training = augment_training and split in TRAIN_SPLITS and self.cfg.augment
+            deferred.fn = build_transform(data_config, self.cfg.img_size, training=training, augment=self.entry.augment)
+        return self.datasets
+
+
+def open_datasets(cfg: DataConfig, *, splits: Iterable[str] = ("train", "val"), download: bool = False) -> OpenedData:
+    """Find and open ``splits`` of ``cfg.dataset`` (one DataError naming the problem when they are not
+    there, damaged or unknown); their transforms are set later with :meth:`OpenedData.attach`."""
     entry = lookup(cfg.dataset)
+    if download and not entry.downloadable:
+        raise DataError(
+            f"utune cannot download {entry.name!r}",
+            hint="--download works for "
+            + ", ".join(e.name for e in ENTRIES.values() if e.downloadable)
+            + f"; get {entry.name} by hand (the error without --download says where it goes)",
+        )
     source = _source(cfg, entry, download)
     wanted = list(dict.fromkeys(splits))
     unknown = [split for split in wanted if split not in entry.splits]
@@ -94,18 +132,35 @@ def build_datasets(
         raise DataError(
             f"dataset {entry.name!r} has no split {unknown[0]!r}", hint=f"use one of: {', '.join(entry.splits)}"
         )
-    datasets = {}
-    for split in wanted:
-        transform = build_transform(
-            data_config, cfg.img_size, training=split in TRAIN_SPLITS and cfg.augment, augment=entry.augment
-        )
-        datasets[split] = entry.load(source, split, transform)
-    return datasets
+    transforms = {split: DeferredTransform() for split in wanted}
+    datasets = {split: entry.load(source, split, transforms[split]) for split in wanted}
+    return OpenedData(cfg, entry, datasets, transforms, entry.classes(source))
+
+
+def build_datasets(
+    cfg: DataConfig,
+    data_config: Mapping[str, Any],
+    *,
+    splits: Iterable[str] = ("train", "val"),
+    download: bool = False,
+    augment_training: bool = True,
+) -> dict[str, Dataset]:
+    """``{split: Dataset}`` for ``cfg.dataset``, transformed for the model described by ``data_config``.
+
+    ``data_config`` is the model's resolved timm data config (``input_size``, ``mean``, ``std``,
+    ``interpolation``, ``crop_pct``); ``cfg.img_size`` overrides its size. Training splits (``train``,
+    ``trainval``, ``train800``) get training augmentation unless ``augment_training`` is False (evaluation).
+    ``download`` lets CIFAR, Fashion-MNIST and Flowers-102 fetch missing files from their official sources.
+    """
+    opened = open_datasets(cfg, splits=splits, download=download)
+    return opened.attach(data_config, augment_training=augment_training)
 
 
 def _seed_worker(worker_id: int) -> None:
-    """Seed numpy in each worker from the worker's torch seed (torch and ``random`` are seeded already)."""
+    """Seed numpy in each worker from the worker's torch seed (torch and ``random`` are seeded already);
+    workers ignore Ctrl-C, which the main process handles (it reaches the whole process group)."""
     np.random.seed(torch.initial_seed() % 2**32)
+    ignore_sigint_in_worker(worker_id)
 
 
 def build_loader(

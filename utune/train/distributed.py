@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
-from utune.errors import UtuneError
+from utune.errors import DeviceError, UserInputError
 
 T = TypeVar("T")
 
@@ -24,7 +24,9 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise UtuneError(f"environment variable {name}={value!r} is not an integer") from None
+        raise UserInputError(
+            f"environment variable {name}={value!r} is not an integer", hint=f"unset {name} or set it to a number"
+        ) from None
 
 
 def initialized() -> bool:
@@ -52,10 +54,20 @@ def is_main() -> bool:
 def resolve_device(requested: str | None = None) -> torch.device:
     """The device this process trains on: ``requested`` or CUDA when present, one GPU per local rank."""
     name = requested or ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"unknown device {name!r}", hint="set train.device to cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"device {name!r} is not supported", hint="set train.device to cpu, cuda or cuda:N")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise UtuneError(f"device {name!r} requested but CUDA is not available", hint="use train.device=cpu")
+            raise DeviceError(f"device {name!r} requested but CUDA is not available", hint="use train.device=cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise DeviceError(
+                f"device {name!r} requested but this machine has {torch.cuda.device_count()} GPU(s)",
+                hint="pick an index below that, or set train.device=cuda",
+            )
         if device.index is None:
             # Under torchrun every process gets its own GPU; a bare "cuda" means "my GPU".
             device = torch.device("cuda", local_rank() if world() > 1 else torch.cuda.current_device())
@@ -72,12 +84,27 @@ def setup(requested_device: str | None = None) -> torch.device:
         torch.cuda.set_device(device)  # NCCL and all_gather_object use the current device
     if _env_int("WORLD_SIZE", 1) > 1 and not initialized():
         if not dist.is_available():
-            raise UtuneError("WORLD_SIZE > 1 but this torch build has no torch.distributed support")
+            raise DeviceError("WORLD_SIZE > 1 but this torch build has no torch.distributed support")
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT", "RANK") if not os.environ.get(k)]
+        if missing:
+            raise DeviceError(
+                f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but {', '.join(missing)} is not",
+                hint="start multi-process training with `torchrun --nproc_per_node N -m utune apply ...`, "
+                "or unset WORLD_SIZE",
+            )
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs: dict[str, Any] = {"backend": backend, "init_method": "env://"}
         if device.type == "cuda":
             kwargs["device_id"] = device  # binds the communicator eagerly; avoids a rank->GPU guess
-        dist.init_process_group(**kwargs)
+        try:
+            dist.init_process_group(**kwargs)
+        except (RuntimeError, ValueError) as e:  # a bad address, a port in use, a rank that never came
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DeviceError(
+                f"cannot join the {backend} process group at {os.environ.get('MASTER_ADDR')}:"
+                f"{os.environ.get('MASTER_PORT')}: {first}",
+                hint="start multi-process training with `torchrun --nproc_per_node N -m utune apply ...`",
+            ) from None
     return device
 
 

@@ -1,9 +1,16 @@
-"""The training loop: ``fit`` trains the trainable parameters of a surgically tuned model, ``evaluate``
-scores it. Resumable to the bit on CPU: see :mod:`utune.train.sampling` and :mod:`utune.train.checkpoint`.
+"""The training loop: a :class:`Trainer` trains the trainable parameters of a surgically tuned model,
+``evaluate`` scores it. Resumable to the bit on CPU: see :mod:`utune.train.sampling`,
+:mod:`utune.train.checkpoint` and :mod:`utune.train.state` (the checkpoint's schema).
 
 Counting conventions: a *step* is one optimizer update (``grad_accum`` micro-batches of
 ``batch_size`` images on each of ``world`` processes); ``steps_per_epoch`` drops the tail that does not
 fill a whole step, so every epoch and every rank runs the same steps.
+
+The loop prints nothing. It writes ``metrics.jsonl``, checkpoints and ``summary.json`` and tells a
+:class:`Reporter` (the CLI's progress display, or nothing) what happened; the caller renders the summary.
+A stop request (:func:`utune._signals.stop_requested`, set by SIGINT/SIGTERM under the CLI) is honoured
+at the next step boundary: a checkpoint is written there and :class:`~utune.errors.TrainingInterrupted`
+raised, so ``--resume`` continues exactly.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -25,9 +32,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from utune.errors import CheckpointError, DataError
+from utune._fs import write_text_atomic
+from utune._signals import last_signal, stop_requested
+from utune.errors import CheckpointError, DataError, TrainingInterrupted
 from utune.train import distributed as du
 from utune.train.checkpoint import (
+    STATE,
     WEIGHTS,
     check_frozen,
     frozen_fingerprint,
@@ -40,11 +50,37 @@ from utune.train.checkpoint import (
     trainable_state,
 )
 from utune.train.config import TrainConfig
-from utune.train.metrics import MetricsLog, ProgressBar, print_summary
+from utune.train.metrics import MetricsLog
 from utune.train.optim import build_optimizer, build_scheduler
 from utune.train.sampling import ResumableSampler, SeededDataset, ShardSampler, mix_seed, rebuild_loader
+from utune.train.state import STATE_VERSION, TrainState
 
-STATE_VERSION = 1
+__all__ = ["STATE_VERSION", "Reporter", "Trainer", "evaluate", "fit", "freeze_batchnorm", "seed_everything"]
+
+
+class Reporter(Protocol):
+    """What a training run tells its caller, as it happens (records are those of ``metrics.jsonl``)."""
+
+    def start(self, total: int, step: int) -> None: ...
+    def advance(self, step: int) -> None: ...
+    def log(self, record: Mapping[str, Any]) -> None: ...
+    def close(self) -> None: ...
+
+
+class SilentReporter:
+    """The library default: tell no one."""
+
+    def start(self, total: int, step: int) -> None:
+        pass
+
+    def advance(self, step: int) -> None:
+        pass
+
+    def log(self, record: Mapping[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def seed_everything(seed: int) -> None:
@@ -88,6 +124,17 @@ def _to_device(batch: Any, device: torch.device, channels_last: bool) -> tuple[t
     return x, y.to(device, non_blocking=True).long()
 
 
+def _label_error(logits: torch.Tensor, y: torch.Tensor) -> DataError | None:
+    n = logits.shape[-1]
+    if y.numel() and (int(y.max()) >= n or int(y.min()) < 0):
+        return DataError(
+            f"a label ({int(y.max()) if int(y.max()) >= n else int(y.min())}) is outside the model's {n} outputs",
+            hint="set model.num_classes to the dataset's class count (or leave it out: utune then takes it "
+            "from the dataset)",
+        )
+    return None
+
+
 def evaluate(
     model: nn.Module, loader: DataLoader, device: torch.device | str, *, amp: bool = True, channels_last: bool = False
 ) -> dict[str, float | int]:
@@ -105,6 +152,8 @@ def evaluate(
             for batch in loader:
                 x, y = _to_device(batch, device, channels_last and device.type == "cuda")
                 logits = model(x).float()
+                if (bad := _label_error(logits, y)) is not None:
+                    raise bad
                 totals[0] += (logits.argmax(dim=-1) == y).sum()
                 totals[1] += F.cross_entropy(logits, y, reduction="sum")
                 totals[2] += y.numel()
@@ -125,6 +174,12 @@ class _Plan:
     world: int
     steps_per_epoch: int
     total_steps: int
+
+
+def _total_steps(cfg: TrainConfig, spe: int) -> int:
+    if cfg.epochs:
+        return spe * cfg.epochs if cfg.max_steps is None else min(spe * cfg.epochs, cfg.max_steps)
+    return cfg.max_steps or 0
 
 
 def _prepare_loaders(
@@ -155,15 +210,8 @@ def _prepare_loaders(
             f"(batch_size {bs} x grad_accum {cfg.grad_accum} x {world} processes)",
             hint="lower train.batch_size or train.grad_accum",
         )
-    if cfg.epochs:
-        total = spe * cfg.epochs if cfg.max_steps is None else min(spe * cfg.epochs, cfg.max_steps)
-    else:
-        total = cfg.max_steps or 0
-    evals = {}
-    for name, loader in loaders.items():
-        if name == "train":
-            continue
-        evals[name] = rebuild_loader(
+    evals = {
+        name: rebuild_loader(
             loader,
             dataset=loader.dataset,
             sampler=ShardSampler(len(loader.dataset), rank=rank, world=world),  # type: ignore[arg-type]
@@ -171,20 +219,10 @@ def _prepare_loaders(
             drop_last=False,
             generator_seed=mix_seed(cfg.seed, rank, 2),
         )
-    return train_loader, sampler, evals, _Plan(bs, cfg.grad_accum, world, spe, total)
-
-
-def _check_resumable(state: Mapping[str, Any], plan: _Plan, model: nn.Module, folder: Path) -> None:
-    if state.get("version") != STATE_VERSION:
-        raise CheckpointError(f"{folder / 'state.pt'} has format version {state.get('version')}, not {STATE_VERSION}")
-    for key in ("world", "batch_size", "grad_accum", "steps_per_epoch"):
-        if state.get(key) != getattr(plan, key):
-            raise CheckpointError(
-                f"cannot resume {folder}: it was trained with {key}={state.get(key)}, this run has "
-                f"{getattr(plan, key)}",
-                hint="resume with the same batch size, grad_accum, process count and dataset",
-            )
-    check_frozen(model, state, folder)
+        for name, loader in loaders.items()
+        if name != "train"
+    }
+    return train_loader, sampler, evals, _Plan(bs, cfg.grad_accum, world, spe, _total_steps(cfg, spe))
 
 
 def _json_safe(obj: Any) -> Any:
@@ -229,204 +267,306 @@ class _Window:
         return sums[0] / max(sums[1], 1), sums[2] / max(sums[3], 1), int(sums[3]), self.seconds
 
 
-def fit(
-    model: nn.Module,
-    train_cfg: TrainConfig,
-    loaders: dict[str, DataLoader],
-    out_dir: Path,
-    *,
-    resume: bool = False,
-    run_meta: dict | None = None,
-) -> dict:
-    """Train ``model``'s trainable parameters; write metrics and checkpoints under ``out_dir``.
+class Trainer:
+    """One training run in ``out_dir``: build with the model and loaders, :meth:`restore` to resume,
+    :meth:`fit` to train; returns the run summary (also ``out_dir/summary.json``).
 
-    ``loaders["train"]`` supplies the dataset, batch size and worker settings; its sampler is replaced
-    by a resumable one. Every other entry (``val``, ``test``) is evaluated at each epoch end, every
-    ``eval_every`` steps and at the end. Returns the run summary (also ``out_dir/summary.json``).
+    ``loaders["train"]`` supplies the dataset, batch size and worker settings; its sampler is replaced by
+    a resumable one. Every other entry (``val``, ``test``) is evaluated at each epoch end, every
+    ``eval_every`` steps and at the end; the ``val`` split (else the first) decides the best checkpoint.
     """
-    cfg = train_cfg
-    out_dir = Path(out_dir)
-    device = du.setup(cfg.device)
-    rank, world = du.rank(), du.world()
-    main = rank == 0
-    ckpt_dir = out_dir / "checkpoints"
-    if not resume and has_checkpoint(ckpt_dir):
-        raise CheckpointError(
-            f"{out_dir} already holds a run's checkpoints",
-            hint="pass --resume to continue it, or choose another output directory",
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        loaders: Mapping[str, DataLoader],
+        out_dir: Path,
+        *,
+        run_meta: dict | None = None,
+        reporter: Reporter | None = None,
+    ) -> None:
+        self.model, self.cfg, self.out_dir = model, cfg, Path(out_dir)
+        self.device = du.setup(cfg.device)
+        self.rank, self.world = du.rank(), du.world()
+        self.main = self.rank == 0
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.channels_last = cfg.channels_last and self.device.type == "cuda"
+        self.train_loader, self.sampler, self.evals, plan = _prepare_loaders(loaders, cfg, self.rank, self.world)
+        self.total = plan.total_steps
+        model.to(self.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        seed_everything(mix_seed(cfg.seed, self.rank))  # ranks draw different dropout masks
+        self.optimizer = build_optimizer(model, cfg, self.device)
+        self.scheduler = build_scheduler(
+            self.optimizer, cfg, total_steps=max(self.total, 1), steps_per_epoch=plan.steps_per_epoch
         )
-    cuda = device.type == "cuda"
-    channels_last = cfg.channels_last and cuda
-    train_loader, sampler, eval_loaders, plan = _prepare_loaders(loaders, cfg, rank, world)
-    spe, total = plan.steps_per_epoch, plan.total_steps
+        self.state = TrainState(
+            plan.steps_per_epoch, plan.batch_size, plan.grad_accum, plan.world, cfg.seed, meta=_json_safe(run_meta)
+        )
+        self.state.frozen = frozen_fingerprint(model)
+        self.reporter: Reporter = reporter or SilentReporter()
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.best_split = "val" if "val" in self.evals else next(iter(self.evals), None)
+        self.window = _Window(self.device)
+        self.saved_step: int | None = None  # the step of the last checkpoint written or resumed from
+        self._rank_state: dict[str, Any] | None = None
+        self._elapsed0 = 0.0
+        self._t0 = time.perf_counter()
 
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    seed_everything(mix_seed(cfg.seed, rank))  # ranks draw different dropout masks
-    optimizer = build_optimizer(model, cfg, device)
-    scheduler = build_scheduler(optimizer, cfg, total_steps=max(total, 1), steps_per_epoch=spe)
-
-    step, records, best, saved_rank = 0, [], None, None
-    elapsed = train_time = 0.0
-    images, last_loss = 0, None
-    if resume:
-        weights, state, folder = load_checkpoint(ckpt_dir)
-        _check_resumable(state, plan, model, folder)
-        load_trainable(model, weights, source=folder / WEIGHTS)
-        saved_names = [g.get("param_names") for g in state["optimizer"]["param_groups"]]
-        if saved_names != [g["param_names"] for g in optimizer.param_groups]:
+    # ----- resume --------------------------------------------------------------------------------
+    def restore(self) -> None:
+        """Continue from ``out_dir``'s latest checkpoint: weights, optimizer, schedule, counters, RNG."""
+        weights, data, folder = load_checkpoint(self.ckpt_dir)
+        saved = TrainState.from_dict(data, folder / STATE)
+        saved.check_plan(self.state, folder)
+        check_frozen(self.model, data, folder)
+        load_trainable(self.model, weights, source=folder / WEIGHTS)
+        names = [g.get("param_names") for g in saved.optimizer["param_groups"]]
+        if names != [g["param_names"] for g in self.optimizer.param_groups]:
             raise CheckpointError(
                 f"cannot resume {folder}: its optimizer state belongs to other parameter groups",
                 hint="resume with the same trainable parameters and weight decay, or start without --resume",
             )
         try:
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
+            self.optimizer.load_state_dict(saved.optimizer)
+            self.scheduler.load_state_dict(saved.scheduler)
         except (ValueError, KeyError) as e:
             raise CheckpointError(
-                f"cannot restore the optimizer from {folder / 'state.pt'}: {e}",
+                f"cannot restore the optimizer from {folder / STATE}: {e}",
                 hint="resume with the same optimizer and trainable parameters, or start without --resume",
             ) from None
-        step, records, best = int(state["step"]), list(state["metrics"]), state["best"]
-        elapsed, train_time = float(state["elapsed"]), float(state["train_time"])
-        images, last_loss = int(state["images"]), state["last_loss"]
-        saved_rank = state["ranks"][rank]  # this rank's RNG streams and partial log window
-    metrics = MetricsLog(out_dir / "metrics.jsonl", enabled=main, records=records)
+        saved.meta, saved.frozen = self.state.meta, self.state.frozen
+        self.state, self._elapsed0 = saved, saved.elapsed
+        self._rank_state = saved.ranks[self.rank]  # this rank's RNG streams and partial log window
+        self.saved_step = saved.step
 
-    ddp: DDP | None = None
-    train_model: nn.Module = model
-    if world > 1:
-        # Frozen parameters do not require grad, so DDP neither reduces them nor expects their grads:
-        # find_unused_parameters=False holds as long as every trainable parameter is used.
-        ddp = DDP(model, device_ids=[device.index] if cuda else None, find_unused_parameters=False)
-        train_model = ddp
-    if cfg.compile:
-        train_model = torch.compile(train_model)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    micro_per_step = plan.grad_accum * plan.batch_size  # samples one rank consumes per step
-    best_split = "val" if "val" in eval_loaders else next(iter(eval_loaders), None)
-    keep_best = getattr(cfg, "keep_best", True)
-    meta = _json_safe(run_meta)
+    # ----- the run ---------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", enabled=self.main, records=self.state.metrics)
+        self.ddp: DDP | None = None
+        if self.world > 1:  # frozen parameters need no grad, so DDP neither reduces nor expects them
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp = DDP(self.model, device_ids=ids, find_unused_parameters=False)
+        self.train_model: nn.Module = self.ddp if self.ddp is not None else self.model
+        if self.cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.reporter.start(self.total, self.state.step)
+        self._t0 = time.perf_counter()
+        try:
+            self._run()
+        except KeyboardInterrupt:
+            raise self._interrupted(last_signal() or 2) from None
+        finally:
+            self.reporter.close()
+            self.metrics.close()
+        return self._finish()
 
-    def log_eval(epoch_f: float) -> bool:
-        nonlocal best
-        improved = False
-        for split, loader in eval_loaders.items():
-            res = evaluate(model, loader, device, amp=cfg.amp, channels_last=channels_last)
-            metrics.write({"step": step, "epoch": epoch_f, "split": split, "acc": res["acc"], "loss": res["loss"]})
-            if split == best_split and (best is None or res["acc"] > best["acc"]):
-                best = {"split": split, "acc": res["acc"], "step": step}
+    def _run(self) -> None:
+        if self._rank_state is not None:
+            self.window.sums.copy_(torch.tensor(self._rank_state["window"], dtype=torch.float64))
+            set_rng_state(self._rank_state["rng"])  # last, so nothing above draws from the restored streams
+        while self.state.step < self.total:
+            self._epoch()
+        if self.total == 0 and self.evals:
+            self._evaluate()  # epochs=0 without max_steps: just score the model as built
+
+    def _epoch(self) -> None:
+        """Train until the epoch ends or the run reaches its last step."""
+        epoch, skip = self.state.sampler_position()
+        self.sampler.set_epoch(epoch, skip=skip)
+        self._train_mode()
+        self.window.resume()
+        accum = self.state.grad_accum
+        for micro, batch in enumerate(self.train_loader, start=1):
+            self._micro_step(batch, sync=micro % accum == 0)
+            if micro % accum:
+                continue
+            lr = self._optimizer_step()
+            if self._after_step(lr):
+                return
+
+    def _train_mode(self) -> None:
+        self.train_model.train()
+        if not self.cfg.bn_train:
+            freeze_batchnorm(self.model)
+
+    def _micro_step(self, batch: Any, sync: bool) -> None:
+        x, y = _to_device(batch, self.device, self.channels_last)
+        no_sync = self.ddp.no_sync() if (self.ddp is not None and not sync) else contextlib.nullcontext()
+        with no_sync:
+            with _autocast(self.device, self.cfg.amp):
+                logits = self.train_model(x)
+            try:
+                loss = self.criterion(logits.float(), y)
+            except (IndexError, RuntimeError):
+                if (bad := _label_error(logits, y)) is not None:
+                    raise bad from None
+                raise
+            (loss / self.state.grad_accum).backward()
+        self.window.add(loss, logits, y)
+
+    def _optimizer_step(self) -> float:
+        if self.cfg.clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(self.trainable, self.cfg.clip_grad)
+        lr = float(self.optimizer.param_groups[0]["lr"])
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return lr
+
+    def _after_step(self, lr: float) -> bool:
+        """Log, evaluate, checkpoint and honour a stop request; True when the epoch loop should end."""
+        st, cfg = self.state, self.cfg
+        st.step += 1
+        epoch_end, last = st.step % st.steps_per_epoch == 0, st.step == self.total
+        if st.step % cfg.log_every == 0 or last or epoch_end:
+            self._log(lr)
+        self.reporter.advance(st.step)
+        self.window.pause()
+        eval_due = bool(self.evals) and (
+            epoch_end or last or (cfg.eval_every is not None and st.step % cfg.eval_every == 0)
+        )
+        improved = self._evaluate() if eval_due else False
+        tags = ["latest"] if epoch_end or last or (cfg.checkpoint_every and st.step % cfg.checkpoint_every == 0) else []
+        if improved and cfg.keep_best:
+            tags.append("best")
+        stop = self._stop_signal(st.step % cfg.log_every == 0 or epoch_end or last)
+        if stop and "latest" not in tags:
+            tags.append("latest")
+        if tags:
+            self.checkpoint(tags)
+        if stop:
+            raise self._interrupted(stop)
+        if eval_due or tags:
+            self._train_mode()
+        self.window.resume()  # evaluation and checkpoint time are not training throughput
+        return epoch_end or st.step >= self.total
+
+    def _log(self, lr: float) -> None:
+        st = self.state
+        mean_loss, acc, n_img, secs = self.window.collect()
+        st.images += n_img
+        st.train_time += secs
+        st.last_loss = mean_loss
+        record = {
+            "step": st.step,
+            "epoch": round(st.step / st.steps_per_epoch, 4),
+            "loss": mean_loss,
+            "lr": lr,
+            "images_per_s": n_img / max(secs, 1e-9),
+            "time": self._elapsed(),
+        }
+        self.metrics.write(record)
+        self.reporter.log({**record, "train_acc": acc, "total": self.total})
+        self.window.reset()
+
+    def _evaluate(self) -> bool:
+        """Score every evaluation split; True when the best split improved."""
+        st, improved = self.state, False
+        for split, loader in self.evals.items():
+            res = evaluate(self.model, loader, self.device, amp=self.cfg.amp, channels_last=self.channels_last)
+            epoch = round(st.step / st.steps_per_epoch, 4)
+            record = {"step": st.step, "epoch": epoch, "split": split, "acc": res["acc"], "loss": res["loss"]}
+            self.metrics.write(record)
+            self.reporter.log({**record, "total": self.total})
+            if split == self.best_split and (st.best is None or res["acc"] > st.best["acc"]):
+                st.best = {"split": split, "acc": res["acc"], "step": st.step}
                 improved = True
         return improved
 
-    def checkpoint(tags: list[str]) -> None:
-        ranks = du.all_gather_object({"rng": rng_state(), "window": window.sums.tolist()})
+    def checkpoint(self, tags: list[str]) -> None:
+        """Write the trainable tensors and the state at this step (rank 0), every rank's RNG included."""
+        ranks = du.all_gather_object({"rng": rng_state(), "window": self.window.sums.tolist()})
         du.barrier()
-        if main:
-            state = {
-                "version": STATE_VERSION, "step": step, "epoch": step // spe, "seed": cfg.seed,
-                "world": world, "batch_size": plan.batch_size, "grad_accum": plan.grad_accum,
-                "steps_per_epoch": spe, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "ranks": ranks, "sampler": {"epoch": step // spe, "skip": (step % spe) * micro_per_step},
-                "metrics": metrics.records, "best": best, "elapsed": elapsed + (time.perf_counter() - t0),
-                "train_time": train_time, "images": images, "last_loss": last_loss,
-                "frozen": frozen_fingerprint(model), "meta": meta,
-            }  # fmt: skip
-            save_checkpoint(ckpt_dir, step=step, weights=trainable_state(model), state=state, tags=tags)
+        if self.main:
+            st = self.state
+            st.metrics, st.elapsed, st.ranks = self.metrics.records, self._elapsed(), ranks
+            st.optimizer, st.scheduler = self.optimizer.state_dict(), self.scheduler.state_dict()
+            save_checkpoint(
+                self.ckpt_dir, step=st.step, weights=trainable_state(self.model), state=st.to_dict(), tags=tags
+            )
         du.barrier()
+        self.saved_step = self.state.step
 
-    def set_train_mode() -> None:
-        train_model.train()
-        if not cfg.bn_train:
-            freeze_batchnorm(model)
+    # ----- stopping and finishing -------------------------------------------------------------------
+    def _elapsed(self) -> float:
+        return self._elapsed0 + (time.perf_counter() - self._t0)
 
-    bar = ProgressBar(total, start=step, enabled=main)
-    window = _Window(device)
-    t0 = time.perf_counter()
-    if saved_rank is not None:
-        window.sums.copy_(torch.tensor(saved_rank["window"], dtype=torch.float64))
-        set_rng_state(saved_rank["rng"])  # last, so nothing above draws from the restored streams
-    try:
-        while step < total:
-            epoch = step // spe
-            sampler.set_epoch(epoch, skip=(step - epoch * spe) * micro_per_step)
-            set_train_mode()
-            window.resume()
-            for micro, batch in enumerate(train_loader, start=1):
-                x, y = _to_device(batch, device, channels_last)
-                sync = micro % plan.grad_accum == 0
-                no_sync = ddp.no_sync() if (ddp is not None and not sync) else contextlib.nullcontext()
-                with no_sync:
-                    with _autocast(device, cfg.amp):
-                        logits = train_model(x)
-                    loss = criterion(logits.float(), y)
-                    (loss / plan.grad_accum).backward()
-                window.add(loss, logits, y)
-                if not sync:
-                    continue
-                if cfg.clip_grad is not None:
-                    torch.nn.utils.clip_grad_norm_(trainable, cfg.clip_grad)
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                epoch_end = step % spe == 0
-                epoch_f = round(step / spe, 4)
-                if step % cfg.log_every == 0 or step == total or epoch_end:
-                    mean_loss, acc, n_img, secs = window.collect()
-                    images += n_img
-                    train_time += secs
-                    last_loss = mean_loss
-                    ips = n_img / max(secs, 1e-9)
-                    metrics.write({"step": step, "epoch": epoch_f, "loss": mean_loss, "lr": lr,
-                                   "images_per_s": ips, "time": elapsed + time.perf_counter() - t0})  # fmt: skip
-                    bar.update(step, loss=mean_loss, acc=acc, ips=ips)
-                    window.reset()
-                else:
-                    bar.update(step)
-                window.pause()
-                eval_due = bool(eval_loaders) and (
-                    epoch_end or step == total or (cfg.eval_every is not None and step % cfg.eval_every == 0)
-                )
-                improved = log_eval(epoch_f) if eval_due else False
-                tags = []
-                if epoch_end or step == total or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                    tags.append("latest")
-                if improved and keep_best:
-                    tags.append("best")
-                if tags:
-                    checkpoint(tags)
-                if eval_due or tags:
-                    set_train_mode()
-                window.resume()  # evaluation and checkpoint time are not training throughput
-                if epoch_end or step >= total:
-                    break
-        if total == 0 and eval_loaders:
-            log_eval(0.0)  # epochs=0 without max_steps: just score the model as built
-    finally:
-        bar.close()
-        metrics.close()
-    elapsed += time.perf_counter() - t0
-    final = {r["split"]: r["acc"] for r in metrics.records if "split" in r and r["step"] == step}
-    summary = {
-        "step": step,
-        "epoch": round(step / spe, 4),
-        "train_loss": last_loss,
-        "best_val_acc": best["acc"] if best else None,
-        "best_step": best["step"] if best else None,
-        "final_val_acc": final.get(best_split) if best_split else None,
-        "time_s": round(elapsed, 3),
-        "images_per_s": images / train_time if train_time > 0 else None,
-        "trainable_params": sum(p.numel() for p in trainable),
-        "out_dir": str(out_dir),
-    }
-    summary.update({f"final_{s}_acc": a for s, a in final.items() if s != best_split})
-    if meta is not None:
-        summary["meta"] = meta
-    if main:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print_summary(summary)
-    return summary
+    def _stop_signal(self, collective_point: bool) -> int | None:
+        """The stop request, agreed by all ranks (checked every step alone, at log/epoch steps under DDP)."""
+        local = stop_requested()
+        if self.world == 1:
+            return local
+        if not collective_point:
+            return None
+        flag = du.all_reduce_sum(torch.tensor([float(local or 0)], device=self.device))
+        return (local or 15) if float(flag.item()) > 0 else None
+
+    def _interrupted(self, signum: int) -> TrainingInterrupted:
+        st, saved = self.state, self.saved_step
+        where = f"interrupted at step {st.step} of {self.total}"
+        if saved == st.step:
+            msg = f"{where}; saved a checkpoint there ({self.ckpt_dir / f'step-{st.step:08d}'})"
+        elif saved is not None:
+            msg = f"{where}; the last checkpoint is step {saved}"
+        else:
+            msg = f"{where}; no checkpoint was written yet"
+        hint = (
+            f"resume with `utune apply SPEC --train --out {self.out_dir} --resume`"
+            if saved is not None
+            else "start the run again"
+        )
+        return TrainingInterrupted(
+            msg, hint, signal_number=signum, out_dir=str(self.out_dir), step=st.step, checkpoint_step=saved
+        )
+
+    def _finish(self) -> dict[str, Any]:
+        st = self.state
+        final = {r["split"]: r["acc"] for r in self.metrics.records if "split" in r and r["step"] == st.step}
+        summary: dict[str, Any] = {
+            "step": st.step,
+            "epoch": round(st.step / st.steps_per_epoch, 4),
+            "train_loss": st.last_loss,
+            "best_val_acc": st.best["acc"] if st.best else None,
+            "best_step": st.best["step"] if st.best else None,
+            "final_val_acc": final.get(self.best_split) if self.best_split else None,
+            "time_s": round(self._elapsed(), 3),
+            "images_per_s": st.images / st.train_time if st.train_time > 0 else None,
+            "trainable_params": sum(p.numel() for p in self.trainable),
+            "out_dir": str(self.out_dir),
+        }
+        summary.update({f"final_{s}_acc": a for s, a in final.items() if s != self.best_split})
+        if st.meta is not None:
+            summary["meta"] = st.meta
+        if self.main:
+            write_text_atomic(self.out_dir / "summary.json", json.dumps(summary, indent=2) + "\n", what="run summary")
+        return summary
+
+
+def fit(
+    model: nn.Module,
+    train_cfg: TrainConfig,
+    loaders: Mapping[str, DataLoader],
+    out_dir: Path,
+    *,
+    resume: bool = False,
+    run_meta: dict | None = None,
+    reporter: Reporter | None = None,
+) -> dict[str, Any]:
+    """Train ``model``'s trainable parameters; write metrics and checkpoints under ``out_dir``.
+
+    Returns the run summary (also ``out_dir/summary.json``); see :class:`Trainer`.
+    """
+    out_dir = Path(out_dir)
+    if not resume and has_checkpoint(out_dir / "checkpoints"):
+        raise CheckpointError(
+            f"{out_dir} already holds a run's checkpoints",
+            hint="pass --resume to continue it, or choose another output directory",
+        )
+    trainer = Trainer(model, train_cfg, loaders, out_dir, run_meta=run_meta, reporter=reporter)
+    if resume:
+        trainer.restore()
+    return trainer.fit()

@@ -1,19 +1,23 @@
 """Run-level entry points behind ``utune apply --train`` and ``utune eval``: a run directory holds
 ``spec.yaml`` (the resolved spec), ``metrics.jsonl``, ``summary.json`` and ``checkpoints/``.
+
+Runs default to ``runs/<spec>-<time>``; ``eval``, ``export`` and ``--resume`` without a run take the most
+recent run that has a checkpoint. A run that fails before its first checkpoint removes its folder, so a
+failed start is never what a later default picks.
 """
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from utune.errors import CheckpointError
+from utune._fs import make_dir, remove_tree, write_text_atomic
+from utune.errors import CheckpointError, DataError, SpecError
 from utune.train import distributed as du
 from utune.train.checkpoint import (
     STATE,
@@ -26,9 +30,21 @@ from utune.train.checkpoint import (
     resolve_checkpoint,
 )
 from utune.train.config import DataConfig, TrainConfig
-from utune.train.loop import evaluate, fit
+from utune.train.loop import Reporter, evaluate, fit
 
 RUNS = Path("runs")
+
+# Keys a resumed run may change: where the data lives, how it is loaded, how often the run logs,
+# evaluates and checkpoints, and how it exports. None of them changes the trained weights.
+RESUME_SAFE = (
+    "data.root",
+    "data.num_workers",
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.keep_best",
+    "export.*",
+)
 
 
 class BuiltLike(Protocol):
@@ -41,98 +57,38 @@ class BuiltLike(Protocol):
 
 
 def build_loaders(
-    data_cfg: DataConfig, data_config: dict, train_cfg: TrainConfig, splits: Sequence[str] = ("train", "val")
+    data_cfg: DataConfig,
+    data_config: dict,
+    train_cfg: TrainConfig,
+    splits: Sequence[str] = ("train", "val"),
+    *,
+    datasets: Mapping[str, Dataset] | None = None,
+    evaluation: bool = False,
 ) -> dict[str, DataLoader]:
-    """The one place loaders are made from a spec (swap point for tests and other data back-ends)."""
+    """The one place loaders are made from a spec (swap point for tests and other data back-ends).
+
+    ``datasets`` (already opened and transformed) skips reading; ``evaluation``: every split is read with
+    the evaluation transform and in full (no shuffling, no dropped tail), the ``train`` split included.
+    """
     from utune.train import data
 
-    datasets = data.build_datasets(data_cfg, data_config, splits=tuple(splits))
+    if datasets is None:
+        datasets = data.build_datasets(data_cfg, data_config, splits=tuple(splits), augment_training=not evaluation)
     return {
         name: data.build_loader(
             ds,
             train_cfg.batch_size,
-            train=name == "train",
+            train=name == "train" and not evaluation,
             num_workers=data_cfg.num_workers,
             seed=train_cfg.seed,
             distributed=du.world() > 1,
         )
         for name, ds in datasets.items()
+        if name in splits
     }
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def train_run(built: BuiltLike, out_dir: Path, resume: bool) -> dict:
-    """Train a built model as its spec says, in ``out_dir``; returns the summary of :func:`fit`.
-
-    Under torchrun every rank calls this; rank 0's ``out_dir`` wins (each rank may have computed its
-    own timestamped default) and only rank 0 writes.
-    """
-    from utune.spec import spec_to_yaml
-
-    spec = built.spec
-    du.setup(spec.train.device)
-    try:
-        out_dir = Path(du.broadcast_object(str(out_dir)))
-        if not resume and has_checkpoint(out_dir / "checkpoints"):
-            raise CheckpointError(
-                f"{out_dir} already holds a run's checkpoints",
-                hint="pass --resume to continue it, or choose another output directory",
-            )
-        if du.is_main():
-            out_dir.mkdir(parents=True, exist_ok=True)
-            _write_atomic(out_dir / "spec.yaml", spec_to_yaml(spec))
-        du.barrier()
-        loaders = build_loaders(spec.data, built.data_config, spec.train)
-        meta = {"model": spec.model.name, "dataset": spec.data.dataset, "processes": du.world()}
-        return fit(built.model, spec.train, loaders, out_dir, resume=resume, run_meta=meta)
-    finally:
-        du.cleanup()
-
-
-def restore_run(run_dir: Path, overrides: list[str] | tuple[str, ...] = (), *, which: str = "latest") -> Any:
-    """Rebuild a run's model from its ``spec.yaml`` and load its checkpoint (``latest`` or ``best``).
-
-    The frozen weights must be the ones the run trained against (checked by fingerprint); the trainable
-    tensors load strictly by name. Shared by ``utune eval`` and ``utune export``.
-    """
-    from utune.api import build
-
-    spec_path = Path(run_dir) / "spec.yaml"
-    if not spec_path.is_file():
-        raise CheckpointError(
-            f"{run_dir} is not a utune run directory (no spec.yaml)",
-            hint="pass a folder made by `utune apply SPEC --train`, e.g. runs/<spec>-<time>",
-        )
-    folder = resolve_checkpoint(Path(run_dir), which)
-    weights = read_weights(folder / WEIGHTS)
-    built = build(spec_path, list(overrides))
-    check_frozen(built.model, read_state(folder / STATE), folder)
-    load_trainable(built.model, weights, source=folder / WEIGHTS)
-    return built
-
-
-def eval_run(run_dir: Path, dataset: str | None = None, split: str = "test", *, which: str = "latest") -> dict:
-    """Rebuild a run's model from its ``spec.yaml``, load its checkpoint and score ``split``.
-
-    ``dataset`` evaluates on another dataset (``data.dataset=...`` override); its classes must match the
-    trained head. ``which`` is ``latest`` or ``best``.
-    """
-    run_dir = Path(run_dir)
-    built = restore_run(run_dir, [f"data.dataset={dataset}"] if dataset else [], which=which)
-    spec = built.spec
-    loaders = build_loaders(spec.data, built.data_config, spec.train, splits=(split,))
-    device = du.resolve_device(spec.train.device)
-    result = evaluate(built.model.to(device), loaders[split], device, amp=spec.train.amp)
-    folder = resolve_checkpoint(run_dir, which)
-    return {"run": str(run_dir), "checkpoint": str(folder), "dataset": spec.data.dataset, "split": split, **result}
+# ---- where runs live ----------------------------------------------------------------------------------
 
 
 def default_run_dir(spec_name: str | Path, base: Path = RUNS) -> Path:
@@ -145,13 +101,192 @@ def default_run_dir(spec_name: str | Path, base: Path = RUNS) -> Path:
     return path
 
 
-def latest_run(base: Path = RUNS) -> Path:
-    """The most recently started (or resumed) run under ``base``: the newest ``spec.yaml``."""
+def latest_run(base: Path = RUNS, stem: str | None = None) -> Path:
+    """The most recently started (or resumed) run under ``base`` that has a checkpoint.
+
+    ``stem``: only runs of that spec (``runs/<stem>-<time>``).
+    """
     base = Path(base)
     runs = [d for d in base.iterdir() if (d / "spec.yaml").is_file()] if base.is_dir() else []
-    if not runs:
+    if stem is not None:
+        runs = [d for d in runs if d.name.startswith(f"{stem}-")]
+    done = [d for d in runs if has_checkpoint(d / "checkpoints")]
+    if not done:
+        what = f"runs of {stem}" if stem else "training runs"
+        extra = f" ({len(runs)} without a checkpoint)" if runs else ""
         raise CheckpointError(
-            f"no training runs under {base}/",
+            f"no {what} with a checkpoint under {base}/{extra}",
             hint="train one with `utune apply SPEC --train`, or pass the run directory explicitly",
         )
-    return max(runs, key=lambda d: ((d / "spec.yaml").stat().st_mtime_ns, d.name))
+    return max(done, key=lambda d: ((d / "spec.yaml").stat().st_mtime_ns, d.name))
+
+
+def resolve_run_dir(spec_source: str | None, out: Path | None, resume: bool) -> Path:
+    """Where ``apply --train`` writes: ``--out``, else (resume) the latest run of this spec, else a new
+    ``runs/<spec>-<time>``."""
+    if out is not None:
+        if resume and not has_checkpoint(Path(out) / "checkpoints"):
+            raise CheckpointError(
+                f"nothing to resume in {out}: it holds no checkpoint", hint="drop --resume to start a new run there"
+            )
+        if Path(out).exists() and not Path(out).is_dir():
+            raise CheckpointError(f"--out {out} is a file, not a folder", hint="choose a folder for the run")
+        return Path(out)
+    stem = Path(spec_source or "run").stem
+    if resume:
+        return latest_run(RUNS, stem=stem)
+    return default_run_dir(stem)
+
+
+def recorded_spec(run_dir: Path) -> Any:
+    """The spec a run recorded (``run/spec.yaml``)."""
+    from utune.spec import load_spec
+
+    path = Path(run_dir) / "spec.yaml"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{run_dir} is not a utune run directory (no spec.yaml)",
+            hint="pass a folder made by `utune apply SPEC --train`, e.g. runs/<spec>-<time>",
+        )
+    return load_spec(path)
+
+
+def check_resume_spec(run_dir: Path, spec: Any) -> list[str]:
+    """Refuse to resume with settings that change the result; returns the safe keys that differ."""
+    from utune.graph.glob import glob_match
+    from utune.spec import spec_to_dict
+
+    old, new = _flat(spec_to_dict(recorded_spec(run_dir))), _flat(spec_to_dict(spec))
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    safe = [k for k in changed if any(glob_match(p, k) for p in RESUME_SAFE)]
+    bad = [k for k in changed if k not in safe]
+    if bad:
+        lines = [f"{k}: {old.get(k)!r} in the run, {new.get(k)!r} now" for k in bad]
+        raise SpecError(
+            f"cannot resume {run_dir} with a different spec ({len(bad)} setting(s) would change the result)",
+            problems=lines,
+            hint="resume with the run's own settings (they are in its spec.yaml); only "
+            + ", ".join(RESUME_SAFE)
+            + " may differ. To train with new settings, start a new run (drop --resume)",
+        )
+    return safe
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): d}
+
+
+# ---- training -----------------------------------------------------------------------------------------
+
+
+def train_run(
+    built: BuiltLike,
+    out_dir: Path,
+    resume: bool,
+    *,
+    datasets: Mapping[str, Dataset] | None = None,
+    reporter: Reporter | None = None,
+) -> dict:
+    """Train a built model as its spec says, in ``out_dir``; returns the summary of :func:`fit`.
+
+    ``datasets``: opened and transformed splits (``utune.train.data.open_datasets``); read from the spec when
+    None. A new run writes its resolved ``spec.yaml``; a resumed one keeps the one it recorded. A new run
+    that fails before its first checkpoint removes its folder. Under torchrun every rank calls this; rank
+    0's ``out_dir`` wins and only rank 0 writes.
+    """
+    from utune.spec import spec_to_yaml
+
+    spec = built.spec
+    du.setup(spec.train.device)
+    created = False
+    try:
+        out_dir = Path(du.broadcast_object(str(out_dir)))
+        if not resume and has_checkpoint(out_dir / "checkpoints"):
+            raise CheckpointError(
+                f"{out_dir} already holds a run's checkpoints",
+                hint="pass --resume to continue it, or choose another output directory",
+            )
+        if du.is_main() and not resume:
+            created = not out_dir.exists()
+            make_dir(out_dir, "run folder")
+            write_text_atomic(out_dir / "spec.yaml", spec_to_yaml(spec), what="run spec")
+        du.barrier()
+        loaders = build_loaders(spec.data, built.data_config, spec.train, datasets=datasets)
+        meta = {"model": spec.model.name, "dataset": spec.data.dataset, "processes": du.world()}
+        return fit(built.model, spec.train, loaders, out_dir, resume=resume, run_meta=meta, reporter=reporter)
+    except BaseException:
+        if created and du.is_main() and not has_checkpoint(out_dir / "checkpoints"):
+            remove_tree(out_dir)  # a failed start is not a run a later default export would pick
+        raise
+    finally:
+        du.cleanup()
+
+
+# ---- evaluation ---------------------------------------------------------------------------------------
+
+
+def restore_run(run_dir: Path, overrides: Sequence[str] = (), *, which: str = "latest") -> Any:
+    """Rebuild a run's model from its ``spec.yaml`` and load its checkpoint (``latest`` or ``best``).
+
+    The frozen weights must be the ones the run trained against (checked by fingerprint); the trainable
+    tensors load strictly by name. Shared by ``utune eval`` and ``utune export``.
+    """
+    from utune.api import build
+
+    recorded_spec(run_dir)  # a clear error for a folder that is not a run
+    folder = resolve_checkpoint(Path(run_dir), which)
+    weights = read_weights(folder / WEIGHTS)
+    built = build(Path(run_dir) / "spec.yaml", list(overrides))
+    check_frozen(built.model, read_state(folder / STATE), folder)
+    load_trainable(built.model, weights, source=folder / WEIGHTS)
+    return built
+
+
+def eval_run(
+    run_dir: Path,
+    dataset: str | None = None,
+    split: str = "test",
+    *,
+    which: str = "latest",
+    overrides: Sequence[str] = (),
+    download: bool = False,
+) -> dict:
+    """Rebuild a run's model, load its checkpoint and score every image of ``split`` with the evaluation
+    transform (the ``train`` split too: no augmentation, no dropped tail).
+
+    ``dataset`` evaluates on another dataset (``data.dataset=...``); its classes must match the trained
+    head. ``which`` is ``latest`` or ``best``; ``overrides`` apply to the run's spec (e.g. ``data.root=...``).
+    """
+    from utune.spec import load_spec
+    from utune.train.data import open_datasets
+
+    run_dir = Path(run_dir)
+    ov = [*overrides, *([f"data.dataset={dataset}"] if dataset else [])]
+    recorded_spec(run_dir)
+    spec = load_spec(run_dir / "spec.yaml", ov)
+    opened = open_datasets(spec.data, splits=(split,), download=download)  # data checked before the model
+    built = restore_run(run_dir, ov, which=which)
+    check_classes(built, opened.classes, spec.data.dataset)
+    datasets = opened.attach(built.data_config, augment_training=False)
+    loaders = build_loaders(spec.data, built.data_config, spec.train, (split,), datasets=datasets, evaluation=True)
+    device = du.resolve_device(spec.train.device)
+    result = evaluate(built.model.to(device), loaders[split], device, amp=spec.train.amp)
+    folder = resolve_checkpoint(run_dir, which)
+    return {"run": str(run_dir), "checkpoint": str(folder), "dataset": spec.data.dataset, "split": split, **result}
+
+
+def check_classes(built: BuiltLike, classes: int, dataset: str | None) -> None:
+    """The model's outputs must be the dataset's classes (a clear error, not an IndexError mid-run)."""
+    outputs = built.report.get("num_outputs")
+    if outputs is None or outputs == classes:
+        return
+    raise DataError(
+        f"the model has {outputs} outputs but {dataset!r} has {classes} classes",
+        hint=f"set model.num_classes={classes} (or leave num_classes out of the spec: utune then takes it "
+        "from the dataset)",
+    )

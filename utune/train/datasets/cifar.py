@@ -38,10 +38,17 @@ def _torchvision_root(root: Path, cls: type[CIFAR10]) -> Path:
 
 def _hint(root: Path, cls: type[CIFAR10]) -> str:
     return (
-        f"download it with `mkdir -p {root} && curl -L {cls.url} | tar -xz -C {root}` "
-        "(or let utune download it), or set data.root to the folder that holds "
-        f"{cls.base_folder}/"
+        f"pass --download, or fetch it with `mkdir -p {root} && curl -L {cls.url} | tar -xz -C {root}`, "
+        f"or set data.root to the folder that holds {cls.base_folder}/"
     )
+
+
+def _damaged(folder: Path, cls: type[CIFAR10]) -> list[str]:
+    """Files whose MD5 differs from the official archive's (what torchvision's integrity check tests)."""
+    from torchvision.datasets.utils import check_integrity
+
+    listed = [*cls.train_list, *cls.test_list, [cls.meta["filename"], cls.meta["md5"]]]
+    return [name for name, md5 in listed if (folder / name).is_file() and not check_integrity(str(folder / name), md5)]
 
 
 def load(source: Source, split: str, transform: Transform) -> Dataset:
@@ -56,7 +63,16 @@ def load(source: Source, split: str, transform: Transform) -> Dataset:
         raise not_found(source.name, [folder], _hint(root, cls))
     try:
         return cls(str(root), train=split == "train", transform=transform, download=bool(missing))
-    except (OSError, RuntimeError, pickle.UnpicklingError, KeyError, ValueError) as err:
+    except RuntimeError as err:
+        damaged = [] if missing else _damaged(folder, cls)
+        if damaged:
+            raise DataError(
+                f"dataset {source.name!r} in {folder}: the MD5 checksum of {', '.join(damaged)} differs from the "
+                f"official {source.name.upper()} files (damaged, or not the official archive)",
+                hint=f"delete {folder} and pass --download, or extract the official archive there again",
+            ) from None
+        raise DataError(f"dataset {source.name!r} in {folder} is unreadable: {err}", hint=_hint(root, cls)) from None
+    except (OSError, pickle.UnpicklingError, KeyError, ValueError) as err:
         problem = (
             f"could not download {source.name} into {root}"
             if missing

@@ -127,7 +127,7 @@ def _prepare(source: Source) -> Path:
 def _hint(root: Path) -> str:
     return (
         f"`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or put the four *-ubyte.gz files "
-        f"from {OFFICIAL_URL} into {root}, or let utune download it"
+        f"from {OFFICIAL_URL} into {root}, or pass --download"
     )
 
 

@@ -30,6 +30,7 @@ class Entry:
     splits: tuple[str, ...]
     default_dir: str
     augment: bool = True  # False: a plain resize for every split (VTAB)
+    downloadable: bool = False  # --download can fetch it from the official source (torchvision)
 
 
 def _constant(count: int, source: Source) -> int:
@@ -42,10 +43,12 @@ def _imagefolder_classes(source: Source) -> int:
 
 def _entries() -> dict[str, Entry]:
     entries = [
-        Entry(name, cifar.load, partial(_constant, n), cifar.SPLITS, name) for name, n in cifar.NUM_CLASSES.items()
+        Entry(name, cifar.load, partial(_constant, n), cifar.SPLITS, name, downloadable=True)
+        for name, n in cifar.NUM_CLASSES.items()
     ]
     entries += [
-        Entry(name, fgvc.load, partial(_constant, n), fgvc.SPLITS, name) for name, n in fgvc.NUM_CLASSES.items()
+        Entry(name, fgvc.load, partial(_constant, n), fgvc.SPLITS, name, downloadable=name == "flowers102")
+        for name, n in fgvc.NUM_CLASSES.items()
     ]
     entries += [
         Entry(f"vtab-{task}", vtab.load, vtab.count_classes, vtab.SPLITS, "vtab-1k", augment=False)
@@ -60,6 +63,7 @@ def _entries() -> dict[str, Entry]:
             partial(_constant, fashion_mnist.NUM_CLASSES),
             fashion_mnist.SPLITS,
             "fashion-mnist",
+            downloadable=True,
         ),
     ]
     return {entry.name: entry for entry in entries}
