@@ -149,7 +149,13 @@ def test_tuners_lists_every_kind(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(["tuners", "--format", "json"], capsys)
     kinds = {k["kind"]: k for k in json.loads(out)}
     assert {"adapter", "lora", "prefix", "prompt", "bias", "ssf", "ia3"} <= set(kinds)
-    assert kinds["adapter"]["options"]["dim"] == "10" and kinds["lora"]["mergeable"]
+    assert kinds["adapter"]["options"]["dim"]["default"] == 10 and kinds["lora"]["mergeable"] is True
+    assert (
+        kinds["ia3"]["options"]["slices"]["default"] is None
+        and kinds["adapter"]["options"]["scale"]["default"] == "channel"
+    )
+    assert all(o["description"] for k in kinds.values() for o in k["options"].values())  # every option has a meaning
+    assert kinds["lora"]["options"]["rank"]["schema"]["type"] == "integer"
 
 
 def test_spec_schema_is_json(capsys: pytest.CaptureFixture[str]) -> None:

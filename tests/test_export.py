@@ -17,12 +17,12 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-import typer
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from utune.api import build
+from utune.cli import app
 from utune.errors import CheckpointError, ExportError, UserInputError
 from utune.export import (
     export_merged,
@@ -34,7 +34,6 @@ from utune.export import (
     tuner_state,
 )
 from utune.export import io as export_io
-from utune.export.cli import register_cli
 from utune.export.merge import forward_eval
 from utune.spec import load_spec_text, spec_to_yaml
 from utune.train.checkpoint import WEIGHTS, save_checkpoint, trainable_state
@@ -422,19 +421,8 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return {"run": make_run(d / "runs", built), "out": forward_eval(built.model, x), "x": x, "spec": s}
 
 
-def cli() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def main() -> None:  # a group, so `export` stays a subcommand as in utune's app
-        pass
-
-    register_cli(app)
-    return app
-
-
 def invoke(*args: str) -> Any:
-    return CliRunner().invoke(cli(), [str(a) for a in args])
+    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def test_load_run_reproduces_the_trained_model(run_dir: dict[str, Any]) -> None:
@@ -453,7 +441,7 @@ def test_cli_merge_then_refuses_to_overwrite(run_dir: dict[str, Any], tmp_path: 
     r = invoke("export", run_dir["run"], "--merge", "-o", out)
     assert isinstance(r.exception, ExportError) and r.exception.exit_code == 2
     assert str(out) in r.exception.message and "--force" in (r.exception.hint or "")
-    r = invoke("export", run_dir["run"], "--merge", "-o", out, "--force", "--no-verify", "--json")
+    r = invoke("export", run_dir["run"], "--merge", "-o", out, "--force", "--no-verify", "--format", "json")
     assert r.exit_code == 0 and json.loads(r.output)["mode"] == "merge"
 
 

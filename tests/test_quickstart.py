@@ -52,7 +52,7 @@ def test_method_specs_tune_the_shipped_backbone(spec):
 
     s = utune.load_spec(spec)
     m = _pretrain_model()
-    assert s.model.pretrained == "quickstart/vit_fmnist.safetensors"
+    assert s.model.pretrained == str(WEIGHTS.resolve())  # written relative to the spec file, stored absolute
     assert (s.model.name, dict(s.model.kwargs), s.model.num_classes) == (m["name"], m["kwargs"], 10)
     assert s.data.dataset == "digits"
 

@@ -92,13 +92,17 @@ def small_input(model_name: str) -> list[str]:
 
 
 @functools.cache
-def _model(name: str, num_classes: int | None, kwargs: tuple[tuple[str, Any], ...]) -> torch.nn.Module:
-    return create_model(name, pretrained=False, num_classes=num_classes, kwargs=dict(kwargs))
+def _model(
+    name: str, num_classes: int | None, kwargs: tuple[tuple[str, Any], ...], img_size: int | None
+) -> torch.nn.Module:
+    return create_model(name, pretrained=False, num_classes=num_classes, kwargs=dict(kwargs), img_size=img_size)
 
 
-def _fresh_model(name: str, *, pretrained: Any, num_classes: int | None, kwargs: dict[str, Any]) -> torch.nn.Module:
+def _fresh_model(
+    name: str, *, pretrained: Any, num_classes: int | None, kwargs: dict[str, Any], img_size: int | None = None
+) -> torch.nn.Module:
     assert pretrained is False, "tests never download weights"
-    return copy.deepcopy(_model(name, num_classes, tuple(sorted(kwargs.items()))))
+    return copy.deepcopy(_model(name, num_classes, tuple(sorted(kwargs.items())), img_size))
 
 
 def build_spec(rel: str, real_size: bool = False) -> Built:

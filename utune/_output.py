@@ -1,8 +1,16 @@
-"""All user-facing output goes through here: Rich tables for people, JSON for scripts."""
+"""All user-facing output goes through here: Rich tables for people, JSON for scripts.
+
+Two streams with one rule each. **stdout** carries the command's result: a table (``--format table``) or
+exactly one JSON document (``--format json``). **stderr** carries everything else: progress, log lines,
+notes such as "using the latest run", warnings and errors. In JSON mode the human lines that would go
+to stdout (:func:`info`) go to stderr instead and tables are not drawn, so ``utune ... --format json |
+python -m json.tool`` always parses.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from typing import Any
@@ -13,15 +21,48 @@ from rich.tree import Tree
 
 _out = Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
 _err = Console(stderr=True, soft_wrap=True)
+_json_mode = False
+
+
+def set_json(on: bool) -> None:
+    """Switch JSON mode on (the command prints one JSON document; everything else to stderr)."""
+    global _json_mode
+    _json_mode = on
+
+
+def json_mode() -> bool:
+    return _json_mode
 
 
 def console() -> Console:
     return _out
 
 
+def err_console() -> Console:
+    return _err
+
+
+def quiet() -> bool:
+    """``UTUNE_QUIET=1``: no warnings, notes or progress (errors and results still print)."""
+    return os.environ.get("UTUNE_QUIET", "") not in ("", "0")
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-able: NaN/inf become null (not JSON), tuples lists, paths and other objects strings."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if obj is None or isinstance(obj, bool | int | str):
+        return obj
+    return str(obj)
+
+
 def print_json(obj: Any) -> None:
     """Plain JSON on stdout (no Rich markup or wrapping), for scripts."""
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.write(json.dumps(_plain(obj), indent=2) + "\n")
     sys.stdout.flush()
 
 
@@ -32,12 +73,22 @@ def error(message: str, hint: str | None = None) -> None:
 
 
 def warn(message: str) -> None:
-    if os.environ.get("UTUNE_QUIET") != "1":
+    if not quiet():
         _err.print(f"[yellow]warning:[/] {message}", markup=True, highlight=False)
 
 
+def note(message: str) -> None:
+    """A line about what the command is doing (always stderr): "using the latest run ...", progress."""
+    if not quiet():
+        _err.print(message, markup=True, highlight=False)
+
+
 def info(message: str) -> None:
-    _out.print(message, highlight=False)
+    """A line of the human result (stdout); in JSON mode it goes to stderr."""
+    if _json_mode:
+        note(message)
+    else:
+        _out.print(message, highlight=False)
 
 
 def fmt_int(n: int) -> str:
@@ -45,6 +96,8 @@ def fmt_int(n: int) -> str:
 
 
 def table(title: str | None, columns: list[str], rows: list[list[Any]], justify: dict[str, str] | None = None) -> None:
+    if _json_mode:
+        return
     t = Table(title=title, show_lines=False, header_style="bold")
     for c in columns:
         t.add_column(c, justify=(justify or {}).get(c, "left"), overflow="fold")  # type: ignore[arg-type]
@@ -55,6 +108,8 @@ def table(title: str | None, columns: list[str], rows: list[list[Any]], justify:
 
 def tree(title: str, paths: list[tuple[str, str]]) -> None:
     """A tree from dotted paths (label per path), parents created as needed."""
+    if _json_mode:
+        return
     root = Tree(title)
     nodes: dict[str, Tree] = {"": root}
     for path, label in paths:

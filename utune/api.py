@@ -48,20 +48,27 @@ class Built:
     verify_batch: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, base output) when verify=True
 
 
-def _propagate_shapes(gm: fx.GraphModule, size: tuple[int, int, int], batch: int = 2) -> None:
+def _propagate_shapes(gm: fx.GraphModule, size: tuple[int, int, int], explicit: bool, batch: int = 2) -> None:
     try:
         propagate_shapes(gm, torch.zeros(batch, *size))
     except NodeFailure as e:
+        cause = str(e.cause).strip().splitlines()[0] if str(e.cause).strip() else type(e.cause).__name__
+        if explicit:
+            raise TraceError(
+                f"the model does not run at {size[1]}x{size[2]} px (at node {e.node.name}: {cause})",
+                hint="pick a size it supports (ViT/Swin: a multiple of the patch and window size), or leave "
+                "model.img_size and data.img_size out to use the model's own size",
+            ) from e
         raise TraceError(
-            f"the traced model fails on a dummy batch of size {list(size)} at node {e.node.name}: {e.cause}",
-            hint="set model.img_size (or data.img_size) to the input size this model expects",
+            f"the traced model fails on a dummy batch of size {list(size)} at node {e.node.name}: {cause}",
+            hint="set model.img_size to the input size this model expects",
         ) from e
 
 
 def trace_model(model: nn.Module, name: str, img_size: int | None = None) -> Traced:
     gm = trace(model, name)
     size = input_size(model, img_size)
-    _propagate_shapes(gm, size)
+    _propagate_shapes(gm, size, explicit=img_size is not None)
     return Traced(name, model, gm, find_sites(gm, model), size)
 
 
@@ -69,6 +76,14 @@ def inspect(
     model_or_name: str | nn.Module | Spec | Path, spec: Spec | str | Path | None = None
 ) -> list[dict[str, Any]]:
     """One row per site: ``path, op, type, shape, params`` (and ``rules`` when a spec is given)."""
+    return inspect_with_rules(model_or_name, spec)[0]
+
+
+def inspect_with_rules(
+    model_or_name: str | nn.Module | Spec | Path, spec: Spec | str | Path | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The site rows of :func:`inspect` and, with a spec, one entry per rule: ``name, kind, sites`` and
+    ``error`` (why it matches nothing) and ``warnings``."""
     if isinstance(model_or_name, Spec) or (
         isinstance(model_or_name, str | Path) and str(model_or_name).endswith((".yaml", ".yml"))
     ):
@@ -76,24 +91,25 @@ def inspect(
         model_or_name = spec.model.name
     if spec is not None and not isinstance(spec, Spec):
         spec = load_spec(spec)
+    same = spec is not None and spec.model.name == model_or_name
+    size = spec.model.img_size if spec is not None and same else None
     if isinstance(model_or_name, nn.Module):
         model, name = model_or_name, type(model_or_name).__name__
     else:
         name = str(model_or_name)
-        kwargs = dict(spec.model.kwargs) if spec is not None and spec.model.name == name else {}
         model = create_model(
-            name, pretrained=False, num_classes=spec.model.num_classes if spec else None, kwargs=kwargs
+            name,
+            pretrained=False,
+            num_classes=spec.model.num_classes if spec is not None else None,
+            kwargs=dict(spec.model.kwargs) if spec is not None and same else {},
+            img_size=size,
         )
-    traced = trace_model(model, name, spec.model.img_size if spec else None)
+    traced = trace_model(model, name, size)
+    rules = _match_rules(traced, spec) if spec is not None else []
     matches: dict[str, list[str]] = {}
-    if spec is not None:
-        for rule in spec.tuners:
-            try:
-                sel = select(traced.sites, rule.at, rule.name)
-            except SelectionError:
-                continue
-            for s in sel.sites:
-                matches.setdefault(s.path, []).append(rule.name)
+    for rule in rules:
+        for path in rule["sites"]:
+            matches.setdefault(path, []).append(rule["name"])
     rows = []
     for path, site in traced.sites.items():
         row: dict[str, Any] = {
@@ -106,7 +122,20 @@ def inspect(
         if spec is not None:
             row["rules"] = matches.get(path, [])
         rows.append(row)
-    return rows
+    return rows, rules
+
+
+def _match_rules(traced: Traced, spec: Spec) -> list[dict[str, Any]]:
+    out = []
+    for rule in spec.tuners:
+        entry: dict[str, Any] = {"name": rule.name, "kind": rule.kind, "sites": [], "error": None, "warnings": []}
+        try:
+            sel = select(traced.sites, rule.at, rule.name)
+            entry["sites"], entry["warnings"] = [s.path for s in sel.sites], sel.warnings
+        except SelectionError as e:
+            entry["error"] = e.message + (f" ({e.hint})" if e.hint else "")
+        out.append(entry)
+    return out
 
 
 def _freeze(gm: fx.GraphModule, globs: list[str]) -> list[str]:
@@ -147,18 +176,46 @@ def build(
     verify: bool = False,
     seed: int = 0,
 ) -> Built:
-    """Create the model, trace it, attach every rule's tuners, freeze the rest, and report."""
+    """Create the model, trace it, attach every rule's tuners, freeze the rest, and report.
+
+    Model creation and tuner initialisation draw from a private RNG seeded with ``train.seed`` (the global
+    torch RNG is left as it was), so a random (``pretrained: false``) backbone and the tuners' init are the
+    same on every build: a run can be resumed, evaluated and exported from its spec alone.
+    """
     t0 = time.perf_counter()
-    spec = load_spec(spec_or_path, overrides)
-    # seeded: a random (pretrained: false) backbone and the tuners' init are the same on every build,
-    # so a run can be resumed, evaluated and exported from its spec alone
-    torch.manual_seed(spec.train.seed)
-    num_classes = spec.model.num_classes
+    spec, notes, warnings = _resolve_classes(load_spec(spec_or_path, overrides))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.train.seed)
+        built = _build(spec, verify, seed, t0)
+    built.report["notes"] = notes
+    built.warnings[:0] = warnings
+    built.report["warnings"] = built.warnings
+    return built
+
+
+def _resolve_classes(spec: Spec) -> tuple[Spec, list[str], list[str]]:
+    """``model.num_classes`` defaults to the dataset's class count when the spec names a dataset."""
+    if spec.model.num_classes is not None or not spec.data.dataset:
+        return spec, [], []
+    from utune.errors import DataError
+    from utune.train.data import num_classes
+
+    try:
+        n = num_classes(spec.data)
+    except DataError as e:
+        return spec, [], [f"model.num_classes is left to the model's default: cannot count the classes ({e.message})"]
+    note = f"model.num_classes = {n}, the class count of {spec.data.dataset} (the spec leaves it out)"
+    return load_spec(spec, [f"model.num_classes={n}"]), [note], []
+
+
+def _build(spec: Spec, verify: bool, seed: int, t0: float) -> Built:
+    m = spec.model
+    size = m.img_size  # data.img_size alone sets it too (Spec): the data and the model must agree
     model = create_model(
-        spec.model.name, pretrained=spec.model.pretrained, num_classes=num_classes, kwargs=dict(spec.model.kwargs)
+        m.name, pretrained=m.pretrained, num_classes=m.num_classes, kwargs=dict(m.kwargs), img_size=size
     )
     t_created = time.perf_counter()
-    traced = trace_model(model, spec.model.name, spec.model.img_size or spec.data.img_size)
+    traced = trace_model(model, m.name, size)
     t_traced = time.perf_counter()
     gm, sites = traced.gm, traced.sites
     x = base_out = None
@@ -194,23 +251,7 @@ def build(
     t_rewritten = time.perf_counter()
     opened = _freeze(gm, list(spec.trainable))
     gm.train(model.training)
-    total = count(gm)
-    trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad)
-    base_trainable = sum(p.numel() for n, p in gm.named_parameters() if n in set(opened))
-    report: dict[str, Any] = {
-        "model": spec.model.name,
-        "total_params": total,
-        "trainable_params": trainable,
-        "trainable_pct": 100.0 * trainable / max(total, 1),
-        "tuner_params": trainable - base_trainable,
-        "base_trainable_params": base_trainable,
-        "trainable": list(spec.trainable),
-        "tuners": rules,
-        "input_size": list(traced.input_size),
-        "identity_max_abs_diff": None,
-        "build_seconds": None,
-        "warnings": warnings,
-    }
+    report = _report(spec, gm, opened, rules, traced, warnings)
     if verify:
         assert x is not None and base_out is not None
         tuned_out = _forward_eval(gm, x)
@@ -233,11 +274,44 @@ def build(
         model,
         report,
         traced.input_size,
-        data_config(model, spec.model.img_size or spec.data.img_size),
+        data_config(model, size),
         warnings,
         modules,
         (x, base_out) if verify and x is not None and base_out is not None else None,
     )
+
+
+def _num_outputs(gm: fx.GraphModule) -> int | None:
+    """The size of the model's last output dim (its classes), from the shapes recorded on the graph."""
+    out = next((n for n in reversed(gm.graph.nodes) if n.op == "output"), None)
+    value = out.args[0] if out is not None and out.args else None
+    meta = value.meta.get("tensor_meta") if isinstance(value, fx.Node) else None
+    shape = getattr(meta, "shape", None)
+    return int(shape[-1]) if shape is not None and len(shape) == 2 else None
+
+
+def _report(
+    spec: Spec, gm: fx.GraphModule, opened: list[str], rules: list[dict[str, Any]], traced: Traced, warnings: list[str]
+) -> dict[str, Any]:
+    total = count(gm)
+    trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad)
+    base_trainable = sum(p.numel() for n, p in gm.named_parameters() if n in set(opened))
+    return {
+        "model": spec.model.name,
+        "num_classes": spec.model.num_classes,
+        "num_outputs": _num_outputs(gm),
+        "total_params": total,
+        "trainable_params": trainable,
+        "trainable_pct": 100.0 * trainable / max(total, 1),
+        "tuner_params": trainable - base_trainable,
+        "base_trainable_params": base_trainable,
+        "trainable": list(spec.trainable),
+        "tuners": rules,
+        "input_size": list(traced.input_size),
+        "identity_max_abs_diff": None,
+        "build_seconds": None,
+        "warnings": warnings,
+    }
 
 
 def refresh_verify(built: Built) -> None:

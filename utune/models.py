@@ -168,11 +168,32 @@ def create_model(
     pretrained: bool | str | Path = False,
     num_classes: int | None = None,
     kwargs: dict[str, Any] | None = None,
+    img_size: int | None = None,
 ) -> nn.Module:
-    """Create a timm (``name``) or torchvision (``torchvision:name``) model, with weights if asked."""
+    """Create a timm (``name``) or torchvision (``torchvision:name``) model, with weights if asked.
+
+    ``img_size`` builds models that take an image size at that size (timm's ``img_size``: ViT, DeiT, Swin,
+    BEiT...; torchvision's ``image_size``: ViT); models that run at any size (CNNs) ignore it.
+    """
     download = pretrained is True
-    factory = _create_torchvision if name.startswith(TORCHVISION_PREFIX) else _create_timm
-    model = factory(name, num_classes, dict(kwargs or {}), download)
+    args = dict(kwargs or {})
+    tv = name.startswith(TORCHVISION_PREFIX)
+    factory = _create_torchvision if tv else _create_timm
+    key = "image_size" if tv else "img_size"
+    if img_size is not None and args.get(key, img_size) != img_size:
+        raise ModelError(
+            f"model.img_size is {img_size} but model.kwargs.{key} is {args[key]}",
+            hint=f"set one of them (model.img_size builds the model at that size; drop kwargs.{key})",
+        )
+    if img_size is not None and key not in args:
+        try:
+            model = factory(name, num_classes, {**args, key: img_size}, download)
+        except ModelError as e:
+            if f"argument '{key}'" not in str(e):
+                raise
+            model = factory(name, num_classes, args, download)  # runs at any size: nothing to set
+    else:
+        model = factory(name, num_classes, args, download)
     if isinstance(pretrained, (str, Path)) and not isinstance(pretrained, bool):
         load_weights(model, Path(pretrained).expanduser())
     return model

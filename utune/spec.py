@@ -90,8 +90,12 @@ _LAYERS_SCHEMA = {
 class ModelConfig(Section):
     name: str = Field(min_length=1, description="timm name, or 'torchvision:<name>'")
     pretrained: bool | str = Field(default=False, description="true, false, or a .safetensors/.pth path")
-    num_classes: int | None = Field(default=None, gt=0)
-    img_size: int | None = Field(default=None, gt=0)
+    num_classes: int | None = Field(
+        default=None, gt=0, description="classes of the head; null: the dataset's class count (else the model's)"
+    )
+    img_size: int | None = Field(
+        default=None, gt=0, description="input size: builds ViT/Swin/... at this size; null: the model's own"
+    )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the model factory")
 
 
@@ -168,6 +172,13 @@ class Spec(Section):
     _source_text: str | None = PrivateAttr(default=None)
     _overrides: tuple[str, ...] = PrivateAttr(default=())
 
+    @model_validator(mode="after")
+    def _one_image_size(self) -> Spec:
+        """``data.img_size`` alone sizes the model too (the data and the model must agree)."""
+        if self.model.img_size is None and self.data.img_size is not None:
+            self.model.__dict__["img_size"] = self.data.img_size
+        return self
+
     @field_validator("tuners")
     @classmethod
     def _unique_names(cls, rules: list[TunerRule], info: ValidationInfo) -> list[TunerRule]:
@@ -219,7 +230,9 @@ def load_spec(source: str | Path | dict[str, Any] | Spec, overrides: Sequence[st
         spec._source_path, spec._source_text = source.source_path, source.source_text
         return spec
     if isinstance(source, dict):
-        return _build(copy.deepcopy(source), None, "<dict>", overrides)
+        data = copy.deepcopy(source)
+        _resolve_paths(data, Path.cwd())
+        return _build(data, None, "<dict>", overrides)
     path = Path(source)
     try:
         text = path.read_text(encoding="utf-8")
@@ -250,6 +263,8 @@ def load_spec_text(
         problem = f"{source}:{line_of(root, ())}: (top level): {want}, got {got}"
         raise SpecError(f"spec {source} is invalid (1 problem)", [problem], hint=_HINT)
     early = [_Problem(loc, msg, line=line) for loc, line, msg in duplicate_keys(root)]
+    if path is not None:
+        _resolve_paths(data, path.resolve().parent)  # paths in a file are relative to the file
     spec = _build(data, root, source, overrides, early=early)
     spec._source_path, spec._source_text = path, text
     return spec
@@ -268,6 +283,23 @@ def validate_files(paths: Iterable[str | Path]) -> list[tuple[Path, SpecError | 
     return results
 
 
+# Keys holding file or folder paths: relative ones are resolved against the spec file's folder (written in
+# the file) or the current folder (given as an override), so a run stores absolute paths and its spec.yaml
+# works from any folder.
+PATH_KEYS: tuple[tuple[str, str], ...] = (("model", "pretrained"), ("data", "root"))
+
+
+def _resolve_paths(data: Any, base: Path, only: Iterable[tuple[str, str]] = PATH_KEYS) -> None:
+    if not isinstance(data, dict):
+        return
+    for section, key in only:
+        part = data.get(section)
+        value = part.get(key) if isinstance(part, dict) else None
+        if isinstance(value, str) and value.strip() and value.strip().lower() not in ("true", "false"):
+            path = Path(value).expanduser()
+            part[key] = str(path if path.is_absolute() else (base / path).resolve())
+
+
 def _build(
     data: dict[str, Any],
     root: Any,
@@ -277,6 +309,8 @@ def _build(
     prior: tuple[str, ...] = (),
 ) -> Spec:
     applied = _apply_overrides(data, overrides)
+    given = [o.path[:2] for o in applied if tuple(o.path[:2]) in PATH_KEYS]
+    _resolve_paths(data, Path.cwd(), only=[tuple(g) for g in given])  # type: ignore[misc]
     problems = list(early)
     version = _version_problem(data)
     if version is not None:  # the version decides how to read the rest: stop here

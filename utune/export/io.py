@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -19,26 +18,55 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
+from utune._fs import describe, temp_dir
 from utune.errors import CheckpointError, ExportError
 
 _CHUNK = 64 << 20  # write in 64 MiB pieces: a short write or ENOSPC surfaces at a clear point
 
 
 def check_target(path: Path, force: bool) -> None:
-    """Refuse to replace an existing ``path`` unless ``force``; refuse a missing parent folder."""
+    """Refuse to replace an existing ``path`` unless ``force``, and a parent that cannot be a folder.
+
+    A missing parent folder is fine: the writers create it (and remove it again if the write fails).
+    """
     if path.exists() and not force:
         raise ExportError(f"{path} already exists", hint="pass --force to overwrite it, or choose another -o")
-    if not path.parent.is_dir():
-        raise ExportError(f"folder {path.parent} does not exist", hint="create it first or choose another -o")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ExportError(f"cannot write {path}: {ancestor} is a file, not a folder", hint="choose another -o")
+
+
+def _make_parents(path: Path) -> list[Path]:
+    """Create ``path``'s missing parent folders (umask applies); returns them, deepest last."""
+    created: list[Path] = []
+    for parent in reversed(path.parents):
+        if not parent.exists():
+            try:
+                parent.mkdir()
+            except OSError as e:
+                _remove_empty(created)
+                raise _os_error(e, path) from None
+            created.append(parent)
+    return created
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def _os_error(e: OSError, path: Path) -> ExportError:
-    if e.errno == errno.ENOSPC:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return ExportError(
-            f"no space left on the device while writing {path}; nothing was written",
+            f"{describe(e)} while writing {path}; nothing was written",
             hint="free some space or write elsewhere with -o",
         )
-    return ExportError(f"cannot write {path}: {e.strerror or e}", hint="check the folder's permissions and space")
+    return ExportError(f"cannot write {path}: {describe(e)}", hint="check the folder's permissions and space")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -68,8 +96,9 @@ def write_bytes_atomic(path: Path, data: bytes, *, force: bool = False) -> None:
     if path.is_dir():
         raise ExportError(f"{path} is a folder, not a file", hint="choose a file name ending in .safetensors")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    created = _make_parents(path)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the umask decides the mode
         try:
             _write_all(fd, data)
             os.fsync(fd)
@@ -78,9 +107,11 @@ def write_bytes_atomic(path: Path, data: bytes, *, force: bool = False) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
+        _remove_empty(created)
         raise _os_error(e, path) from None
-    except BaseException:
+    except BaseException:  # a signal (KeyboardInterrupt): the temp file goes too
         tmp.unlink(missing_ok=True)
+        _remove_empty(created)
         raise
     _fsync_dir(path.parent)
 
@@ -107,7 +138,12 @@ def publish_dir(path: Path, fill: Callable[[Path], None], *, force: bool = False
     """
     path = Path(path)
     check_target(path, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    created = _make_parents(path)
+    try:
+        tmp = temp_dir(path.parent, f".{path.name}.tmp-")
+    except OSError as e:
+        _remove_empty(created)
+        raise _os_error(e, path) from None
     old: Path | None = None
     try:
         fill(tmp)
@@ -125,9 +161,13 @@ def publish_dir(path: Path, fill: Callable[[Path], None], *, force: bool = False
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not path.exists():
             os.replace(old, path)  # put the previous folder back
+        _remove_empty(created)
         raise _os_error(e, path) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not path.exists():
+            os.replace(old, path)
+        _remove_empty(created)
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)

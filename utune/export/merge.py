@@ -291,7 +291,7 @@ def plain_model(built: Any) -> nn.Module:
     from utune.models import create_model
 
     m = built.spec.model
-    return create_model(m.name, pretrained=False, num_classes=m.num_classes, kwargs=dict(m.kwargs))
+    return create_model(m.name, pretrained=False, num_classes=m.num_classes, kwargs=dict(m.kwargs), img_size=m.img_size)
 
 
 def verify_merged(built: Any, state: dict[str, torch.Tensor], *, batch: int = 2, seed: int = 0) -> Verification:

@@ -48,10 +48,19 @@ _EXPORT_HINT = "tuner files come from `utune export RUN --tuners-only`"
 
 
 def tuners_part(spec: Spec) -> dict[str, Any]:
-    """What a tuner file depends on: the architecture, the tuners, what trains (not data, train, export)."""
+    """What a tuner file depends on: the architecture, the tuners, what trains (not data, train, export).
+
+    Options a kind declares ``runtime_only`` (LoRA's dropout) change no weight and are left out.
+    """
+    from utune.tuners.registry import get_kind
+
     d = spec_to_dict(spec)
-    model = {k: d["model"].get(k) for k in ("name", "num_classes", "kwargs")}
-    return {"model": model, "tuners": d["tuners"], "trainable": d["trainable"]}
+    model = {k: d["model"].get(k) for k in ("name", "num_classes", "kwargs", "img_size")}
+    rules = []
+    for rule in d["tuners"]:
+        skip = set(getattr(get_kind(rule["kind"]).Options, "runtime_only", ()))
+        rules.append({k: v for k, v in rule.items() if k not in skip})
+    return {"model": model, "tuners": rules, "trainable": d["trainable"]}
 
 
 def tuners_hash(spec: Spec) -> str:
@@ -144,7 +153,7 @@ def export_tuners(built: Any, path: Path, *, force: bool = False) -> dict[str, A
 
 def _spec_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     out = []
-    for k in ("name", "num_classes", "kwargs"):
+    for k in ("name", "num_classes", "kwargs", "img_size"):
         if stored["model"].get(k) != current["model"].get(k):
             out.append(f"model.{k}: {stored['model'].get(k)!r} in the file, {current['model'].get(k)!r} in the spec")
     a = {r["name"]: r for r in stored["tuners"]}

@@ -132,17 +132,33 @@ def _type_matches(sel: Selector, site: Site) -> bool:
 
 
 def select(sites: dict[str, Site], sel: Selector, rule: str = "") -> Selection:
-    """Sites ``sel`` picks, in graph order; SelectionError with the closest names when none."""
-    hit = [s for s in sites.values() if _path_matches(sel, s) and _type_matches(sel, s)]
-    if sel.layers is not None:
-        wanted = set(sel.layers)
-        hit = [s for s in hit if layer_index(s.path) in wanted]
+    """Sites ``sel`` picks, in graph order; SelectionError with the closest names when none.
+
+    Every path glob of the selector must pick at least one site (a glob of a list that matches nothing is
+    an error naming the closest sites, not silently dropped); an ``exclude`` glob that removes nothing and
+    ``layers`` that do not exist are warnings.
+    """
+    typed = [s for s in sites.values() if _type_matches(sel, s)]
     warnings: list[str] = []
+    if len(sel.path) > 1:
+        for glob in sel.path:
+            one = sel.model_copy(update={"path": [glob]})
+            if not any(_path_matches(one, s) for s in typed):
+                raise _no_match(sites, one, rule, [], part_of=sel)
+    hit = [s for s in typed if _path_matches(sel, s)]
+    if sel.layers is not None:
+        present = {i for s in hit if (i := layer_index(s.path)) is not None}
+        wanted = set(sel.layers)
+        if wanted - present and hit:
+            warnings.append(_layers_warning(rule, wanted - present, present))
+        hit = [s for s in hit if layer_index(s.path) in wanted]
     for g in sel.exclude:
         before = len(hit)
         hit = [s for s in hit if not (glob_match(g, s.path) or glob_match(g + ".**", s.path))]
         if len(hit) == before:
-            warnings.append(f"rule {rule!r}: exclude {g!r} removed nothing")
+            close = _closest(sites, [g])
+            near = f" (closest sites: {', '.join(close[:3])})" if close else ""
+            warnings.append(f"rule {rule!r}: exclude {g!r} removed nothing{near}")
     uncalled = [s for s in hit if s.op == "uncalled"]
     good = [s for s in hit if s.op != "uncalled"]
     if not good:
@@ -155,7 +171,36 @@ def select(sites: dict[str, Site], sel: Selector, rule: str = "") -> Selection:
     return Selection(good, uncalled, warnings)
 
 
-def _no_match(sites: dict[str, Site], sel: Selector, rule: str, uncalled: list[Site]) -> SelectionError:
+def _layers_warning(rule: str, missing: set[int], present: set[int]) -> str:
+    have = f"{min(present)}-{max(present)}" if present else "none"
+    return (
+        f"rule {rule!r}: layers {_ranges(sorted(missing))} do not exist among the matched sites "
+        f"(they have layers {have})"
+    )
+
+
+def _ranges(values: list[int]) -> str:
+    out: list[str] = []
+    for v in values:
+        if out and out[-1].split("-")[-1] == str(v - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{v}"
+        else:
+            out.append(str(v))
+    return ",".join(out)
+
+
+def _closest(sites: dict[str, Site], globs: list[str]) -> list[str]:
+    names = [p for p, s in sites.items() if s.op != "uncalled"]
+    close: list[str] = []
+    for g in globs:
+        probe = g.replace("**", "0").replace("*", "0")
+        close += [c for c in difflib.get_close_matches(probe, names, n=3, cutoff=0.5) if c not in close]
+    return close
+
+
+def _no_match(
+    sites: dict[str, Site], sel: Selector, rule: str, uncalled: list[Site], part_of: Selector | None = None
+) -> SelectionError:
     who = f"rule {rule!r}" if rule else "selector"
     if uncalled:
         s = uncalled[0]
@@ -163,11 +208,7 @@ def _no_match(sites: dict[str, Site], sel: Selector, rule: str, uncalled: list[S
             f"{who} matches only {s.type} layers that are never called as modules, e.g. {s.path}: {s.reason}",
             hint=f"attach the tuner to the enclosing module ({s.path.rpartition('.')[0]}) or pick another site",
         )
-    names = [p for p, s in sites.items() if s.op != "uncalled"]
-    close: list[str] = []
-    for g in sel.path:
-        probe = g.replace("**", "0").replace("*", "0")
-        close += [c for c in difflib.get_close_matches(probe, names, n=3, cutoff=0.5) if c not in close]
+    close = _closest(sites, sel.path)
     extra = []
     if sel.type:
         types = sorted({s.type for s in sites.values()})
@@ -176,6 +217,7 @@ def _no_match(sites: dict[str, Site], sel: Selector, rule: str, uncalled: list[S
     hint = f"closest sites: {', '.join(close[:5])}" if close else "no site path is close"
     if extra:
         hint += "; " + "; ".join(extra)
-    return SelectionError(
-        f"{who} ({sel.describe()}) matches no site", hint=hint + " (`utune inspect MODEL --grep GLOB` lists sites)"
-    )
+    what = f"({sel.describe()}) matches no site"
+    if part_of is not None:
+        what = f"glob {sel.path[0]!r} of its `at:` list ({part_of.describe()}) matches no site"
+    return SelectionError(f"{who} {what}", hint=hint + " (`utune inspect MODEL --grep GLOB` lists sites)")

@@ -26,11 +26,21 @@ from utune.tuners.registry import register
 
 
 class AdapterOptions(TunerOptions):
-    dim: int = Field(default=10, gt=0)  # bottleneck width L (10 in U-Tuning/Res-Tuning, 64 in AdaptFormer)
-    act: Literal["gelu", "relu", "silu", "identity"] = "gelu"
-    scale: Literal["none", "scalar", "channel", "gate"] | float = "channel"  # channel: best in U-Tuning
-    init: Literal["zero", "xavier"] = "zero"  # zero: identity at init; xavier: the papers' code
-    channel_dim: Literal[1, -1] | None = None  # feature maps: NCHW (1) or NHWC (-1); auto when None
+    dim: int = Field(default=10, gt=0, description="bottleneck width L (10 in U-Tuning/Res-Tuning, 64 in AdaptFormer)")
+    act: Literal["gelu", "relu", "silu", "identity"] = Field(
+        default="gelu", description="activation between W_down and W_up; identity makes the adapter linear (mergeable)"
+    )
+    scale: Literal["none", "scalar", "channel", "gate"] | float = Field(
+        default="channel",
+        description="s: none, a learned scalar, a learned per-channel vector (best in U-Tuning), an input gate, "
+        "or a fixed number (AdaptFormer: 0.1)",
+    )
+    init: Literal["zero", "xavier"] = Field(
+        default="zero", description="zero: W_up = 0, identity at init; xavier: the papers' code init (not identity)"
+    )
+    channel_dim: Literal[1, -1] | None = Field(
+        default=None, description="feature maps: channels at dim 1 (NCHW) or -1 (NHWC); null: decided from the layers"
+    )
 
 
 class Adapter(nn.Module):

@@ -21,7 +21,14 @@ if TYPE_CHECKING:
 
 
 class TunerOptions(Section):
-    """The kind's own keys in a rule (``dim``, ``rank``...). Subclasses add fields with defaults."""
+    """The kind's own keys in a rule (``dim``, ``rank``...). Subclasses add fields with defaults and a
+    ``description`` each (``utune tuners`` and the JSON schema show it).
+
+    ``runtime_only`` names options that change no weight (dropout): a tuner file trained with other
+    values of them still loads.
+    """
+
+    runtime_only: ClassVar[tuple[str, ...]] = ()
 
 
 class TunerKind:

@@ -28,9 +28,16 @@ from utune.tuners.registry import register
 
 
 class BypassOptions(TunerOptions):
-    dim: int = Field(default=10, gt=0)  # bottleneck L of every lateral/vertical adapter (10 in the paper)
-    into: str | None = None  # site whose input the side network's output replaces; default: the reader of the last site
-    seed: str | None = None  # site whose (detached) input seeds the side network; default: the first selected site
+    dim: int = Field(
+        default=10, gt=0, description="bottleneck L of every lateral and vertical adapter (10 in the paper)"
+    )
+    into: str | None = Field(
+        default=None,
+        description="site whose input the side network's output replaces; null: the op reading the last site's output",
+    )
+    seed: str | None = Field(
+        default=None, description="site whose (detached) input seeds the side network; null: the first selected site"
+    )
 
 
 class ResAdapter(nn.Module):

@@ -8,7 +8,7 @@ Mergeable: ``W += (alpha / r) · B A``.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -24,10 +24,14 @@ SLICES = ("q", "k", "v")
 
 
 class LoraOptions(TunerOptions):
-    rank: int = Field(default=8, gt=0)
-    alpha: float | None = Field(default=None, gt=0)  # scaling = alpha / rank; default alpha = rank (scaling 1)
-    dropout: float = Field(default=0.0, ge=0, lt=1)
-    slices: list[Literal["q", "k", "v"]] | None = None  # fused qkv only: which output thirds get a delta
+    runtime_only: ClassVar[tuple[str, ...]] = ("dropout",)  # change no weight: a tuner file loads whatever they are
+
+    rank: int = Field(default=8, gt=0, description="r: the rank of B A")
+    alpha: float | None = Field(default=None, gt=0, description="scaling = alpha / r; null: alpha = r (scaling 1)")
+    dropout: float = Field(default=0.0, ge=0, lt=1, description="dropout on the input of A during training")
+    slices: list[Literal["q", "k", "v"]] | None = Field(
+        default=None, description="fused qkv only: the output thirds that get a delta, e.g. [q, v]; null: all"
+    )
 
 
 class LoraBranch(nn.Module):

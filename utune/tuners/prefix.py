@@ -31,9 +31,11 @@ from utune.tuners.registry import register
 
 
 class PrefixOptions(TunerOptions):
-    length: int = Field(default=10, gt=0)  # L: prefix tokens per attention (10 in the papers)
-    scale: Literal["none", "scalar", "channel", "gate"] | float = "channel"  # parallel only
-    init_std: float = Field(default=0.02, gt=0)
+    length: int = Field(default=10, gt=0, description="L: prefix tokens per attention (10 in the papers)")
+    scale: Literal["none", "scalar", "channel", "gate"] | float = Field(
+        default="channel", description="parallel only: s of OP(x) + s * Attn(Q, K_pre, V_pre), as for adapters"
+    )
+    init_std: float = Field(default=0.02, gt=0, description="std of the normal init of the prefix keys (and values)")
 
 
 class PrefixKV(nn.Module):

@@ -29,10 +29,14 @@ from utune.tuners.registry import register
 
 
 class PromptOptions(TunerOptions):
-    length: int = Field(default=10, gt=0)  # L prompt tokens (10 in the papers)
-    init_std: float = Field(default=0.02, gt=0)
-    scale: Literal["scalar", "channel"] = "channel"  # parallel only; starts at 0
-    prefix_tokens: int | None = Field(default=None, ge=0)  # class/register tokens before the prompts; auto
+    length: int = Field(default=10, gt=0, description="L: prompt tokens per selected block (10 in the papers)")
+    init_std: float = Field(default=0.02, gt=0, description="std of the normal init of the prompt tokens")
+    scale: Literal["scalar", "channel"] = Field(
+        default="channel", description="parallel only: s of OP(x) + s * Attn(Q, P W_k, P W_v); starts at 0"
+    )
+    prefix_tokens: int | None = Field(
+        default=None, ge=0, description="class/register tokens kept before the prompts; null: read from the model"
+    )
 
 
 class PromptTokens(nn.Module):

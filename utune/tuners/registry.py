@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from utune.errors import SpecError
 
@@ -35,3 +35,58 @@ def get_kind(name: str) -> type[TunerKind]:
         hint = f"did you mean {', '.join(close)}?" if close else f"known kinds: {', '.join(all_kinds)}"
         raise SpecError(f"unknown tuner kind {name!r}", hint=hint + " (`utune tuners` lists them)")
     return all_kinds[name]
+
+
+def _option_schema(prop: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-schema facts of one option a user needs (type, allowed values, bounds), titles dropped."""
+    keep = ("type", "enum", "anyOf", "items", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "const")
+    out: dict[str, Any] = {}
+    for key in keep:
+        if key in prop:
+            value = prop[key]
+            out[key] = [_option_schema(v) for v in value] if key == "anyOf" else value
+    return out
+
+
+def describe_kinds() -> list[dict[str, Any]]:
+    """Every kind as plain data: placements, flags, and each option's default, schema and meaning."""
+    rows = []
+    for name, cls in kinds().items():
+        schema = cls.Options.model_json_schema()
+        props = schema.get("properties", {})
+        options = {
+            key: {
+                "default": field.default,
+                "description": field.description or "",
+                "schema": _option_schema(props.get(key, {})),
+                "runtime_only": key in getattr(cls.Options, "runtime_only", ()),
+            }
+            for key, field in cls.Options.model_fields.items()
+        }
+        rows.append(
+            {
+                "kind": name,
+                "summary": cls.summary,
+                "placements": list(cls.placements),
+                "default_placement": cls.default_placement,
+                "identity_at_init": cls.identity_at_init if isinstance(cls.identity_at_init, bool) else None,
+                "mergeable": cls.mergeable,
+                "options": options,
+            }
+        )
+    return rows
+
+
+def kinds_markdown(rows: list[dict[str, Any]] | None = None) -> str:
+    """The README's kinds table, generated from the registry (a test keeps the README equal to it)."""
+    rows = describe_kinds() if rows is None else rows
+    lines = ["| kind | placements | what it is | options (defaults) | merges |", "|---|---|---|---|---|"]
+    for r in rows:
+        opts = ", ".join(f"`{k}={_md_value(o['default'])}`" for k, o in r["options"].items()) or "-"
+        merges = "yes" if r["mergeable"] else "no"
+        lines.append(f"| `{r['kind']}` | {', '.join(r['placements'])} | {r['summary']} | {opts} | {merges} |")
+    return "\n".join(lines) + "\n"
+
+
+def _md_value(value: Any) -> str:
+    return "null" if value is None else str(value)

@@ -70,15 +70,21 @@ class ChannelAffine(nn.Module):
 
 
 class _ChannelOptions(TunerOptions):
-    channel_dim: Literal[1, -1] | None = None
+    channel_dim: Literal[1, -1] | None = Field(
+        default=None, description="channels at dim 1 (NCHW) or -1 (tokens, NHWC); null: decided from the layer"
+    )
 
 
 class SsfOptions(_ChannelOptions):
-    init_std: float = Field(default=0.0, ge=0)  # 0: identity at init; SSF's code uses N(1, 0.02) / N(0, 0.02)
+    init_std: float = Field(
+        default=0.0, ge=0, description="0: identity at init; SSF's code draws scale ~ N(1, 0.02), shift ~ N(0, 0.02)"
+    )
 
 
 class Ia3Options(_ChannelOptions):
-    slices: list[Literal["q", "k", "v"]] | None = None  # fused qkv only: scale only these thirds (IA³: k, v)
+    slices: list[Literal["q", "k", "v"]] | None = Field(
+        default=None, description="fused qkv only: scale only these output thirds (IA3: [k, v]); null: all"
+    )
 
 
 class _ChannelKind(TunerKind):

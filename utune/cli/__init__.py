@@ -1,0 +1,111 @@
+"""The ``utune`` command: a thin Typer layer over the Python API (:mod:`utune.api`, :mod:`utune.train.run`,
+:mod:`utune.export`).
+
+Every expected failure is a :class:`utune.errors.UtuneError`; :func:`main` prints it as one line plus a
+hint and exits 2 (bad input) or 1 (internal); ``UTUNE_DEBUG=1`` shows tracebacks. Command-line mistakes
+(an unknown option, a missing argument) exit 2 with the usage. SIGINT/SIGTERM end a command cleanly: no
+temp file stays behind, training saves a checkpoint at the next step (see :mod:`utune._signals`), and
+the exit code is 128 + the signal. Importing this module does not import torch, so ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Annotated
+
+import typer
+
+from utune import __version__, _signals
+from utune import _output as out
+from utune.cli import apply as _apply
+from utune.cli import export as _export
+from utune.cli import inspect as _inspect
+from utune.errors import Interrupted, UtuneError
+
+app = typer.Typer(
+    help="Config-driven model surgery for parameter-efficient transfer learning (U-Tuning).",
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+spec_app = typer.Typer(help="Check spec files, print their schema, show the spec a tuner file carries.")
+spec_app.info.no_args_is_help = True
+app.add_typer(spec_app, name="spec")
+
+
+def _version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"utune {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """Config-driven model surgery for parameter-efficient transfer learning (U-Tuning)."""
+
+
+_inspect.register(app, spec_app)
+_apply.register(app)
+_export.register(app)
+
+
+def _is_training(argv: list[str]) -> bool:
+    return bool(argv) and argv[0] == "apply" and "--train" in argv
+
+
+def _interrupted(code: int) -> int:
+    name = signal.Signals(code - 128).name if 128 < code < 160 else "interrupt"
+    out.error(f"interrupted ({name}); nothing was left half-written")
+    return code
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turning UtuneErrors into one-line messages and exit codes."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = os.environ.get("UTUNE_DEBUG") == "1"
+    with _signals.handling(graceful=_is_training(args)):
+        code = _run(args, debug)
+    sys.exit(code)
+
+
+def _run(args: list[str], debug: bool) -> int:
+    try:
+        code = app(args=args, prog_name="utune", standalone_mode=False)
+    except typer.Abort:
+        return _interrupted(128 + (_signals.last_signal() or signal.SIGINT))
+    except Interrupted as e:
+        if debug:
+            raise
+        out.error(e.message, e.hint)
+        return e.exit_code
+    except UtuneError as e:
+        if debug:
+            raise
+        out.error(e.message, e.hint)
+        return e.exit_code
+    except typer.Exit as e:  # raised by Typer outside a command (e.g. --version)
+        return e.exit_code
+    except Exception as e:
+        return _click_or_bug(e, debug)
+    if isinstance(code, int) and code != 0:
+        if code == 130 and _signals.last_signal() is not None:  # Typer turned a KeyboardInterrupt into 130
+            return _interrupted(128 + _signals.last_signal())  # type: ignore[operator]
+        return code
+    return 0
+
+
+def _click_or_bug(e: Exception, debug: bool) -> int:
+    if isinstance(e, typer.TyperException) and hasattr(e, "show"):  # a command-line mistake: usage, exit 2
+        e.show()
+        return int(getattr(e, "exit_code", 2))
+    if debug:
+        raise e
+    out.error(f"internal error: {type(e).__name__}: {e}", "rerun with UTUNE_DEBUG=1 and report the traceback")
+    return 1

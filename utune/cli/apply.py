@@ -1,0 +1,170 @@
+"""``utune apply`` (build and report; ``--train`` trains) and ``utune eval``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from utune import _output as out
+from utune.cli._common import (
+    Checkpoint,
+    DataDir,
+    Dataset,
+    Download,
+    Format,
+    Overrides,
+    check_choice,
+    data_overrides,
+    set_format,
+    split_overrides,
+)
+from utune.cli._render import TrainProgress, print_report, print_summary
+from utune.errors import TrainingInterrupted, UserInputError
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(apply)
+    app.command("eval")(eval_cmd)
+
+
+def apply(
+    spec: Annotated[Path, typer.Argument(help="the spec .yaml")],
+    overrides: Overrides = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="build and report, do not train (the default)")] = False,
+    verify: Annotated[bool, typer.Option("--verify", help="compare tuned and base outputs on a random batch")] = False,
+    train: Annotated[bool, typer.Option("--train", help="train the tuned model")] = False,
+    dataset: Dataset = None,
+    data_dir: DataDir = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="run directory (default: runs/<spec>-<time>)")] = None,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="continue a run from its last checkpoint (--out, else this spec's latest run)"),
+    ] = False,
+    tuners: Annotated[
+        Path | None, typer.Option("--tuners", help="load tuner weights (from `utune export --tuners-only`)")
+    ] = None,
+    download: Download = False,
+    fmt: Format = "table",
+) -> None:
+    """Build the model, attach the spec's tuners, report; with --train, train it."""
+    set_format(fmt)
+    ov = [*(overrides or []), *data_overrides(dataset, data_dir)]
+    if train and dry_run:
+        raise UserInputError("--train and --dry-run exclude each other", hint="drop one of them")
+    for flag, given in (("--resume", resume), ("--out", out_dir is not None), ("--download", download)):
+        if given and not train:
+            raise UserInputError(f"{flag} needs --train", hint=f"utune apply {spec} --train {flag} ...")
+    if train:
+        _train(spec, ov, verify, out_dir, resume, tuners, download, fmt)
+        return
+    from utune.api import build
+
+    built = build(spec, ov, verify=verify)
+    _load_tuners(built, tuners, verify)
+    for w in built.warnings:
+        out.warn(w)
+    if fmt == "json":
+        out.print_json(built.report)
+    else:
+        print_report(built.report)
+
+
+def _load_tuners(built: Any, tuners: Path | None, verify: bool) -> None:
+    if tuners is None:
+        return
+    from utune.export import load_tuners
+
+    loaded = load_tuners(built, tuners)
+    built.report["tuners_file"] = str(tuners)
+    out.note(f"loaded {loaded['tensors']} tensors from {tuners}")
+    if verify:  # --verify compares against the base: with loaded tuners it reports their effect
+        from utune.api import refresh_verify
+
+        refresh_verify(built)
+
+
+def _train(
+    spec_path: Path,
+    ov: list[str],
+    verify: bool,
+    out_dir: Path | None,
+    resume: bool,
+    tuners: Path | None,
+    download: bool,
+    fmt: str,
+) -> None:
+    """Spec, then the run folder and the data (both checked before the slow build), then build and train."""
+    from utune.api import build
+    from utune.spec import load_spec
+    from utune.train.data import open_datasets
+    from utune.train.run import check_classes, check_resume_spec, resolve_run_dir, train_run
+
+    spec = load_spec(spec_path, ov)
+    run_dir = resolve_run_dir(str(spec_path), out_dir, resume)
+    opened = open_datasets(spec.data, splits=("train", "val"), download=download)
+    notes = []
+    if spec.model.num_classes is None:
+        spec = load_spec(spec, [f"model.num_classes={opened.classes}"])
+        notes.append(f"model.num_classes = {opened.classes}, the class count of {spec.data.dataset} (not in the spec)")
+    if resume:
+        safe = check_resume_spec(run_dir, spec)
+        out.note(f"resuming {run_dir}" + (f" (changed, harmless: {', '.join(safe)})" if safe else ""))
+    built = build(spec, verify=verify)
+    built.report["notes"] = notes + built.report.get("notes", [])
+    check_classes(built, opened.classes, spec.data.dataset)
+    _load_tuners(built, tuners, verify)
+    for w in built.warnings:
+        out.warn(w)
+    if fmt != "json":
+        print_report(built.report)
+    out.note(f"run folder: {run_dir}")
+    datasets = opened.attach(built.data_config)
+    progress = TrainProgress(enabled=os.environ.get("RANK", "0") == "0")
+    try:
+        summary = train_run(built, run_dir, resume, datasets=datasets, reporter=progress)
+    except TrainingInterrupted as e:
+        if e.hint:
+            e.hint = e.hint.replace("SPEC", str(spec_path))
+        raise
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if fmt == "json":
+        out.print_json({"run": str(run_dir), "report": built.report, "summary": summary})
+    else:
+        print_summary(summary)
+        out.info(f"run folder: {run_dir}  (next: utune eval {run_dir}; utune export {run_dir} --merge)")
+
+
+def eval_cmd(
+    run: Annotated[str | None, typer.Argument(help="a run directory (default: the latest run under runs/)")] = None,
+    overrides: Overrides = None,
+    split: Annotated[str, typer.Option(help="train | val | test (every image, evaluation transform)")] = "test",
+    checkpoint: Checkpoint = "latest",
+    dataset: Dataset = None,
+    data_dir: DataDir = None,
+    download: Download = False,
+    fmt: Format = "table",
+) -> None:
+    """Evaluate a trained run's checkpoint (accuracy and loss on every image of a split)."""
+    set_format(fmt)
+    from utune.train.run import RUNS, eval_run, latest_run
+
+    run, ov = split_overrides(run, overrides)
+    check_choice("--checkpoint", checkpoint, ("latest", "best"))
+    if run is None:
+        run_path = latest_run(RUNS)
+        out.note(f"using the latest run: {run_path}")
+    else:
+        run_path = Path(run)
+    ov += data_overrides(None, data_dir)
+    result = eval_run(run_path, dataset, split, which=checkpoint, overrides=ov, download=download)
+    if fmt == "json":
+        out.print_json(result)
+    else:
+        out.info(
+            f"{split} accuracy: {100 * result['acc']:.2f}% on {result['n']} images (loss {result['loss']:.4f}); "
+            f"{result['run']}, {Path(result['checkpoint']).name}"
+        )

@@ -1,0 +1,115 @@
+"""``utune export``: merged weights, tuner-only weights, or a PEFT LoRA folder, from a run or a spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from utune import _output as out
+from utune.cli._common import Checkpoint, Format, Overrides, check_choice, set_format, split_overrides
+from utune.errors import UserInputError
+
+_MERGE_HELP = "fold every tuner into the base weights: a plain state dict timm/torchvision load strictly"
+_NAMES = {"merge": "merged weights", "tuners-only": "tuner weights", "peft": "PEFT LoRA folder"}
+
+
+def register(app: typer.Typer) -> None:
+    app.command("export")(export_cmd)
+
+
+def _mode(merge: bool, tuners_only: bool, peft: bool, spec_export: Any = None) -> str:
+    chosen = [name for name, on in (("--merge", merge), ("--tuners-only", tuners_only), ("--peft", peft)) if on]
+    if len(chosen) > 1:
+        raise UserInputError(f"{' and '.join(chosen)} exclude each other", hint="choose one export mode")
+    if chosen:
+        return chosen[0].lstrip("-")
+    if spec_export is not None:  # the spec's own `export:` section decides when the command line does not
+        if getattr(spec_export, "merge", False):
+            return "merge"
+        if getattr(spec_export, "format", None) == "peft":
+            return "peft"
+    return "tuners-only"
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def export_cmd(
+    source: Annotated[
+        str | None,
+        typer.Argument(help="a run directory (default: the latest run under runs/), or a spec .yaml with --tuners"),
+    ] = None,
+    overrides: Overrides = None,
+    merge: Annotated[bool, typer.Option("--merge", help=_MERGE_HELP)] = False,
+    tuners_only: Annotated[
+        bool, typer.Option("--tuners-only", help="only tuner and trainable tensors, with the spec (the default)")
+    ] = False,
+    peft: Annotated[bool, typer.Option("--peft", help="a folder Hugging Face PEFT's PeftModel loads (LoRA)")] = False,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="file (folder for --peft); default RUN/export/...")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing output")] = False,
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="skip comparing the exported model with the tuned one")
+    ] = False,
+    checkpoint: Checkpoint = "latest",
+    tuners: Annotated[
+        Path | None, typer.Option("--tuners", help="a tuner file to load onto the spec's model first")
+    ] = None,
+    show_spec: Annotated[
+        Path | None, typer.Option("--show-spec", help="print the spec a tuner file carries, and exit")
+    ] = None,
+    fmt: Format = "table",
+) -> None:
+    """Export a trained model: --merge (plain weights), --tuners-only (small file), or --peft."""
+    set_format(fmt, artifact_hint="--format is the output's format; the PEFT folder is `--peft`")
+    if show_spec is not None:
+        from utune.cli.inspect import embedded_spec
+
+        out.console().print(embedded_spec(show_spec), markup=False, highlight=False, soft_wrap=True, end="")
+        return
+    from utune.export.io import check_target
+    from utune.export.run import default_output, export, load_source
+    from utune.train.run import RUNS, latest_run
+
+    source, ov = split_overrides(source, overrides)
+    check_choice("--checkpoint", checkpoint, ("latest", "best"))
+    _mode(merge, tuners_only, peft)  # bad flags and an existing -o fail before the (slow) rebuild
+    from_spec = source is not None and source.endswith((".yaml", ".yml"))
+    if output is not None:
+        check_target(output, force)
+    elif from_spec:
+        raise UserInputError("exporting from a spec needs -o/--output", hint=f"utune export {source} ... -o FILE")
+    if from_spec and tuners is None:
+        out.warn(f"exporting {source} without --tuners: its tuners are as initialised, not trained")
+    if source is None:
+        source = str(latest_run(RUNS))
+        out.note(f"using the latest run: {source}")
+    built = load_source(source, ov, tuners=tuners, which=checkpoint)
+    mode = _mode(merge, tuners_only, peft, getattr(built.spec, "export", None))
+    path = output if output is not None else default_output(source, mode)
+    result = export(built, mode, path, force=force, verify=not no_verify)
+    _show(result, mode, no_verify)
+
+
+def _show(result: dict[str, Any], mode: str, no_verify: bool) -> None:
+    check = result.pop("verify", None)
+    if check is not None:
+        result["verify"] = {k: getattr(check, k) for k in ("max_abs_diff", "scale", "tolerance", "ok")}
+    if out.json_mode():
+        out.print_json(result)
+        return
+    if mode == "merge":
+        out.info(f"merged {result['folds']} tuner(s) into {result['layers']} base layer(s)")
+    if check is not None:
+        out.info(check.line())
+    elif mode == "peft" and not no_verify:
+        out.warn("peft is not installed: the folder was not verified (pip install 'utune[peft]')")
+    out.info(f"wrote {_NAMES[mode]} to {result['path']} ({result['tensors']} tensors, {_size(result['bytes'])})")

@@ -1,0 +1,209 @@
+"""``utune inspect``, ``utune tuners`` and ``utune spec validate | schema | show``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from utune import _output as out
+from utune.cli._common import Format, set_format
+from utune.errors import UserInputError, UtuneError
+
+
+def register(app: typer.Typer, spec_app: typer.Typer) -> None:
+    app.command()(inspect)
+    app.command()(tuners)
+    spec_app.command("validate")(spec_validate)
+    spec_app.command("schema")(spec_schema)
+    spec_app.command("show")(spec_show)
+
+
+def inspect(
+    model_or_spec: Annotated[str, typer.Argument(help="a timm name, torchvision:NAME, or a spec .yaml")],
+    grep: Annotated[str | None, typer.Option(help="only sites whose path matches this glob (or substring)")] = None,
+    depth: Annotated[int | None, typer.Option(min=0, help="only sites at most N segments deep")] = None,
+    spec: Annotated[Path | None, typer.Option(help="show which rule of this spec matches each site")] = None,
+    all_ops: Annotated[bool, typer.Option("--all", help="include functional calls in table/tree")] = False,
+    fmt: Format = "table",
+) -> None:
+    """List the sites of a model's graph: path, op, type, output shape, parameters. Needs no weights."""
+    set_format(fmt, ("table", "tree", "json"))
+    from utune.api import inspect_with_rules
+    from utune.graph.glob import glob_match
+
+    rows, rules = inspect_with_rules(model_or_spec, spec=spec)
+    if grep:
+        wild = any(c in grep for c in "*?[")
+        rows = [r for r in rows if (glob_match(grep, r["path"]) if wild else grep in r["path"])]
+    if depth is not None:
+        rows = [r for r in rows if r["path"].split("::")[0].count(".") < depth]
+    if fmt == "json":
+        out.print_json(rows)
+    else:
+        _show_sites(model_or_spec, rows, fmt, all_ops or bool(grep), spec is not None)
+    _rule_summary(rules)
+    uncalled = [r for r in rows if r["op"] == "uncalled"]
+    if uncalled:
+        out.warn(
+            f"{len(uncalled)} layer(s) are never called as modules and cannot take a tuner, e.g. {uncalled[0]['path']}"
+        )
+
+
+def _show_sites(title: str, rows: list[dict[str, Any]], fmt: str, all_ops: bool, has_rules: bool) -> None:
+    shown = rows if all_ops else [r for r in rows if r["op"] not in ("function", "method")]
+    if fmt == "tree":
+        out.tree(title, [(r["path"], _tree_label(r, has_rules)) for r in shown if r["op"] != "uncalled"])
+    else:
+        cols = ["path", "op", "type", "shape", "params"] + (["rules"] if has_rules else [])
+        body = [
+            [r["path"], r["op"], r["type"], r["shape"], out.fmt_int(r["params"])]
+            + ([", ".join(r["rules"])] if has_rules else [])
+            for r in shown
+        ]
+        out.table(None, cols, body, {"params": "right"})
+    hidden = len(rows) - len(shown)
+    if hidden:
+        out.note(f"[dim]{len(shown)} sites shown; {hidden} functional calls hidden (--all shows them)[/]")
+
+
+def _tree_label(r: dict[str, Any], has_rules: bool) -> str:
+    name = r["path"].rpartition(".")[2] if "::" not in r["path"] else r["path"]
+    label = f"{name} [dim]{r['type']} {r['shape'] or ''} {out.fmt_int(r['params']) if r['params'] else ''}[/]"
+    if has_rules and r.get("rules"):
+        label += f" [green]<- {', '.join(r['rules'])}[/]"
+    return label
+
+
+def _rule_summary(rules: list[dict[str, Any]]) -> None:
+    """With --spec: each rule's match count (stdout in table mode, stderr in JSON mode); no match warns."""
+    for r in rules:
+        if r["error"]:
+            out.warn(f"rule {r['name']!r} ({r['kind']}) matches nothing: {r['error']}")
+            continue
+        first = ", ".join(r["sites"][:3]) + (" ..." if len(r["sites"]) > 3 else "")
+        out.info(f"rule {r['name']} ({r['kind']}): {len(r['sites'])} site(s): {first}")
+        for w in r["warnings"]:
+            out.warn(w)
+
+
+def tuners(
+    fmt: Annotated[str, typer.Option("--format", "-f", help="table | json | markdown")] = "table",
+) -> None:
+    """List the tuner kinds with their options, defaults and what each option means."""
+    set_format(fmt, ("table", "json", "markdown"))
+    from utune.tuners.registry import describe_kinds, kinds_markdown
+
+    rows = describe_kinds()
+    if fmt == "json":
+        out.print_json(rows)
+        return
+    if fmt == "markdown":
+        out.console().print(kinds_markdown(rows), markup=False, highlight=False, soft_wrap=True)
+        return
+    out.table(
+        "tuner kinds",
+        ["kind", "placements", "options (defaults)", "merge", "what"],
+        [
+            [
+                r["kind"],
+                ", ".join(r["placements"]),
+                ", ".join(f"{k}={_shown(o['default'])}" for k, o in r["options"].items()),
+                "yes" if r["mergeable"] else "",
+                r["summary"],
+            ]
+            for r in rows
+        ],
+    )
+
+
+def _shown(value: Any) -> str:
+    return "null" if value is None else str(value)
+
+
+def spec_validate(
+    files: Annotated[list[Path], typer.Argument(help="spec files to check")],
+    model: Annotated[
+        bool,
+        typer.Option("--model", help="also build each spec's model (no weights) to check model names and selectors"),
+    ] = False,
+    fmt: Format = "table",
+) -> None:
+    """Validate spec files: every problem of every file, with its line.
+
+    Without --model: the schema, the tuner kinds and their options. With --model: also the model name, that
+    every rule's `at:` matches sites its kind can serve, and the `trainable:` globs (a dry run, no weights).
+    """
+    set_format(fmt)
+    from utune.spec import validate_files
+
+    results = []
+    for path, err in validate_files(files):
+        if err is None and model:
+            err = _check_against_model(path)
+        checked = "schema, kinds and options" + (", model, selectors and trainable globs" if model else "")
+        results.append({"file": str(path), "ok": err is None, "checked": checked, "error": _err_text(err)})
+        if err is None:
+            more = "" if model else " (model names and selectors not checked: add --model)"
+            out.info(f"[green]ok[/] {path}: {checked}{more}")
+        else:
+            out.error(err.message, err.hint)
+    if fmt == "json":
+        out.print_json(results)
+    if any(not r["ok"] for r in results):
+        raise typer.Exit(2)
+
+
+def _check_against_model(path: Path) -> UtuneError | None:
+    from utune.api import build
+    from utune.spec import load_spec
+
+    try:
+        spec = load_spec(path)
+        ov = ["model.pretrained=false"] if spec.model.pretrained is True else []
+        build(spec, ov)
+    except UtuneError as e:
+        return e
+    return None
+
+
+def _err_text(err: UtuneError | None) -> str | None:
+    if err is None:
+        return None
+    return err.message + (f"\nhint: {err.hint}" if err.hint else "")
+
+
+def spec_schema() -> None:
+    """Print the spec's JSON schema (point your editor's YAML language server at it)."""
+    from utune.spec import spec_json_schema
+
+    out.print_json(spec_json_schema())
+
+
+def spec_show(
+    source: Annotated[Path, typer.Argument(help="a tuner file (.safetensors from export), or a run directory")],
+) -> None:
+    """Print the spec a tuner file or a training run carries (YAML, re-loadable with `utune apply`)."""
+    out.console().print(embedded_spec(source), markup=False, highlight=False, soft_wrap=True, end="")
+
+
+def embedded_spec(source: Path) -> str:
+    """The spec text stored in a tuner-only file's metadata, or a run's ``spec.yaml``."""
+    from utune.errors import CheckpointError
+
+    if source.is_dir():
+        spec = source / "spec.yaml"
+        if not spec.is_file():
+            raise CheckpointError(f"{source} is not a utune run directory (no spec.yaml)", hint="pass a run folder")
+        return spec.read_text()
+    from utune.export.io import read_safetensors
+
+    _, meta = read_safetensors(source, "tuner file")
+    text = meta.get("utune.spec")
+    if text is None:
+        what = "merged weights" if meta.get("utune.format", "").startswith("merged/") else "no utune metadata"
+        raise UserInputError(
+            f"{source} carries no spec ({what})", hint="tuner files from `utune export --tuners-only` carry theirs"
+        )
+    return text if text.endswith("\n") else text + "\n"
