@@ -226,7 +226,8 @@ class Rewriter:
         where = tap if isinstance(tap, str) else (reads or "custom")
         node = self.tap(site, tap) if isinstance(tap, str) else tap
         out = self.output(site)
-        t = self.call(target, (node, *extra), after=self.later(out, node, *[e for e in extra if isinstance(e, fx.Node)]))
+        inputs = [node, *[e for e in extra if isinstance(e, fx.Node)]]
+        t = self.call(target, (node, *extra), after=self.later(out, *inputs))
         y = self.call_function(operator.add, (out, t), after=t)
         if "tensor_meta" in out.meta:  # same shape as the value it replaces
             y.meta["tensor_meta"] = out.meta["tensor_meta"]
