@@ -211,6 +211,20 @@ def test_the_rewriter_records_how_each_tuner_was_attached() -> None:
     assert lora.joined.args == (lora.onto, lora.call)
     after = by_module["utune.after.blocks_0_mlp_fc1"]
     assert (after.join, after.tap) == ("add", "output") and after.call.args == (after.onto,)
+    other = build(
+        spec(
+            "test_vit",
+            [
+                {"name": "pre", "kind": "prefix", "at": "blocks.1.attn", "placement": "concat", "length": 2},
+                {"name": "vpt", "kind": "prompt", "at": "blocks.0", "length": 2},
+            ],
+            ["head"],
+            kwargs=VIT,
+        )
+    )
+    pre, vpt = other.attachments
+    assert (pre.join, pre.onto) == ("custom", None) and str(pre.call.target) == "utune.pre.blocks_1_attn"
+    assert (vpt.join, vpt.tap) == ("replace_input", "input") and vpt.call.args == (vpt.onto,)
 
 
 def test_merge_needs_the_record_of_the_attachments() -> None:

@@ -34,8 +34,3 @@ class Attachment:
     call: fx.Node | None = None
     onto: fx.Node | None = None
     joined: fx.Node | None = None
-
-    def describe(self) -> str:
-        """One line for messages: ``add (reads input) at blocks.0.attn.qkv``."""
-        reads = f" (reads {self.tap})" if self.tap else ""
-        return f"{self.join}{reads} at {self.site}"
