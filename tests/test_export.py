@@ -34,7 +34,7 @@ from utune.export import (
     tuner_state,
 )
 from utune.export import io as export_io
-from utune.export.merge import forward_eval
+from utune.export.merge import forward_eval, verify_merged
 from utune.spec import load_spec_text, spec_to_yaml
 from utune.train.checkpoint import WEIGHTS, save_checkpoint, trainable_state
 
@@ -176,6 +176,63 @@ def test_merged_equals_unmerged_after_training(case: str, tmp_path: Path) -> Non
     assert float((tuned - forward_eval(base_only, x)).abs().max()) > 1e-3 * scale
 
 
+ALL_BN = [{"name": "ssf", "kind": "ssf", "at": {"type": "BatchNorm2d"}, "init_std": 0.1}]
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [("resnet18", {}), ("test_resnet", {"zero_init_last": False}), ("torchvision:resnet18", {})],
+)
+def test_ssf_on_every_batchnorm_of_a_resnet_merges(name: str, kwargs: dict) -> None:
+    # the residual `out + downsample(x)` with an SSF on the downsample BN is no add-join: the rewriter's
+    # record says the SSF replaces that BN's output, and it folds into that BN
+    torch.manual_seed(0)
+    built = build(spec(name, ALL_BN, ["fc"], kwargs=kwargs))
+    train_steps(built)
+    result = merged_state_dict(built)
+    sites = built.report["tuners"][0]["sites"]
+    assert any("downsample" in s for s in sites)
+    assert [f[2] for f in result.folds] == sites and [f[3] for f in result.folds] == sites  # each into its own BN
+    check = verify_merged(built, result.state)
+    assert check.ok, check.line()
+
+
+def test_the_rewriter_records_how_each_tuner_was_attached() -> None:
+    built = build(CASES["vit_stack"])
+    by_module = {a.module: a for a in built.attachments}
+    assert list(by_module) == [m for names in built.tuner_modules.values() for m in names]
+    qkv = "blocks.0.attn.qkv"
+    ia3, lora = by_module["utune.ia3.blocks_0_attn_qkv"], by_module["utune.lora.blocks_0_attn_qkv"]
+    assert (ia3.rule, ia3.site, ia3.join, ia3.tap) == ("ia3", qkv, "replace", "output")
+    assert ia3.call is ia3.joined and str(ia3.onto.target) == qkv
+    assert (lora.join, lora.tap) == ("add", "input")
+    assert lora.onto is ia3.joined  # rules stack on one site in spec order: LoRA adds onto IA3's output
+    assert lora.joined.args == (lora.onto, lora.call)
+    after = by_module["utune.after.blocks_0_mlp_fc1"]
+    assert (after.join, after.tap) == ("add", "output") and after.call.args == (after.onto,)
+    other = build(
+        spec(
+            "test_vit",
+            [
+                {"name": "pre", "kind": "prefix", "at": "blocks.1.attn", "placement": "concat", "length": 2},
+                {"name": "vpt", "kind": "prompt", "at": "blocks.0", "length": 2},
+            ],
+            ["head"],
+            kwargs=VIT,
+        )
+    )
+    pre, vpt = other.attachments
+    assert (pre.join, pre.onto) == ("custom", None) and str(pre.call.target) == "utune.pre.blocks_1_attn"
+    assert (vpt.join, vpt.tap) == ("replace_input", "input") and vpt.call.args == (vpt.onto,)
+
+
+def test_merge_needs_the_record_of_the_attachments() -> None:
+    built = build(spec("test_resnet", [{"name": "ssf", "kind": "ssf", "at": "layer1.0.bn1"}], ["fc"]))
+    built.attachments = []
+    with pytest.raises(ExportError, match=r"ssf \(ssf\) at layer1.0.bn1: there is no record of how it was attached"):
+        merged_state_dict(built)
+
+
 def test_non_mergeable_tuners_are_refused_with_the_list() -> None:
     built = build(
         spec(
@@ -217,6 +274,8 @@ def test_shift_on_a_layer_without_bias_and_non_layer_sites_are_refused() -> None
     msg = str(e.value)
     assert "qkv_bias (bias)" in msg and "has no bias to hold the shift" in msg
     assert "block (ssf)" in msg and "add" in msg and "qkv_ia3" not in msg
+    assert "sum of two branches (the add in blocks.1)" in msg
+    assert not any(w in msg for w in ("call_function", "call_module", "call_method", "placeholder")), msg
 
 
 def test_norm_with_a_fused_activation_is_refused() -> None:
@@ -251,7 +310,8 @@ def test_peft_format_refusals_need_no_peft() -> None:
     with pytest.raises(ExportError) as e:
         peft_adapter(built)
     msg = str(e.value)
-    assert "qv (lora)" in msg and "slices" in msg and "ssf (ssf)" in msg and "would also pick" in msg
+    assert "ssf (ssf)" in msg and "would also pick" in msg
+    assert "qv (lora)" not in msg  # a q/v-sliced LoRA is one PEFT LoRA on the fused qkv
 
 
 # ---- tuner-only files --------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from torch import fx, nn
 
 from utune.errors import SelectionError, TraceError
 from utune.graph.glob import glob_match
+from utune.graph.manifest import Attachment
 from utune.graph.rewrite import TUNER_ROOT, Rewriter
 from utune.graph.select import select
 from utune.graph.shapes import NodeFailure, propagate_shapes
@@ -46,6 +47,7 @@ class Built:
     warnings: list[str] = field(default_factory=list)
     tuner_modules: dict[str, list[str]] = field(default_factory=dict)  # rule -> module names in ``model``
     verify_batch: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, base output) when verify=True
+    attachments: list[Attachment] = field(default_factory=list)  # how each tuner module was attached
 
 
 def _propagate_shapes(gm: fx.GraphModule, size: tuple[int, int, int], explicit: bool, batch: int = 2) -> None:
@@ -278,6 +280,7 @@ def _build(spec: Spec, verify: bool, seed: int, t0: float) -> Built:
         warnings,
         modules,
         (x, base_out) if verify and x is not None and base_out is not None else None,
+        attachments=rw.attachments,
     )
 
 

@@ -12,22 +12,23 @@ Every foldable tuner is an affine map on the layer's input or output channels, a
 - ``y <- y + ΔW x + c`` (LoRA ``ΔW = (alpha/r) B A``, a linear adapter beside the layer): ``W' = W + ΔW``;
 - ``y <- A y + c`` (a linear adapter after the layer, ``A = I + s ⊙ W_up W_down``): ``W' = A W``, ``b' = A b + c``.
 
-Where the tuner sits is read from the graph: walking back from the value the tuner changes, through
-earlier tuners on the same value, ``Identity`` and ``Dropout`` (the identity in eval mode, which is what a
-merged model is for), to the one base layer that produced it. Several tuners on one layer fold in graph
+How each tuner joins (``y <- T(y)`` or ``y <- y + T(tap)``) and which value it changes are read from the
+rewriter's record (``Built.attachments``), never guessed from the graph's shape (a residual ``out + shortcut``
+whose shortcut ends in an SSF looks like an add-join). From that value the walk goes back through earlier
+tuners' joins on it, ``Identity`` and ``Dropout`` (the identity in eval mode, which is what a merged model is
+for), to the one base layer that produced it. Several tuners on one layer fold in graph
 order (the order they act on the value), whatever the order of their rules. The fold is refused, with the
 reason, when the tuner reads anything but the layer's own input or output, when the layer's output is also
 used elsewhere, when the layer is called more than once, or when the layer cannot hold the result (a shift
 on a layer without a bias, a channel mix on a norm, a non-linear adapter).
 
-Reading the graph (:func:`locate`) is generic; the math is the tuner module's own ``fold(layer, tap)``
+Finding the layer (:func:`locate`) is generic; the math is the tuner module's own ``fold(layer, tap)``
 (in its kind's file), built from the moves of :class:`utune.tuners.fold.Layer`.
 """
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +37,7 @@ from torch import fx, nn
 
 from utune.errors import ExportError
 from utune.export._sites import TunerSite, refusal, tuner_sites
-from utune.graph.rewrite import TUNER_ROOT
+from utune.graph.manifest import Attachment
 from utune.tuners.fold import Layer, NotMergeable, f64, layer_kind
 
 TUNERS_ONLY_HINT = "export the tuners with --tuners-only instead (`utune apply SPEC --tuners FILE` loads them back)"
@@ -46,7 +47,9 @@ TUNERS_ONLY_HINT = "export the tuners with --tuners-only instead (`utune apply S
 
 
 class _Graph:
-    def __init__(self, gm: fx.GraphModule) -> None:
+    """The rewritten graph, indexed: who calls which module, and the rewriter's record of every join."""
+
+    def __init__(self, gm: fx.GraphModule, attachments: Iterable[Attachment] = ()) -> None:
         self.gm = gm
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.calls: dict[str, list[fx.Node]] = {}
@@ -56,105 +59,168 @@ class _Graph:
                 self.calls.setdefault(str(n.target), []).append(n)
             elif n.op == "get_attr":
                 self.attrs.append(str(n.target))
+        self.attached = {a.module: a for a in attachments}
+        # the value each add/replace join stands for now -> the value it changed (walking back to the layer)
+        self.replaced: dict[fx.Node, fx.Node] = {
+            a.joined: a.onto
+            for a in self.attached.values()
+            if a.join in ("add", "replace") and a.joined is not None and a.onto is not None
+        }
+        self.tuner_calls = {a.call for a in self.attached.values() if a.call is not None}
 
-    def tuner_node(self, ts: TunerSite) -> fx.Node:
-        nodes = self.calls.get(ts.module, [])
-        if len(nodes) != 1:
-            raise NotMergeable(f"its module is called {len(nodes)} times in the graph")
-        return nodes[0]
-
-    def join_add(self, node: fx.Node) -> fx.Node:
-        """The ``out + T(tap)`` node joining tuner call ``node``."""
-        users = [u for u in node.users if not _plumbing(u)]
-        if len(users) != 1 or not _is_add(users[0]) or users[0].args[1] is not node:
-            raise NotMergeable("its output is not simply added to the layer's output")
-        return users[0]
+    def attachment(self, ts: TunerSite) -> Attachment:
+        """The record of how ``ts``'s module was attached; refused when there is none or it is stale."""
+        att = self.attached.get(ts.module)
+        if att is None or att.call is None:
+            raise NotMergeable("there is no record of how it was attached (build the model with utune.api.build)")
+        if att.call.graph is not self.gm.graph:
+            raise NotMergeable("the record of how it was attached belongs to another copy of the model's graph")
+        n = len(self.calls.get(ts.module, []))
+        if n != 1:
+            raise NotMergeable(f"it runs {n} times in one forward pass; a fold needs it in exactly one place")
+        return att
 
 
 def _plumbing(n: fx.Node) -> bool:
     return (n.op == "call_function" and n.target is getattr) or (n.op == "call_method" and n.target in ("size", "dim"))
 
 
-def _is_add(n: fx.Node) -> bool:
-    return n.op == "call_function" and n.target in (operator.add, torch.add) and len(n.args) == 2 and not n.kwargs
+def _owner(n: fx.Node) -> str:
+    """The module whose forward ``n`` is part of, for messages."""
+    stack = n.meta.get("nn_module_stack") or {}
+    path = next(reversed(stack.values()))[0] if stack else ""
+    return path or "the model's top level"
 
 
-def _is_tuner(n: Any) -> bool:
-    return isinstance(n, fx.Node) and n.op == "call_module" and str(n.target).startswith(TUNER_ROOT + ".")
+def _op_name(n: fx.Node) -> str:
+    return str(n.target if n.op == "call_method" else getattr(n.target, "__name__", n.target)).strip("_")
 
 
-def _describe(n: fx.Node) -> str:
+def _op(g: _Graph, n: fx.Node) -> str:
+    """A user's words for one node: ``layer1.0.act1 (ReLU)``, ``the add in layer1.0``, ``the model's input``."""
     if n.op == "call_module":
-        return f"module {n.target}"
-    return f"{getattr(n.target, '__name__', n.target)} ({n.op})"
+        return f"{n.target} ({type(g.gm.get_submodule(str(n.target))).__name__})"
+    if n.op == "placeholder":
+        return "the model's input"
+    if n.op == "output":
+        return "the model's output"
+    if n.op == "get_attr":
+        return f"the tensor {n.target}"
+    return f"the {_op_name(n)} in {_owner(n)}"
+
+
+def _not_a_layer(g: _Graph, n: fx.Node) -> NotMergeable:
+    """Why a tuner on a value that ``n`` (no Linear, Conv or norm) produces cannot fold."""
+    if n.op in ("call_function", "call_method") and _op_name(n) in ("add", "iadd"):
+        return NotMergeable(
+            f"it changes the sum of two branches (the add in {_owner(n)}), which no single layer's weights "
+            "produce; put it on a BatchNorm, Linear or Conv layer inside a branch instead"
+        )
+    return NotMergeable(
+        f"it changes the output of {_op(g, n)}, which has no weights to fold it into; "
+        "put it on a Linear, Conv or norm layer instead"
+    )
+
+
+def _walk_back(g: _Graph, value: fx.Node) -> list[fx.Node]:
+    """``value`` and what it was made from through earlier tuners' joins, Identity and Dropout (the
+    identity in eval mode, which is what a merged model is for); the last node is the producer."""
+    chain = [value]
+    node = value
+    while True:
+        if node in g.replaced:
+            node = g.replaced[node]
+        elif node.op == "call_module" and isinstance(g.gm.get_submodule(str(node.target)), (nn.Identity, nn.Dropout)):
+            if not node.args or not isinstance(node.args[0], fx.Node):
+                return chain
+            node = node.args[0]
+        else:
+            return chain
+        chain.append(node)
 
 
 def _resolve_layer(g: _Graph, value: fx.Node, ts: TunerSite) -> fx.Node:
-    """The call of the base layer whose output ``value`` is (through earlier tuners, Identity, Dropout)."""
-    chain: list[fx.Node] = []
-    node = value
-    while True:
-        chain.append(node)
-        if _is_tuner(node) and node.args and isinstance(node.args[0], fx.Node):
-            node = node.args[0]
-        elif _is_add(node) and _is_tuner(node.args[1]) and isinstance(node.args[0], fx.Node):
-            node = node.args[0]
-        elif node.op == "call_module":
-            mod = g.gm.get_submodule(str(node.target))
-            if isinstance(mod, (nn.Identity, nn.Dropout)) and node.args and isinstance(node.args[0], fx.Node):
-                node = node.args[0]
-                continue
-            break
-        else:
-            raise NotMergeable(f"the value it changes comes from {_describe(node)}, not from a Linear, Conv or Norm")
+    """The call of the one base layer whose output ``value`` is; NotMergeable saying why it is not."""
+    chain = _walk_back(g, value)
+    node = chain[-1]
+    if node.op != "call_module" or layer_kind(g.gm.get_submodule(str(node.target))) is None:
+        raise _not_a_layer(g, node)
     path = str(node.target)
     mod = g.gm.get_submodule(path)
     act = getattr(mod, "act", None)
     if isinstance(act, nn.Module) and not isinstance(act, nn.Identity):  # timm's BatchNormAct2d, GroupNormAct...
-        raise NotMergeable(f"{path} ({type(mod).__name__}) applies {type(act).__name__} after its affine weights")
-    if layer_kind(mod) is None:
-        raise NotMergeable(f"the value it changes comes from {path} ({type(mod).__name__}), not a Linear, Conv or Norm")
+        raise NotMergeable(
+            f"{path} ({type(mod).__name__}) applies {type(act).__name__} after its weights, so a change of its "
+            "output cannot move into them; put it on a layer without a built-in activation"
+        )
     site = ts.site.split("@")[0]
     if path != site and not path.startswith(site + "."):
-        raise NotMergeable(f"the value it changes comes from {path}, outside its site")
+        raise NotMergeable(f"the value it changes is made by {path}, outside its site; folding would change that layer")
     if len(g.calls.get(path, [])) != 1:
-        raise NotMergeable(f"{path} is called {len(g.calls[path])} times; folding would change every call")
+        raise NotMergeable(
+            f"{path} runs {len(g.calls[path])} times in one forward pass (shared weights); "
+            "folding would change every use"
+        )
     if any(a.startswith(path + ".") for a in g.attrs):
-        raise NotMergeable(f"{path}'s weights are also read directly elsewhere in the graph")
+        raise NotMergeable(f"the model also reads {path}'s weights directly, and that use would see the folded weights")
     inside = set(chain)
     for n in chain:
-        for u in n.users:
-            if u in inside or _plumbing(u) or _is_tuner(u) or (_is_add(u) and _is_tuner(u.args[1])):
+        for u in n.users:  # besides the chain itself: tuners reading the value, and the joins onto it
+            if u in inside or _plumbing(u) or u in g.tuner_calls or g.replaced.get(u) is n:
                 continue
-            raise NotMergeable(f"{path}'s output is also used by {_describe(u)}, which would see the folded weights")
+            raise NotMergeable(
+                f"{path}'s output also feeds {_op(g, u)}, which would see the tuner's change once it is in "
+                f"{path}'s weights"
+            )
     return node
 
 
 # ---- where a tuner joins, and the per-kind math ------------------------------------------------------------
 
+_JOIN_WHY = {
+    "replace_input": "it changes what {site} reads, not the output of one layer",
+    "custom": "its kind wires it into {site} in its own way, not as a change of one layer's output",
+}
+
+
+def _reads(att: Attachment) -> str:
+    """What the tuner reads, in words: ``the input of blocks.0.mlp``."""
+    if att.tap in ("input", "output"):
+        return f"the {att.tap} of {att.site}"
+    if att.tap in ("parent.input", "parent.output"):  # the parent as Rewriter.tap finds it
+        parent = att.site.split("::")[0] if "::" in att.site else att.site.rpartition(".")[0]
+        return f"the {att.tap.split('.')[1]} of {parent or 'the model'} (around {att.site})"
+    return att.tap or "a value its kind chose"
+
+
+def _add_tap(att: Attachment, leaf: fx.Node) -> str:
+    """``input`` (``y + T(x)``, x the layer's own input) or ``output`` (``y + T(y)``): what T reads now."""
+    assert att.call is not None  # _Graph.attachment checked it
+    args = list(att.call.args) + list(att.call.kwargs.values())
+    if len(args) != 1:
+        raise NotMergeable(f"it reads {len(args)} values ({_reads(att)}), not just {leaf.target}'s input or output")
+    if leaf.args and args[0] is leaf.args[0]:
+        return "input"
+    if args[0] is att.onto:
+        return "output"
+    raise NotMergeable(
+        f"it reads {_reads(att)}, which is neither the input nor the output of {leaf.target}, so what it adds "
+        "is not a function of that layer alone"
+    )
+
 
 def locate(g: _Graph, ts: TunerSite) -> tuple[fx.Node, int, str]:
-    """``(layer call, graph position of the join, tap)`` for one tuner, read from the graph.
+    """``(layer call, graph position of the join, tap)`` for one tuner, from the rewriter's record.
 
     ``tap`` says how the tuner joins the layer's output ``y``: ``replace`` (``y <- T(y)``), ``input``
     (``y <- y + T(x)`` with ``x`` the layer's own input) or ``output`` (``y <- y + T(y)``).
     """
-    node = g.tuner_node(ts)
-    users = [u for u in node.users if not _plumbing(u)]
-    if len(users) == 1 and _is_add(users[0]) and users[0].args[1] is node:  # join_add: y + T(tap)
-        add = users[0]
-        leaf = _resolve_layer(g, add.args[0], ts)  # type: ignore[arg-type]
-        if len(node.args) != 1 or node.kwargs:
-            raise NotMergeable("it reads more than one value")
-        tap = node.args[0]
-        if leaf.args and tap is leaf.args[0]:
-            return leaf, g.order[add], "input"
-        if tap is add.args[0]:
-            return leaf, g.order[add], "output"
-        raise NotMergeable(f"it reads {_describe(tap)}, neither the input nor the output of {leaf.target}")  # type: ignore[arg-type]
-    if len(node.args) == 1 and isinstance(node.args[0], fx.Node) and not node.kwargs:  # join_replace: T(y)
-        return _resolve_layer(g, node.args[0], ts), g.order[node], "replace"
-    raise NotMergeable("its output is not joined to a single layer's output")
+    att = g.attachment(ts)
+    if att.join not in ("add", "replace") or att.onto is None or att.joined is None:
+        raise NotMergeable(_JOIN_WHY.get(att.join, _JOIN_WHY["custom"]).format(site=att.site))
+    leaf = _resolve_layer(g, att.onto, ts)
+    tap = "replace" if att.join == "replace" else _add_tap(att, leaf)
+    return leaf, g.order[att.joined], tap
 
 
 MergeFn = Callable[[Layer, str], None]
@@ -198,7 +264,7 @@ def _why_not(kind: str, mod: nn.Module) -> str:
 def merged_state_dict(built: Any) -> MergeResult:
     """The base state with every tuner folded in; ExportError listing every tuner that cannot fold."""
     gm: fx.GraphModule = built.model
-    g = _Graph(gm)
+    g = _Graph(gm, getattr(built, "attachments", ()))
     steps: list[FoldStep] = []
     refused: list[tuple[TunerSite, str]] = []
     for ts in tuner_sites(built):
@@ -227,7 +293,8 @@ def merged_state_dict(built: Any) -> MergeResult:
             if (getattr(mod, "weight", None) is not None and w not in state) or (
                 getattr(mod, "bias", None) is not None and b not in state
             ):
-                refused.append((step.ts, f"{step.layer}'s weights are not in the base model's state dict"))
+                why = f"{step.layer}'s weights are not in the model's state dict; the fold has nowhere to go"
+                refused.append((step.ts, why))
                 continue
             kind = layer_kind(mod)
             assert kind is not None  # _resolve_layer checked it

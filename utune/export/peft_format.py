@@ -9,10 +9,12 @@ Writes what ``PeftModel.save_pretrained`` writes for a LoRA model (format of PEF
   module to save, its full state as ``base_model.model.<module>.<tensor>``.
 
 ``PeftModel.from_pretrained(timm.create_model(name, num_classes=K), folder)`` then computes what the utune
-model computes (same scaling ``alpha / r``, same A/B shapes for Linear and Conv2d). Refused, with the reason:
-any tuner that is not LoRA; LoRA with ``slices`` (PEFT adds one ``B A`` to the whole fused qkv); a dilated
-Conv2d (PEFT's conv ``lora_A`` has no dilation); a layer called more than once; a trainable parameter on the
-model itself; and names PEFT would match ambiguously (it picks ``target_modules`` by ``.``-suffix and
+model computes (same scaling ``alpha / r``, same A/B shapes for Linear and Conv2d). A LoRA with ``slices`` on a
+fused qkv becomes one PEFT LoRA on the whole layer: rank ``R = Σ r_s``, ``A`` the slices' A stacked, ``B`` a
+block matrix holding each slice's B in its output third (zero rows for the frozen thirds), alpha ``s · R``
+so that PEFT's ``(alpha / R) B A`` is utune's delta. Refused, with the reason: any tuner that is not LoRA; a
+dilated Conv2d (PEFT's conv ``lora_A`` has no dilation); a layer called more than once; a trainable parameter
+on the model itself; and names PEFT would match ambiguously (it picks ``target_modules`` by ``.``-suffix and
 ``modules_to_save`` by plain suffix, so ``norm`` would also pick ``fc_norm``).
 """
 
@@ -35,7 +37,7 @@ from utune.export.merge import Verification, _Graph, forward_eval, plain_model, 
 from utune.graph.rewrite import TUNER_ROOT
 from utune.spec import spec_hash
 from utune.train.checkpoint import trainable_state
-from utune.tuners.lora import Lora
+from utune.tuners.lora import SLICES, Lora
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -48,7 +50,29 @@ def _most_common(values: list[Any], default: Any) -> Any:
 
 
 def _number(x: float) -> float | int:
-    return int(x) if float(x).is_integer() else float(x)
+    """``x`` as an int when it is one up to float rounding (``alpha = (alpha_u / r_u) · R`` may be 7.999...)."""
+    r = round(x)
+    return int(r) if abs(x - r) <= 1e-9 * max(1.0, abs(x)) else float(x)
+
+
+def _peft_lora(m: Lora) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(A, B, alpha)`` of the PEFT LoRA equal to ``m``: ``(alpha / R) · B A = m.delta_weight()``.
+
+    Slices: ``A = [A_q; A_v]`` (R x in), ``B`` (3C x R) with ``B_q`` in rows ``0:C``, columns ``0:r_q``,
+    ``B_v`` in rows ``2C:3C``, columns ``r_q:R``, zeros elsewhere (the frozen k third gets no delta).
+    """
+    if m.slices is None:
+        a, b = m.branch.lora_A.weight.detach(), m.branch.lora_B.weight.detach()
+        return a, b, m.scaling * a.shape[0]
+    thirds = [(i, m.branches[s]) for i, s in enumerate(SLICES) if s in m.branches]  # A rows follow B columns
+    a = torch.cat([br.lora_A.weight.detach() for _, br in thirds])
+    b = thirds[0][1].lora_B.weight.new_zeros(3 * m.part, a.shape[0])
+    col = 0
+    for i, br in thirds:
+        rank = br.lora_A.weight.shape[0]  # each slice's own rank, so slices of different ranks stack too
+        b[i * m.part : (i + 1) * m.part, col : col + rank] = br.lora_B.weight.detach()
+        col += rank
+    return a, b, m.scaling * a.shape[0]  # PEFT scales by alpha / R, utune by m.scaling
 
 
 def _lora_layers(built: Any) -> tuple[dict[str, tuple[TunerSite, Lora]], list[tuple[TunerSite, str]]]:
@@ -60,14 +84,6 @@ def _lora_layers(built: Any) -> tuple[dict[str, tuple[TunerSite, Lora]], list[tu
         mod = gm.get_submodule(ts.module)
         if not isinstance(mod, Lora):
             refused.append((ts, "PEFT's LoRA format holds only LoRA tuners"))
-        elif mod.slices:
-            refused.append(
-                (
-                    ts,
-                    f"slices {mod.slices} leave part of the fused qkv frozen; PEFT's LoRA adds one "
-                    "B A to the whole layer",
-                )
-            )
         elif "@" in ts.site or len(g.calls.get(ts.site, [])) != 1:
             refused.append((ts, "the layer is called more than once; PEFT would change every call"))
         elif ts.site in layers:
@@ -113,8 +129,9 @@ def peft_adapter(built: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         else:
             msg = "cannot express this model in PEFT's LoRA format:\n" + "\n".join(f"  - {p}" for p in problems)
         raise ExportError(msg, hint=_HINT)
-    ranks = {p: int(m.branch.lora_A.weight.shape[0]) for p, (_, m) in layers.items()}
-    alphas = {p: _number(m.scaling * ranks[p]) for p, (_, m) in layers.items()}
+    peft = {p: _peft_lora(m) for p, (_, m) in layers.items()}
+    ranks = {p: int(a.shape[0]) for p, (a, _, _) in peft.items()}
+    alphas = {p: _number(alpha) for p, (_, _, alpha) in peft.items()}
     drops = [float(getattr(m.dropout, "p", 0.0)) for _, m in layers.values()]
     r = _most_common(list(ranks.values()), 8)
     alpha = _most_common(list(alphas.values()), r)
@@ -141,9 +158,9 @@ def peft_adapter(built: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         "revision": None,
     }
     tensors: dict[str, torch.Tensor] = {}
-    for p, (_, m) in layers.items():
-        tensors[f"{PREFIX}{p}.lora_A.weight"] = m.branch.lora_A.weight.detach()
-        tensors[f"{PREFIX}{p}.lora_B.weight"] = m.branch.lora_B.weight.detach()
+    for p, (a, b, _) in peft.items():
+        tensors[f"{PREFIX}{p}.lora_A.weight"] = a
+        tensors[f"{PREFIX}{p}.lora_B.weight"] = b
     for o in owners:
         for k, v in built.base.get_submodule(o).state_dict().items():
             tensors[f"{PREFIX}{o}.{k}"] = v.detach()

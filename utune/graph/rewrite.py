@@ -7,6 +7,10 @@ Joins:
 - ``replace_input``: the site reads ``T(in)`` instead of ``in`` (prompt tokens);
 - custom joins (attention K/V) are built from :meth:`Rewriter.call` and :meth:`Rewriter.redirect`.
 
+Every tuner module gets an :class:`~utune.graph.manifest.Attachment` when it is added, completed by the
+join that wires it (:attr:`Rewriter.attachments`, in insertion order): the one record of how it was
+attached, which merge and the exports read instead of re-inferring joins from the graph.
+
 Each pass inserts nodes, then the graph is linted and recompiled; a failure names the rule and the
 site. New nodes get the module stack of the site's parent, so later passes still see one composite
 site per module. Values a pass replaced are tracked, so rules stack on the same site in spec order.
@@ -15,6 +19,7 @@ site per module. Values a pass replaced are tracked, so rules stack on the same 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import operator
 import re
 from collections.abc import Callable, Iterator
@@ -25,6 +30,7 @@ import torch
 from torch import fx, nn
 
 from utune.errors import RewriteError, SelectionError
+from utune.graph.manifest import Attachment, Join
 from utune.graph.shapes import NodeFailure, propagate_shapes
 from utune.graph.sites import Site
 
@@ -52,6 +58,7 @@ class Rewriter:
         self.graph = gm.graph
         self.sites = sites
         self._current: dict[fx.Node, fx.Node] = {}
+        self._attached: dict[str, Attachment] = {}  # tuner module name -> how it was attached
         self.rule = ""
         self.site: Site | None = None
         if not hasattr(gm, TUNER_ROOT):
@@ -128,10 +135,32 @@ class Rewriter:
                 "a fixed count); select other sites or another kind",
             ) from e
 
+    # ----- the record of what was attached -----
+    @property
+    def attachments(self) -> list[Attachment]:
+        """One record per tuner module, in insertion order."""
+        return list(self._attached.values())
+
+    def _owner(self, target: str) -> str | None:
+        """The tuner module ``target`` is (or is a submodule of), when it is one."""
+        if target in self._attached:
+            return target
+        return next((name for name in self._attached if target.startswith(name + ".")), None)
+
+    def record(self, target: str, join: Join, tap: str | None, call: fx.Node, onto: fx.Node, joined: fx.Node) -> None:
+        """Complete the record of tuner module ``target`` (kinds with custom joins may call this too)."""
+        owner = self._owner(target)
+        if owner is None:  # a kind calling a module it did not add through add_module: nothing to record
+            return
+        self._attached[owner] = dataclasses.replace(
+            self._attached[owner], join=join, tap=tap, call=call, onto=onto, joined=joined
+        )
+
     # ----- insertion -----
     def add_module(self, site: Site, module: nn.Module) -> str:
         name = f"{TUNER_ROOT}.{module_key(self.rule)}.{module_key(site.path)}"
         self.gm.add_submodule(name, module)
+        self._attached[name] = Attachment(self.rule, site.path, name)  # "custom" until a join completes it
         return name
 
     def _stack_for(self, site: Site) -> dict[str, Any]:
@@ -153,7 +182,11 @@ class Rewriter:
 
     def call(self, target: str, args: tuple[Any, ...], after: fx.Node, kwargs: dict[str, Any] | None = None) -> fx.Node:
         with self.graph.inserting_after(after):
-            return self._new(self.graph.call_module(target, args, kwargs or {}))
+            node = self._new(self.graph.call_module(target, args, kwargs or {}))
+        owner = self._owner(target)
+        if owner is not None and self._attached[owner].call is None:  # custom joins: at least the call is known
+            self._attached[owner] = dataclasses.replace(self._attached[owner], call=node)
+        return node
 
     def call_function(self, fn: Callable[..., Any], args: tuple[Any, ...], after: fx.Node) -> fx.Node:
         with self.graph.inserting_after(after):
@@ -180,21 +213,36 @@ class Rewriter:
         return max(nodes, key=lambda n: order[n])
 
     # ----- the standard joins -----
-    def join_add(self, site: Site, target: str, tap: fx.Node, extra: tuple[Any, ...] = ()) -> fx.Node:
+    def join_add(
+        self,
+        site: Site,
+        target: str,
+        tap: str | fx.Node,
+        extra: tuple[Any, ...] = (),
+        reads: str | None = None,
+    ) -> fx.Node:
+        """``y = out + T(tap, *extra)``; ``tap`` names what T reads (``input``, ``parent.output``...) or is
+        a node a kind computed itself, then described by ``reads`` for the record."""
+        where = tap if isinstance(tap, str) else (reads or "custom")
+        node = self.tap(site, tap) if isinstance(tap, str) else tap
         out = self.output(site)
-        t = self.call(target, (tap, *extra), after=self.later(out, tap, *[e for e in extra if isinstance(e, fx.Node)]))
+        inputs = [node, *[e for e in extra if isinstance(e, fx.Node)]]
+        t = self.call(target, (node, *extra), after=self.later(out, *inputs))
         y = self.call_function(operator.add, (out, t), after=t)
         if "tensor_meta" in out.meta:  # same shape as the value it replaces
             y.meta["tensor_meta"] = out.meta["tensor_meta"]
         self.redirect(out, y, keep={t, y})
+        self.record(target, "add", where, call=t, onto=out, joined=y)
         return y
 
     def join_replace(self, site: Site, target: str) -> fx.Node:
+        """``y = T(out)``: every reader of the site's output reads the tuner's instead."""
         out = self.output(site)
         y = self.call(target, (out,), after=out)
         if "tensor_meta" in out.meta:
             y.meta["tensor_meta"] = out.meta["tensor_meta"]
         self.redirect(out, y, keep={y})
+        self.record(target, "replace", "output", call=y, onto=out, joined=y)
         return y
 
     def join_replace_input(self, site: Site, target: str) -> fx.Node:
@@ -205,6 +253,7 @@ class Rewriter:
         for user in list(inp.users):
             if user in inside:
                 user.replace_input_with(inp, y)
+        self.record(target, "replace_input", "input", call=y, onto=inp, joined=y)
         return y
 
     # ----- bookkeeping -----

@@ -93,7 +93,7 @@ class Adapter(nn.Module):
         elif tap == "output":
             layer.mix_outputs(torch.eye(m.shape[0], dtype=m.dtype) + m, c)
         else:
-            raise NotMergeable(f"it is joined as {tap}")
+            raise NotMergeable(f"it replaces {layer.path}'s output instead of adding to it")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = self.channel_dim

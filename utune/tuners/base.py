@@ -63,7 +63,7 @@ class TunerKind:
         module = self.build(site, rw)
         name = rw.add_module(site, module)
         where = self.rule.tap or ("input" if self.placement == "parallel" else "output")
-        rw.join_add(site, name, rw.tap(site, where))
+        rw.join_add(site, name, where)
         return [name]
 
     def insert_rule(self, rw: Rewriter, sites: list[Site]) -> list[str]:

@@ -148,5 +148,5 @@ class LoraKind(TunerKind):
     def insert(self, rw: Rewriter, site: Site) -> list[str]:
         module = self.build(site, rw)
         name = rw.add_module(site, module)
-        rw.join_add(site, name, rw.tap(site, "input"))
+        rw.join_add(site, name, "input")
         return [name]

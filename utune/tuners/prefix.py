@@ -144,5 +144,5 @@ class PrefixKind(TunerKind):
         name = rw.add_module(site, module)
         src = query_source(rw, proj, tap)
         q_all = rw.call_base(proj.q, (src,), after=src)
-        rw.join_add(site, name, q_all)
+        rw.join_add(site, name, q_all, reads=f"{where} through {proj.q}")
         return [name]

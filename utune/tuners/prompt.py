@@ -178,5 +178,5 @@ class PromptKind(TunerKind):
         q_all = rw.call_base(proj.q, (src,), after=rw.later(tokens, src))
         k_all = rw.call_base(proj.k, (tokens,), after=q_all)
         v_all = k_all if proj.v == proj.k else rw.call_base(proj.v, (tokens,), after=k_all)
-        rw.join_add(site, name, q_all, extra=(k_all, v_all))
+        rw.join_add(site, name, q_all, extra=(k_all, v_all), reads=f"{where} through {proj.q}")
         return [name]

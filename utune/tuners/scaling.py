@@ -56,7 +56,7 @@ class ChannelAffine(nn.Module):
     def fold(self, layer: Layer, tap: str) -> None:
         """Merge: ``y <- s ⊙ y + t`` on the layer's output channels (its weight rows and bias)."""
         if tap != "replace":
-            raise NotMergeable(f"it is joined as {tap}, not as a map of the layer's output")
+            raise NotMergeable(f"it adds to {layer.path}'s output instead of rescaling it")
         layer.check_axis(self.channel_dim, "its scale/shift")
         layer.scale_shift(f64(self.effective_scale()), f64(self.shift))
 
