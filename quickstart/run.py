@@ -56,8 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--augment",
         choices=("none", "utune"),
         default="none",
-        help="training-split transform: none (data.augment=false: the evaluation resize, the default) or utune\n"
-        "(utune's default timm augmentation; see README)",
+        help="training-split transform: none (the specs' data.augment: false, the evaluation resize) or utune\n"
+        "(data.augment=true: utune's default timm augmentation; see README)",
     )
     p.add_argument("--no-export", action="store_true", help="skip the export step")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides for every method, e.g. train.epochs=2")
@@ -405,8 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     import utune
     from utune.models import read_state_dict
 
-    if args.augment == "none":  # tiny digits: timm's random-resized crops and flips destroy them (README)
-        args.overrides = ["data.augment=false", *args.overrides]
+    if args.augment == "utune":  # the specs say data.augment: false (tiny digits; see README)
+        args.overrides = ["data.augment=true", *args.overrides]
 
     if args.methods:
         wanted = [m.strip() for m in args.methods.split(",") if m.strip()]

@@ -261,8 +261,8 @@ def _build(spec: Spec, verify: bool, seed: int, t0: float) -> Built:
         report["output_scale"] = float(base_out.abs().max())
         if report["output_scale"] == 0.0:
             warnings.append(
-                "--verify: the base model's output is all zeros (a zero-initialised head, e.g. torchvision "
-                "without weights), so the comparison shows nothing; verify with pretrained weights"
+                "--verify: the base model's output is all zeros (its head starts at zero, as torchvision's "
+                "without weights or the quickstart's backbone do), so |tuned - base| is the tuned output itself"
             )
     report["build_seconds"] = round(time.perf_counter() - t0, 3)
     report["timings"] = {  # where build time goes: model creation (weight init), trace + shapes, passes

@@ -2,50 +2,26 @@
 
 from __future__ import annotations
 
-import difflib
-import functools
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from utune._names import TORCHVISION_PREFIX, unknown_model
 from utune.errors import ModelError
 
-TORCHVISION_PREFIX = "torchvision:"
 
-
-@functools.lru_cache(maxsize=1)
-def _timm_names() -> tuple[str, ...]:
-    import timm
-
-    return tuple(timm.list_models())
-
-
-@functools.lru_cache(maxsize=1)
-def _torchvision_names() -> tuple[str, ...]:
-    import torchvision
-
-    return tuple(torchvision.models.list_models(module=torchvision.models))
-
-
-def _unknown(name: str) -> ModelError:
-    candidates = [f"{TORCHVISION_PREFIX}{n}" for n in _torchvision_names()] + list(_timm_names())
-    close = difflib.get_close_matches(name, candidates, n=4, cutoff=0.6)
-    hint = (
-        f"did you mean {', '.join(close)}?"
-        if close
-        else "list timm names with `python -c 'import timm; print(timm.list_models(\"*vit*\"))'`"
-    )
-    return ModelError(f"unknown model {name!r}", hint=hint)
+def _unknown(name: str) -> ModelError | None:
+    found = unknown_model(name)
+    return ModelError(*found) if found is not None else None
 
 
 def _create_timm(name: str, num_classes: int | None, kwargs: dict[str, Any], download: bool) -> nn.Module:
     import timm
 
-    base = name.split(".")[0]  # 'vit_base_patch16_224.augreg_in21k' selects a pretrained tag
-    if base not in _timm_names():
-        raise _unknown(name)
+    if (err := _unknown(name)) is not None:
+        raise err
     args = dict(kwargs)
     if num_classes is not None:
         args["num_classes"] = num_classes
@@ -64,8 +40,8 @@ def _create_torchvision(name: str, num_classes: int | None, kwargs: dict[str, An
     import torchvision
 
     short = name[len(TORCHVISION_PREFIX) :]
-    if short not in _torchvision_names():
-        raise _unknown(name)
+    if (err := _unknown(name)) is not None:
+        raise err
     args = dict(kwargs)
     try:
         if download:

@@ -89,6 +89,17 @@ _LAYERS_SCHEMA = {
 
 class ModelConfig(Section):
     name: str = Field(min_length=1, description="timm name, or 'torchvision:<name>'")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from utune._names import unknown_model
+
+        found = unknown_model(name)
+        if found is not None:
+            raise ValueError(f"{found[0]}; {found[1]}")
+        return name
+
     pretrained: bool | str = Field(default=False, description="true, false, or a .safetensors/.pth path")
     num_classes: int | None = Field(
         default=None, gt=0, description="classes of the head; null: the dataset's class count (else the model's)"
@@ -234,12 +245,20 @@ def load_spec(source: str | Path | dict[str, Any] | Spec, overrides: Sequence[st
         _resolve_paths(data, Path.cwd())
         return _build(data, None, "<dict>", overrides)
     path = Path(source)
+    if path.is_dir():
+        raise SpecError(f"{path} is a folder, not a spec file", hint="pass the spec's .yaml file")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise SpecError(f"spec file not found: {path}", hint="check the path") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SpecError(f"cannot read spec {path}: {exc}") from None
+        raise SpecError(
+            f"spec file not found: {path}", hint="check the path (relative to the current folder)"
+        ) from None
+    except UnicodeDecodeError:
+        raise SpecError(f"spec {path} is not a text file (not UTF-8)", hint="pass the spec's .yaml file") from None
+    except OSError as exc:
+        raise SpecError(
+            f"cannot read spec {path}: {exc.strerror or exc}", hint="check the file's permissions"
+        ) from None
     return load_spec_text(text, str(path), overrides, path=path)
 
 

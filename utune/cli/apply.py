@@ -103,6 +103,9 @@ def _train(
     from utune.train.run import check_classes, check_resume_spec, resolve_run_dir, train_run
 
     spec = load_spec(spec_path, ov)
+    from utune.train.distributed import check_environment
+
+    check_environment(spec.train.device)
     run_dir = resolve_run_dir(str(spec_path), out_dir, resume)
     opened = open_datasets(spec.data, splits=("train", "val"), download=download)
     notes = []

@@ -30,6 +30,12 @@ def inspect(
 ) -> None:
     """List the sites of a model's graph: path, op, type, output shape, parameters. Needs no weights."""
     set_format(fmt, ("table", "tree", "json"))
+    if not model_or_spec.endswith((".yaml", ".yml")):
+        from utune._names import unknown_model
+        from utune.errors import ModelError
+
+        if (found := unknown_model(model_or_spec)) is not None:  # before the (slow) torch import
+            raise ModelError(*found)
     from utune.api import inspect_with_rules
     from utune.graph.glob import glob_match
 

@@ -236,13 +236,25 @@ def save_checkpoint(
     return final
 
 
+def _save_tensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors' ``save_file``; its own error type for a failed write becomes the OSError it wraps."""
+    try:
+        save_file(dict(tensors), str(path), metadata=metadata)
+    except Exception as e:  # SafetensorError("... I/O error: File too large (os error 27)")
+        found = re.search(r"os error (\d+)", str(e))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
+
+
 def _write_folder(
     ckpt_dir: Path, final: Path, step: int, weights: Mapping[str, torch.Tensor], state: Mapping[str, Any]
 ) -> None:
     tmp = temp_dir(ckpt_dir, ".tmp-")
     try:
         tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in weights.items()}
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "step": str(step)})
+        _save_tensors(tensors, tmp / WEIGHTS, {"format": "pt", "step": str(step)})
         _fsync_path(tmp / WEIGHTS)
         with open(tmp / STATE, "wb") as f:
             torch.save(dict(state), f)

@@ -74,17 +74,12 @@ def resolve_device(requested: str | None = None) -> torch.device:
     return device
 
 
-def setup(requested_device: str | None = None) -> torch.device:
-    """Join the process group torchrun describes (idempotent) and return this process's device.
-
-    NCCL when training on CUDA, gloo on CPU. Without ``WORLD_SIZE`` > 1 it only resolves the device.
-    """
+def check_environment(requested_device: str | None = None) -> torch.device:
+    """The device and torchrun's environment, checked before anything slow starts (DeviceError if wrong)."""
     device = resolve_device(requested_device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # NCCL and all_gather_object use the current device
     if _env_int("WORLD_SIZE", 1) > 1 and not initialized():
-        if not dist.is_available():
-            raise DeviceError("WORLD_SIZE > 1 but this torch build has no torch.distributed support")
+        for key in ("RANK", "LOCAL_RANK"):
+            _env_int(key, 0)  # a clear error for a value that is not a number
         missing = [k for k in ("MASTER_ADDR", "MASTER_PORT", "RANK") if not os.environ.get(k)]
         if missing:
             raise DeviceError(
@@ -92,6 +87,20 @@ def setup(requested_device: str | None = None) -> torch.device:
                 hint="start multi-process training with `torchrun --nproc_per_node N -m utune apply ...`, "
                 "or unset WORLD_SIZE",
             )
+    return device
+
+
+def setup(requested_device: str | None = None) -> torch.device:
+    """Join the process group torchrun describes (idempotent) and return this process's device.
+
+    NCCL when training on CUDA, gloo on CPU. Without ``WORLD_SIZE`` > 1 it only resolves the device.
+    """
+    device = check_environment(requested_device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL and all_gather_object use the current device
+    if _env_int("WORLD_SIZE", 1) > 1 and not initialized():
+        if not dist.is_available():
+            raise DeviceError("WORLD_SIZE > 1 but this torch build has no torch.distributed support")
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs: dict[str, Any] = {"backend": backend, "init_method": "env://"}
         if device.type == "cuda":
