@@ -179,6 +179,15 @@ def test_features_carry_the_tuners(case: str) -> None:
         assert close(model.forward_head(feats, pre_logits=True), base.forward_head(feats, pre_logits=True))
 
 
+def test_training_through_the_parts() -> None:
+    built = build(spec("vit"))
+    model = built.model.train()
+    loss = model.forward_head(model.forward_features(batch(built))).logsumexp(-1).sum()
+    loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert grads == {n for n, p in model.named_parameters() if p.requires_grad}
+
+
 @pytest.mark.parametrize(
     "tuner",
     [
@@ -266,6 +275,8 @@ def test_reset_classifier_undoes_what_the_graph_cannot_follow() -> None:
     assert base.global_pool == "token"
     with torch.no_grad():
         assert model(batch(built)).shape == (2, K)
+    output = next(n for n in model.graph.nodes if n.op == "output")
+    assert tuple(output.args[0].meta["tensor_meta"].shape) == (2, K)  # the old head's shapes again
 
 
 def test_merged_export_after_reset_classifier() -> None:

@@ -163,7 +163,7 @@ class TunedModel(fx.GraphModule):
         sized for the old head) is undone and raises TunedModelError.
         """
         base = self.__dict__[_BASE]
-        follow_head(self, base, lambda: base.reset_classifier(num_classes, *args, **kwargs))
+        _follow_head(self, base, lambda: base.reset_classifier(num_classes, *args, **kwargs))
 
     # ----- copies -----
     def __deepcopy__(self, memo: dict[int, Any]) -> TunedModel:
@@ -319,7 +319,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _adapt(new: Any, old: Any, ref: torch.Tensor | None) -> None:
-    """The new head module takes the old one's trainability, mode, device and dtype."""
+    """The new head module takes the old one's trainability (frozen if it had no parameters), mode, device, dtype."""
     if not isinstance(new, nn.Module):
         return
     flags = {n: p.requires_grad for n, p in old.named_parameters()} if isinstance(old, nn.Module) else {}
@@ -330,7 +330,7 @@ def _adapt(new: Any, old: Any, ref: torch.Tensor | None) -> None:
     new.train(old.training if isinstance(old, nn.Module) else True)
 
 
-def follow_head(tuned: TunedModel, base: nn.Module, reset: Callable[[], None]) -> None:
+def _follow_head(tuned: TunedModel, base: nn.Module, reset: Callable[[], None]) -> None:
     """Run ``reset`` (the base's reset_classifier), then make the tuned graph call the new head modules."""
     before = _Before.take(base, _targets(tuned.graph))
     old: dict[str, Any] = {}
@@ -349,6 +349,7 @@ def follow_head(tuned: TunedModel, base: nn.Module, reset: Callable[[], None]) -
             _put(tuned, t, obj)
         before.restore()
         if isinstance(e, NodeFailure):
+            _propagate(tuned)  # the old head's shapes again
             raise _misfit(e) from e
         raise
 
