@@ -257,6 +257,16 @@ def test_reset_classifier(case: str) -> None:
     train_steps(built, steps=1, classes=3)  # trains with the new head
 
 
+def test_reset_classifier_follows_the_old_heads_dtype() -> None:
+    # as it would its device: timm makes the new head on the CPU in float32, the tuned model runs where it ran
+    built = build(spec("vit"))
+    model = built.model.double()
+    model.reset_classifier(3)
+    assert model.head.weight.dtype == torch.float64
+    with torch.no_grad():
+        assert model(batch(built).double()).shape == (2, 3)
+
+
 def test_reset_classifier_keeps_a_frozen_head_frozen() -> None:
     built = build(spec("vit", trainable=[]))
     built.model.reset_classifier(3)

@@ -14,6 +14,7 @@ graph and state-dict keys) with the base model kept beside it, not registered as
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -349,15 +350,17 @@ def _follow_head(tuned: TunedModel, base: nn.Module, reset: Callable[[], None]) 
             _put(tuned, t, obj)
         before.restore()
         if isinstance(e, NodeFailure):
-            _propagate(tuned)  # the old head's shapes again
+            with contextlib.suppress(NodeFailure):
+                _propagate(tuned)  # the old head's shapes again
             raise _misfit(e) from e
         raise
 
 
 def _propagate(tuned: TunedModel) -> None:
     """Run the graph once on a dummy batch, recording each node's shape (export reads them)."""
-    ref = next(iter(tuned.parameters()), None)
+    ref = next((p for p in tuned.parameters() if p.is_floating_point()), None)
     x = torch.zeros(2, *tuned.__dict__[_SIZE], device=ref.device if ref is not None else None)
+    x = x.to(ref.dtype) if ref is not None else x
     with modes_kept(tuned):
         propagate_shapes(tuned, x)
 
