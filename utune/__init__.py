@@ -4,7 +4,8 @@ The Python API the CLI is built on::
 
     import utune
     spec = utune.load_spec("spec.yaml", overrides=["tuners.0.dim=16"])
-    built = utune.build(spec)        # .model (rewritten nn.Module), .report (counts per rule)
+    built = utune.build(spec)        # .model (the rewritten GraphModule, with the base model's API), .report
+    feats = built.model.forward_features(x)  # timm models: the tuned features (utune.tuned.TunedModel)
     rows = utune.inspect("vit_base_patch16_224")
 """
 

@@ -20,6 +20,7 @@ from utune.graph.sites import Site, find_sites
 from utune.graph.trace import trace
 from utune.models import create_model, data_config, input_size
 from utune.spec import Spec, load_spec
+from utune.tuned import TunedModel
 from utune.tuners.registry import get_kind
 
 
@@ -39,7 +40,7 @@ class Built:
     """The result of :func:`build`: the rewritten model (trainable parameters set) and its report."""
 
     spec: Spec
-    model: fx.GraphModule
+    model: TunedModel  # the rewritten GraphModule, with the base model's public API
     base: nn.Module  # the untouched model object (shares the frozen parameters with ``model``)
     report: dict[str, Any]
     input_size: tuple[int, int, int]
@@ -253,6 +254,7 @@ def _build(spec: Spec, verify: bool, seed: int, t0: float) -> Built:
     t_rewritten = time.perf_counter()
     opened = _freeze(gm, list(spec.trainable))
     gm.train(model.training)
+    tuned = TunedModel.adopt(gm, model, traced.input_size)
     report = _report(spec, gm, opened, rules, traced, warnings)
     if verify:
         assert x is not None and base_out is not None
@@ -272,7 +274,7 @@ def _build(spec: Spec, verify: bool, seed: int, t0: float) -> Built:
     }
     return Built(
         spec,
-        gm,
+        tuned,
         model,
         report,
         traced.input_size,

@@ -71,6 +71,20 @@ class RewriteError(UtuneError):
     """A graph pass failed while inserting a tuner."""
 
 
+class TunedModelError(UtuneError):
+    """The tuned model cannot do what the base model's method would (no features/head split in its
+    graph, a new head the traced graph cannot call)."""
+
+    exit_code = 2  # the model or the call is the user's choice
+
+
+class UnavailableAttributeError(TunedModelError, AttributeError):
+    """A base model attribute the tuned model does not offer, with the reason.
+
+    Also an AttributeError, so ``hasattr`` and ``getattr(model, name, default)`` see it as absent.
+    """
+
+
 class ExportError(UtuneError):
     """An export that cannot be done (non-mergeable tuner, verification failure, existing file)."""
 

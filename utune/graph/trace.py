@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -77,6 +79,58 @@ def _concrete_args(model: nn.Module) -> dict[str, Any]:
     params = list(sig.parameters.values())[1:]  # the first is the image
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty and p.kind in kinds}
+
+
+@contextmanager
+def modes_kept(model: nn.Module) -> Iterator[None]:
+    """Restore every submodule's own train/eval flag afterwards (``model.train(was)`` would set them all alike).
+
+    A tuned model shares its leaf layers with the base model, so a mode set on one for a while must not
+    leak into the other.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        yield
+    finally:
+        for m, was in modes:
+            m.training = was
+
+
+def trace_calls(model: nn.Module, methods: tuple[str, ...]) -> tuple[fx.Graph, dict[str, list[tuple[Any, ...]]]]:
+    """Trace ``model`` (train mode) recording each call ``forward`` makes to ``methods``.
+
+    fx records no node for a Python method call, so each method is shadowed by an instance attribute
+    for the length of the trace; each call appends ``(args, kwargs, result)`` (proxies) to its list.
+    fx names nodes in call order, so the names are those of :func:`trace`'s graph (whose train and
+    eval graphs have the same nodes).
+    """
+    calls: dict[str, list[tuple[Any, ...]]] = {name: [] for name in methods}
+    missing = object()
+    saved = {name: model.__dict__.get(name, missing) for name in methods}
+
+    def watch(name: str) -> Any:
+        method = getattr(model, name)
+
+        def watched(*args: Any, **kwargs: Any) -> Any:
+            out = method(*args, **kwargs)
+            calls[name].append((args, kwargs, out))
+            return out
+
+        return watched
+
+    try:
+        for name in methods:
+            model.__dict__[name] = watch(name)
+        with modes_kept(model):
+            model.train()
+            graph = UtuneTracer().trace(model, concrete_args=_concrete_args(model))
+    finally:
+        for name, old in saved.items():
+            if old is missing:
+                model.__dict__.pop(name, None)
+            else:
+                model.__dict__[name] = old
+    return graph, calls
 
 
 def _trace_once(model: nn.Module, name: str) -> fx.GraphModule:
