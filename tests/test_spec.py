@@ -250,7 +250,7 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 def test_directory_is_not_a_spec(tmp_path: Path) -> None:
-    with pytest.raises(SpecError, match="cannot read spec"):
+    with pytest.raises(SpecError, match="is a folder, not a spec file"):
         load_spec(tmp_path)
 
 
@@ -326,10 +326,10 @@ def test_overrides_apply(tmp_path: Path) -> None:
 
 
 def test_overrides_do_not_touch_the_callers_dict() -> None:
-    data = {"version": 1, "model": {"name": "vit"}}
-    spec = load_spec(data, ["model.name=deit", "train.epochs=1"])
-    assert data == {"version": 1, "model": {"name": "vit"}}
-    assert spec.model.name == "deit" and spec.source == "<dict>"
+    data = {"version": 1, "model": {"name": "test_vit"}}
+    spec = load_spec(data, ["model.name=test_vit2", "train.epochs=1"])
+    assert data == {"version": 1, "model": {"name": "test_vit"}}
+    assert spec.model.name == "test_vit2" and spec.source == "<dict>"
 
 
 def test_load_a_loaded_spec_applies_overrides_again(tmp_path: Path) -> None:
@@ -360,7 +360,7 @@ def test_valid_spec_loads(tmp_path: Path) -> None:
 
 
 def test_empty_sections_take_defaults(tmp_path: Path) -> None:
-    spec = load_spec(write(tmp_path, "version: 1\nmodel: {name: vit}\ntuners:\ntrain:\n# all commented\n"))
+    spec = load_spec(write(tmp_path, "version: 1\nmodel: {name: test_vit}\ntuners:\ntrain:\n# all commented\n"))
     assert spec.tuners == [] and spec.train.epochs == 10
 
 
@@ -380,7 +380,7 @@ def test_empty_sections_take_defaults(tmp_path: Path) -> None:
 )
 def test_at_forms_normalise(tmp_path: Path, at: str, expected: Selector) -> None:
     spec = load_spec(
-        write(tmp_path, f"version: 1\nmodel: {{name: vit}}\ntuners:\n  - {{name: a, kind: fake, at: {at}}}\n")
+        write(tmp_path, f"version: 1\nmodel: {{name: test_vit}}\ntuners:\n  - {{name: a, kind: fake, at: {at}}}\n")
     )
     got = spec.tuners[0].at
     assert got.path == expected.path and got.type == expected.type and got.layers == expected.layers
@@ -400,7 +400,7 @@ def test_spec_to_yaml_round_trips(tmp_path: Path) -> None:
 
 
 def test_spec_hash_tracks_settings() -> None:
-    base = {"version": 1, "model": {"name": "vit"}}
+    base = {"version": 1, "model": {"name": "test_vit"}}
     h = spec_hash(load_spec(base))
     assert len(h) == 64 and h == spec_hash(load_spec(base))
     assert h != spec_hash(load_spec(base, ["train.lr=0.5"]))
@@ -435,4 +435,4 @@ def test_rules_built_in_code() -> None:
     with pytest.raises(ValidationError, match="must be FakeKind.Options, not OtherKind.Options"):
         TunerRule(name="a", kind="fake", at="x", options=OtherKind.Options())
     with pytest.raises(ValidationError, match="duplicate rule name"):
-        Spec(version=1, model={"name": "vit"}, tuners=[rule, rule])
+        Spec(version=1, model={"name": "test_vit"}, tuners=[rule, rule])
