@@ -308,3 +308,26 @@ def test_train_and_eval_run_with_the_real_builder(tmp_path: Path) -> None:
     torch.manual_seed(0)
     result = run_mod.eval_run(out, None, "val")
     assert result["acc"] == pytest.approx(summary["final_val_acc"], abs=1e-9)
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint_and_leaves_no_temp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from utune.errors import StorageError
+
+    d = tmp_path / "checkpoints"
+    _save(d, 1, 1.0)
+
+    def full(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck, "_save_tensors", full)
+    with pytest.raises(StorageError) as e:
+        _save(d, 2, 2.0)
+    assert "no space left on the device" in e.value.message and "step-00000001" in e.value.message
+    assert e.value.exit_code == 2 and "free some space" in (e.value.hint or "")
+    assert sorted(p.name for p in d.iterdir()) == ["latest.txt", "step-00000001"]  # no .tmp-* folder
+    weights, state, folder = ck.load_checkpoint(d)
+    assert folder.name == "step-00000001" and state["x"] == 1.0

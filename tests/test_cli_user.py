@@ -364,3 +364,25 @@ def test_a_signal_during_export_removes_the_partial_file(tmp_path: Path) -> None
 def test_help_does_not_import_torch() -> None:
     code = "import sys, utune.cli; assert 'torch' not in sys.modules, 'the CLI module imported torch'"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_run_and_export_folders_follow_the_umask(tmp_path: Path) -> None:
+    (tmp_path / "spec.yaml").write_text(SPEC)
+    cmd = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "utune"]
+    for args in (["apply", "spec.yaml", "--train", "--out", "run"], ["export", "run", "--peft", "-o", "e/peft"]):
+        proc = subprocess.run(
+            [*cmd, *args], cwd=tmp_path, env=env_for(tmp_path), capture_output=True, text=True,
+            preexec_fn=lambda: os.umask(0o022),
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+    folders = [tmp_path / "run", *(tmp_path / "run" / "checkpoints").glob("step-*"), tmp_path / "e" / "peft"]
+    assert folders[1:-1] and all(f.stat().st_mode & 0o777 == 0o755 for f in folders), [
+        (f, oct(f.stat().st_mode)) for f in folders
+    ]
+    assert all(f.stat().st_mode & 0o777 == 0o644 for f in (tmp_path / "e" / "peft").iterdir())
+
+
+def test_export_from_a_spec_without_tuners_warns(tmp_path: Path) -> None:
+    (tmp_path / "spec.yaml").write_text(SPEC.replace("img_size: 32}", "img_size: 32, num_classes: 10}"))
+    r = ok(utune("export", "spec.yaml", "--merge", "-o", "m.safetensors", cwd=tmp_path))
+    assert "without --tuners: its tuners are as initialised, not trained" in r.err

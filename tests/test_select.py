@@ -126,3 +126,24 @@ def test_selector_short_forms_normalise() -> None:
     assert Selector.model_validate({"path": "a", "layers": "0,2-3"}).layers == [0, 2, 3]
     with pytest.raises(ValueError):
         Selector.model_validate({"path": "a", "layers": "3-1"})
+
+
+def test_every_glob_of_an_at_list_must_match() -> None:
+    with pytest.raises(SelectionError) as e:
+        pick("vit", ["blocks.*.attn.qkv", "blocks.*.mlp.fc3"], rule="lora")
+    assert "glob 'blocks.*.mlp.fc3' of its `at:` list" in e.value.message
+    assert "blocks.0.mlp.fc1" in (e.value.hint or "")  # the closest sites
+    with pytest.raises(SelectionError, match="'blocks.\\*.nope' of its `at:` list"):
+        pick("vit", {"path": ["blocks.*.attn.qkv", "blocks.*.nope"], "type": "Linear"})
+
+
+def test_exclude_that_removes_nothing_names_the_closest_sites() -> None:
+    sel = select(traced("vit").sites, Selector.model_validate({"path": "blocks.*", "exclude": "blocks.0.atn"}), "r")
+    assert any("removed nothing" in w and "blocks.0.attn" in w for w in sel.warnings)
+
+
+def test_layers_beyond_the_model_warn() -> None:
+    n = len(pick("vit", "blocks.*"))
+    sel = select(traced("vit").sites, Selector.model_validate({"path": "blocks.*", "layers": f"1-{n + 3}"}), "r")
+    assert [s.path for s in sel.sites] == [f"blocks.{i}" for i in range(1, n)]
+    assert any(f"layers {n}-{n + 3} do not exist" in w and f"0-{n - 1}" in w for w in sel.warnings)

@@ -48,6 +48,16 @@ def _option_schema(prop: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _identity(cls: type[TunerKind]) -> dict[str, bool]:
+    """Whether the tuned model equals the base at init, per placement (prefix/prompt: parallel only)."""
+    out = {}
+    for placement in cls.placements:
+        probe = cls.__new__(cls)  # identity_at_init may be a property of the placement; no rule needed
+        probe.placement = placement
+        out[placement] = bool(probe.identity_at_init)
+    return out
+
+
 def describe_kinds() -> list[dict[str, Any]]:
     """Every kind as plain data: placements, flags, and each option's default, schema and meaning."""
     rows = []
@@ -69,7 +79,7 @@ def describe_kinds() -> list[dict[str, Any]]:
                 "summary": cls.summary,
                 "placements": list(cls.placements),
                 "default_placement": cls.default_placement,
-                "identity_at_init": cls.identity_at_init if isinstance(cls.identity_at_init, bool) else None,
+                "identity_at_init": _identity(cls),
                 "mergeable": cls.mergeable,
                 "options": options,
             }
@@ -80,11 +90,17 @@ def describe_kinds() -> list[dict[str, Any]]:
 def kinds_markdown(rows: list[dict[str, Any]] | None = None) -> str:
     """The README's kinds table, generated from the registry (a test keeps the README equal to it)."""
     rows = describe_kinds() if rows is None else rows
-    lines = ["| kind | placements | what it is | options (defaults) | merges |", "|---|---|---|---|---|"]
+    head = "| kind | placements | what it is | options (defaults) | identity at init | merges |"
+    lines = [head, "|---|---|---|---|---|---|"]
     for r in rows:
         opts = ", ".join(f"`{k}={_md_value(o['default'])}`" for k, o in r["options"].items()) or "-"
+        ident = r["identity_at_init"]
+        if all(ident.values()) or not any(ident.values()):
+            shown = "yes" if all(ident.values()) else "no"
+        else:
+            shown = "; ".join(f"{p}: {'yes' if v else 'no'}" for p, v in ident.items())
         merges = "yes" if r["mergeable"] else "no"
-        lines.append(f"| `{r['kind']}` | {', '.join(r['placements'])} | {r['summary']} | {opts} | {merges} |")
+        lines.append(f"| `{r['kind']}` | {', '.join(r['placements'])} | {r['summary']} | {opts} | {shown} | {merges} |")
     return "\n".join(lines) + "\n"
 
 
