@@ -229,6 +229,7 @@ BAD: dict[str, tuple[list[str], dict[str, str]]] = {
     "out_without_train": (["apply", "spec.yaml", "--out", "x"], {}),
     "unknown_device": (["apply", "spec.yaml", "--train", "train.device=tpu"], {}),
     "bad_override": (["apply", "spec.yaml", "train.lr=fast"], {}),
+    "glob_of_a_list_matches_nothing": (["apply", "spec.yaml", "tuners.0.at=[blocks.*.attn.qkv, blocks.*.nope]"], {}),
     "eval_no_runs": (["eval"], {}),
     "eval_not_a_run": (["eval", "."], {}),
     "eval_bad_checkpoint": (["eval", "--checkpoint", "newest"], {}),
@@ -386,3 +387,19 @@ def test_export_from_a_spec_without_tuners_warns(tmp_path: Path) -> None:
     (tmp_path / "spec.yaml").write_text(SPEC.replace("img_size: 32}", "img_size: 32, num_classes: 10}"))
     r = ok(utune("export", "spec.yaml", "--merge", "-o", "m.safetensors", cwd=tmp_path))
     assert "without --tuners: its tuners are as initialised, not trained" in r.err
+
+
+def test_ssf_on_every_batchnorm_of_a_resnet_merges(tmp_path: Path) -> None:
+    (tmp_path / "s.yaml").write_text(
+        "version: 1\nmodel: {name: resnet18, num_classes: 10, img_size: 32}\n"
+        "tuners:\n  - {name: ssf, kind: ssf, at: {type: BatchNorm2d}, init_std: 0.1}\ntrainable: [fc]\n"
+    )
+    doc = ok(utune("export", "s.yaml", "--merge", "-o", "m.safetensors", "--format", "json", cwd=tmp_path)).json()
+    assert isinstance(doc, dict) and doc["folds"] == 20 and doc["verify"]["ok"] is True  # downsample BNs too
+
+
+def test_layers_beyond_the_model_warn_on_the_command_line(tmp_path: Path) -> None:
+    (tmp_path / "spec.yaml").write_text(SPEC)
+    at = "tuners.0.at={path: blocks.*.attn.qkv, layers: 2-15}"
+    r = ok(utune("apply", "spec.yaml", at, "--dry-run", cwd=tmp_path))
+    assert "warning: rule 'lora': layers 6-15 do not exist" in r.err
