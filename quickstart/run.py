@@ -458,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"(tuned: {100 * e['tuned_test_acc']:.2f} %)"
             )
         print(f"exported {e['what']}: {e['path']} ({e['bytes'] / 1024:.0f} KiB){extra}")
-    from utune.train.datasets import digits as digits_ds
+    from utune.data.datasets import digits as digits_ds
 
     seed = rows[0]["seed"]
     meta = {

@@ -17,10 +17,10 @@ import pytest
 import torch
 from torch import nn
 
+from utune.config import DataConfig, TrainConfig
 from utune.errors import CheckpointError
 from utune.train import checkpoint as ck
 from utune.train import run as run_mod
-from utune.train.config import DataConfig, TrainConfig
 from utune.train.loop import fit
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -296,7 +296,7 @@ train: {epochs: 0, max_steps: 4, batch_size: 32, log_every: 2, device: cpu}
 
 
 def test_train_and_eval_run_with_the_real_builder(tmp_path: Path) -> None:
-    # Integration with utune.api.build and utune.train.data (digits ship with scikit-learn: offline).
+    # Integration with utune.api.build and utune.data (digits ship with scikit-learn: offline).
     from utune.api import build
 
     spec = tmp_path / "tiny.yaml"

@@ -1,4 +1,4 @@
-"""utune.train.data: every dataset family read from fabricated files in its real on-disk format.
+"""utune.data: every dataset family read from fabricated files in its real on-disk format.
 
 Nothing here downloads: the CIFAR and Fashion-MNIST files are written in their official binary formats,
 the image datasets from generated images, and digits is scikit-learn's bundled copy.
@@ -21,10 +21,10 @@ from PIL import Image
 from torch.utils.data import DistributedSampler
 from torchvision.datasets import CIFAR10, CIFAR100
 
+from utune.config import DataConfig
+from utune.data import build_datasets, build_loader, dataset_names, dataset_root, num_classes
+from utune.data.datasets import fashion_mnist
 from utune.errors import DataError
-from utune.train.config import DataConfig
-from utune.train.data import build_datasets, build_loader, dataset_names, dataset_root, num_classes
-from utune.train.datasets import fashion_mnist
 
 DATA_CONFIG = {
     "input_size": (3, 32, 32),

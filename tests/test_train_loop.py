@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset
 
-from utune.train.config import TrainConfig
+from utune.config import TrainConfig
 from utune.train.loop import evaluate, fit, freeze_batchnorm
 from utune.train.optim import param_groups
 

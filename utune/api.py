@@ -200,8 +200,8 @@ def _resolve_classes(spec: Spec) -> tuple[Spec, list[str], list[str]]:
     """``model.num_classes`` defaults to the dataset's class count when the spec names a dataset."""
     if spec.model.num_classes is not None or not spec.data.dataset:
         return spec, [], []
+    from utune.data import num_classes
     from utune.errors import DataError
-    from utune.train.data import num_classes
 
     try:
         n = num_classes(spec.data)

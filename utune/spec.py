@@ -45,9 +45,9 @@ from utune._yamlpos import (
     parse_yaml,
     written_loc,
 )
+from utune.config import DataConfig, TrainConfig
 from utune.errors import OverrideError, SpecError
 from utune.graph.select import Selector
-from utune.train.config import DataConfig, TrainConfig
 from utune.tuners.registry import get_kind, kinds
 
 SPEC_VERSION = 1

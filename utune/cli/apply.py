@@ -98,8 +98,8 @@ def _train(
 ) -> None:
     """Spec, then the run folder and the data (both checked before the slow build), then build and train."""
     from utune.api import build
+    from utune.data import open_datasets
     from utune.spec import load_spec
-    from utune.train.data import open_datasets
     from utune.train.run import check_classes, check_resume_spec, resolve_run_dir, train_run
 
     spec = load_spec(spec_path, ov)

@@ -1,1 +1,1 @@
-"""Training: datasets, the loop, checkpoints, distributed runs."""
+"""Training: the loop, its state and checkpoints, distributed runs, run folders."""

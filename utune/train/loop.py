@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 
 from utune._fs import write_text_atomic
 from utune._signals import last_signal, stop_requested
+from utune.config import TrainConfig
 from utune.errors import CheckpointError, DataError, TrainingInterrupted
 from utune.train import distributed as du
 from utune.train.checkpoint import (
@@ -49,7 +50,6 @@ from utune.train.checkpoint import (
     set_rng_state,
     trainable_state,
 )
-from utune.train.config import TrainConfig
 from utune.train.metrics import MetricsLog
 from utune.train.optim import build_optimizer, build_scheduler
 from utune.train.sampling import ResumableSampler, SeededDataset, ShardSampler, mix_seed, rebuild_loader

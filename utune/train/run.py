@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from utune._fs import make_dir, remove_tree, write_text_atomic
+from utune.config import DataConfig, TrainConfig
 from utune.errors import CheckpointError, DataError, SpecError
 from utune.train import distributed as du
 from utune.train.checkpoint import (
@@ -29,7 +30,6 @@ from utune.train.checkpoint import (
     read_weights,
     resolve_checkpoint,
 )
-from utune.train.config import DataConfig, TrainConfig
 from utune.train.loop import Reporter, evaluate, fit
 
 RUNS = Path("runs")
@@ -70,7 +70,7 @@ def build_loaders(
     ``datasets`` (already opened and transformed) skips reading; ``evaluation``: every split is read with
     the evaluation transform and in full (no shuffling, no dropped tail), the ``train`` split included.
     """
-    from utune.train import data
+    import utune.data as data
 
     if datasets is None:
         datasets = data.build_datasets(data_cfg, data_config, splits=tuple(splits), augment_training=not evaluation)
@@ -194,7 +194,7 @@ def train_run(
 ) -> dict:
     """Train a built model as its spec says, in ``out_dir``; returns the summary of :func:`fit`.
 
-    ``datasets``: opened and transformed splits (``utune.train.data.open_datasets``); read from the spec when
+    ``datasets``: opened and transformed splits (``utune.data.open_datasets``); read from the spec when
     None. A new run writes its resolved ``spec.yaml``; a resumed one keeps the one it recorded. A new run
     that fails before its first checkpoint removes its folder. Under torchrun every rank calls this; rank
     0's ``out_dir`` wins and only rank 0 writes.
@@ -262,8 +262,8 @@ def eval_run(
     ``dataset`` evaluates on another dataset (``data.dataset=...``); its classes must match the trained
     head. ``which`` is ``latest`` or ``best``; ``overrides`` apply to the run's spec (e.g. ``data.root=...``).
     """
+    from utune.data import open_datasets
     from utune.spec import load_spec
-    from utune.train.data import open_datasets
 
     run_dir = Path(run_dir)
     ov = [*overrides, *([f"data.dataset={dataset}"] if dataset else [])]

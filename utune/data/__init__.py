@@ -3,7 +3,7 @@
 Every split yields ``(image, label)``: a normalised float tensor ``(C, S, S)`` shaped like the model's
 input (``C`` from the model's ``input_size``; ``S`` from ``data.img_size`` or the model) and an ``int``
 label in ``0..num_classes-1``. Transforms come from the model's timm data config; see
-:mod:`utune.train.datasets.transforms` (light timm training augmentation, resize + centre crop for
+:mod:`utune.data.datasets.transforms` (light timm training augmentation, resize + centre crop for
 evaluation; grayscale images are repeated to the model's channel count).
 
 Where data lives: ``data.root`` when set, else ``<base>/<dataset>`` with ``<base>`` =
@@ -20,7 +20,7 @@ cifar100, cifar10   ``cifar-100-python/`` / ``cifar-10-batches-py/`` (official  
 cub, nabirds,       VPT: ``{train,val,test}.json`` (relative path → label)      train, val, test,
 flowers102,         next to the images (``images/`` for cub and nabirds,       trainval
 stanford_cars,      ``Images/`` for stanford_dogs); else the official layout
-stanford_dogs       (see :mod:`~utune.train.datasets.fgvc`)
+stanford_dogs       (see :mod:`~utune.data.datasets.fgvc`)
 vtab-<task>         ``<task>/{train800val200,train800,val200,test}.txt`` with   train (= 800+200),
                     ``relative/path.jpg label`` lines (NOAH/SSF vtab-1k)       train800, val, test
 imagefolder         ``train/<class>/*``, ``val/<class>/*`` [, ``test/<class>/*``]  train, val, test
@@ -29,7 +29,7 @@ fashion-mnist       ``FashionMNIST/raw/*-ubyte[.gz]``, the files in the root,   
                     or Debian's ``/usr/share/datasets/fashion-mnist/``         val = test
 ==================  =========================================================  ======================
 
-Each family's module under :mod:`utune.train.datasets` documents its layout in full.
+Each family's module under :mod:`utune.data.datasets` documents its layout in full.
 """
 
 from __future__ import annotations
@@ -44,11 +44,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from utune._signals import ignore_sigint_in_worker
+from utune.config import DataConfig
+from utune.data.datasets._common import Source, data_base, resolve_root
+from utune.data.datasets.registry import ENTRIES, TRAIN_SPLITS, Entry, lookup, names
+from utune.data.datasets.transforms import build_transform
 from utune.errors import DataError
-from utune.train.config import DataConfig
-from utune.train.datasets._common import Source, data_base, resolve_root
-from utune.train.datasets.registry import ENTRIES, TRAIN_SPLITS, Entry, lookup, names
-from utune.train.datasets.transforms import build_transform
 
 __all__ = [
     "OpenedData",
