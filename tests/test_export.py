@@ -35,6 +35,7 @@ from utune.export import (
 )
 from utune.export import io as export_io
 from utune.export.merge import forward_eval, verify_merged
+from utune.graph.manifest import Tap
 from utune.spec import load_spec_text, spec_to_yaml
 from utune.train.checkpoint import WEIGHTS, save_checkpoint, trainable_state
 
@@ -197,19 +198,19 @@ def test_ssf_on_every_batchnorm_of_a_resnet_merges(name: str, kwargs: dict) -> N
     assert check.ok, check.line()
 
 
-def test_the_rewriter_records_how_each_tuner_was_attached() -> None:
+def test_the_manifest_records_how_each_tuner_was_attached() -> None:
     built = build(CASES["vit_stack"])
-    by_module = {a.module: a for a in built.attachments}
+    by_module = {e.module: e for e in built.manifest}
     assert list(by_module) == [m for names in built.tuner_modules.values() for m in names]
     qkv = "blocks.0.attn.qkv"
     ia3, lora = by_module["utune.ia3.blocks_0_attn_qkv"], by_module["utune.lora.blocks_0_attn_qkv"]
-    assert (ia3.rule, ia3.site, ia3.join, ia3.tap) == ("ia3", qkv, "replace", "output")
-    assert ia3.call is ia3.joined and str(ia3.onto.target) == qkv
-    assert (lora.join, lora.tap) == ("add", "input")
-    assert lora.onto is ia3.joined  # rules stack on one site in spec order: LoRA adds onto IA3's output
-    assert lora.joined.args == (lora.onto, lora.call)
+    assert (ia3.rule, ia3.site, ia3.join, ia3.tap) == ("ia3", qkv, "replace", Tap("output"))
+    assert ia3.nodes["call"] is ia3.nodes["joined"] and str(ia3.nodes["onto"].target) == qkv
+    assert (lora.join, lora.tap) == ("add", Tap("input"))
+    assert lora.nodes["onto"] is ia3.nodes["joined"]  # rules stack on one site in spec order: LoRA adds onto IA3
+    assert lora.nodes["joined"].args == (lora.nodes["onto"], lora.nodes["call"])
     after = by_module["utune.after.blocks_0_mlp_fc1"]
-    assert (after.join, after.tap) == ("add", "output") and after.call.args == (after.onto,)
+    assert (after.join, after.tap) == ("add", Tap("output")) and after.nodes["call"].args == (after.nodes["onto"],)
     other = build(
         spec(
             "test_vit",
@@ -221,14 +222,16 @@ def test_the_rewriter_records_how_each_tuner_was_attached() -> None:
             kwargs=VIT,
         )
     )
-    pre, vpt = other.attachments
-    assert (pre.join, pre.onto) == ("custom", None) and str(pre.call.target) == "utune.pre.blocks_1_attn"
-    assert (vpt.join, vpt.tap) == ("replace_input", "input") and vpt.call.args == (vpt.onto,)
+    pre, vpt, drop = other.manifest
+    assert (pre.join, pre.inputs) == ("kv_concat", ()) and str(pre.nodes["call"].target) == "utune.pre.blocks_1_attn"
+    assert (vpt.join, vpt.tap) == ("replace_input", Tap("input")) and vpt.nodes["call"].args == (vpt.nodes["onto"],)
+    n = len(other.report["tuners"][1]["sites"])  # VPT-shallow: one block; the tokens go after the last block
+    assert n == 1 and (drop.site, drop.role, drop.join, drop.params) == ("blocks.5", "drop", "replace", 0)
 
 
 def test_merge_needs_the_record_of_the_attachments() -> None:
     built = build(spec("test_resnet", [{"name": "ssf", "kind": "ssf", "at": "layer1.0.bn1"}], ["fc"]))
-    built.attachments = []
+    built.manifest.entries[0].nodes.clear()
     with pytest.raises(ExportError, match=r"ssf \(ssf\) at layer1.0.bn1: there is no record of how it was attached"):
         merged_state_dict(built)
 

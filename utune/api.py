@@ -11,8 +11,9 @@ import torch
 from torch import fx, nn
 
 from utune.errors import SelectionError, TraceError
+from utune.graph.context import PlanContext
 from utune.graph.glob import glob_match
-from utune.graph.manifest import Attachment
+from utune.graph.manifest import Entry, Manifest
 from utune.graph.rewrite import TUNER_ROOT, Rewriter
 from utune.graph.select import select
 from utune.graph.shapes import NodeFailure, propagate_shapes
@@ -21,6 +22,7 @@ from utune.graph.trace import trace
 from utune.models import create_model, data_config, input_size
 from utune.spec import Spec, load_spec
 from utune.tuned import TunedModel
+from utune.tuners.base import TunerKind
 from utune.tuners.registry import get_kind
 
 
@@ -46,9 +48,13 @@ class Built:
     input_size: tuple[int, int, int]
     data_config: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
-    tuner_modules: dict[str, list[str]] = field(default_factory=dict)  # rule -> module names in ``model``
+    manifest: Manifest = field(default_factory=Manifest)  # what the rewriter attached, in order
     verify_batch: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, base output) when verify=True
-    attachments: list[Attachment] = field(default_factory=list)  # how each tuner module was attached
+
+    @property
+    def tuner_modules(self) -> dict[str, list[str]]:
+        """Rule name -> the names of its tuner modules in ``model``, in the order they were attached."""
+        return {rule.name: self.manifest.modules(rule.name) for rule in self.spec.tuners}
 
 
 def _propagate_shapes(gm: fx.GraphModule, size: tuple[int, int, int], explicit: bool, batch: int = 2) -> None:
@@ -213,77 +219,90 @@ def _resolve_classes(spec: Spec) -> tuple[Spec, list[str], list[str]]:
 
 def _build(spec: Spec, verify: bool, seed: int, t0: float) -> Built:
     m = spec.model
-    size = m.img_size  # data.img_size alone sets it too (Spec): the data and the model must agree
     model = create_model(
-        m.name, pretrained=m.pretrained, num_classes=m.num_classes, kwargs=dict(m.kwargs), img_size=size
+        m.name, pretrained=m.pretrained, num_classes=m.num_classes, kwargs=dict(m.kwargs), img_size=m.img_size
     )
-    t_created = time.perf_counter()
-    traced = trace_model(model, m.name, size)
-    t_traced = time.perf_counter()
-    gm, sites = traced.gm, traced.sites
-    x = base_out = None
-    if verify:
-        gen = torch.Generator().manual_seed(seed)
-        x = torch.randn(2, *traced.input_size, generator=gen)
-        base_out = _forward_eval(gm, x)
-    rw = Rewriter(gm, sites, model, example=torch.zeros(2, *traced.input_size))
-    rules: list[dict[str, Any]] = []
-    warnings: list[str] = []
-    modules: dict[str, list[str]] = {}
+    times = {"create_s": time.perf_counter() - t0}
+    traced = trace_model(model, m.name, m.img_size)  # data.img_size alone sets model.img_size (Spec)
+    times["trace_s"] = time.perf_counter() - t0 - times["create_s"]
+    probe = _verify_batch(traced, seed) if verify else None
+    rw = Rewriter(traced.gm, traced.sites, model, example=torch.zeros(2, *traced.input_size))
+    manifest, rows, warnings = attach_rules(spec, rw)
+    rw.propagate()  # runs the whole rewritten graph once: a rule that breaks it is named here
+    times["rewrite_s"] = time.perf_counter() - t0 - times["create_s"] - times["trace_s"]
+    opened = _freeze(traced.gm, list(spec.trainable))
+    traced.gm.train(model.training)
+    tuned = TunedModel.adopt(traced.gm, model, traced.input_size)
+    report = _report(spec, traced.gm, opened, rows, traced, warnings)
+    if probe is not None:
+        _verify(report, tuned, probe, warnings)
+    report["build_seconds"] = round(time.perf_counter() - t0, 3)
+    report["timings"] = {k: round(v, 3) for k, v in times.items()}  # model creation, trace + shapes, passes
+    config = data_config(model, m.img_size)
+    return Built(spec, tuned, model, report, traced.input_size, config, warnings, manifest, probe)
+
+
+def attach_rules(spec: Spec, rw: Rewriter) -> tuple[Manifest, list[dict[str, Any]], list[str]]:
+    """Select, check, plan and apply every rule in spec order; the manifest, one report row per rule, and
+    the selection warnings."""
+    ctx = PlanContext(rw)
+    manifest, rows, warnings = Manifest(), [], []
     for rule in spec.tuners:
         kind = get_kind(rule.kind)(rule)
-        sel = select(sites, rule.at, rule.name)
+        sel = select(rw.sites, rule.at, rule.name)
         warnings += sel.warnings
         for site in sel.sites:
-            kind.check(site)
-        names = kind.insert_rule(rw, sel.sites)
-        modules[rule.name] = names
-        n_params = sum(count(gm.get_submodule(n)) for n in names)
-        rules.append(
+            kind.check(site, ctx)
+        entries = _attach(rw, kind, sel.sites, ctx)
+        manifest.entries += entries
+        rows.append(
             {
                 "name": rule.name,
                 "kind": rule.kind,
                 "placement": kind.placement,
                 "sites": [s.path for s in sel.sites],
-                "params": n_params,
+                "params": sum(e.params for e in entries),
                 "identity_at_init": kind.identity_at_init,
                 "mergeable": kind.mergeable,
+                "attachments": [e.as_dict() for e in entries],
             }
         )
-    rw.propagate()  # runs the whole rewritten graph once: a rule that breaks it is named here
-    t_rewritten = time.perf_counter()
-    opened = _freeze(gm, list(spec.trainable))
-    gm.train(model.training)
-    tuned = TunedModel.adopt(gm, model, traced.input_size)
-    report = _report(spec, gm, opened, rules, traced, warnings)
-    if verify:
-        assert x is not None and base_out is not None
-        tuned_out = _forward_eval(gm, x)
-        report["identity_max_abs_diff"] = float((tuned_out - base_out).abs().max())
-        report["output_scale"] = float(base_out.abs().max())
-        if report["output_scale"] == 0.0:
-            warnings.append(
-                "--verify: the base model's output is all zeros (its head starts at zero, as torchvision's "
-                "without weights or the quickstart's backbone do), so |tuned - base| is the tuned output itself"
-            )
-    report["build_seconds"] = round(time.perf_counter() - t0, 3)
-    report["timings"] = {  # where build time goes: model creation (weight init), trace + shapes, passes
-        "create_s": round(t_created - t0, 3),
-        "trace_s": round(t_traced - t_created, 3),
-        "rewrite_s": round(t_rewritten - t_traced, 3),
-    }
-    return Built(
-        spec,
-        tuned,
-        model,
-        report,
-        traced.input_size,
-        data_config(model, size),
-        warnings,
-        modules,
-        (x, base_out) if verify and x is not None and base_out is not None else None,
-        attachments=rw.attachments,
-    )
+    return manifest, rows, warnings
+
+
+def _attach(rw: Rewriter, kind: TunerKind, sites: list[Site], ctx: PlanContext) -> list[Entry]:
+    """The kind plans (the whole selection at once, or site by site, each site seeing the ones before
+    it applied); the rewriter applies."""
+    rule = kind.rule.name
+    with rw.pass_for(rule, sites[0]):
+        plan = kind.plan_selection(sites, ctx)
+    if plan is not None:
+        return rw.apply(rule, kind.kind, plan)
+    entries: list[Entry] = []
+    for site in sites:
+        with rw.pass_for(rule, site):
+            plan = kind.plan(site, ctx)
+        entries += rw.apply(rule, kind.kind, plan)
+    return entries
+
+
+def _verify_batch(traced: Traced, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random batch (its own seeded generator) and the untuned model's output on it."""
+    x = torch.randn(2, *traced.input_size, generator=torch.Generator().manual_seed(seed))
+    return x, _forward_eval(traced.gm, x)
+
+
+def _verify(
+    report: dict[str, Any], model: nn.Module, probe: tuple[torch.Tensor, torch.Tensor], warnings: list[str]
+) -> None:
+    x, base_out = probe
+    report["identity_max_abs_diff"] = float((_forward_eval(model, x) - base_out).abs().max())
+    report["output_scale"] = float(base_out.abs().max())
+    if report["output_scale"] == 0.0:
+        warnings.append(
+            "--verify: the base model's output is all zeros (its head starts at zero, as torchvision's "
+            "without weights or the quickstart's backbone do), so |tuned - base| is the tuned output itself"
+        )
 
 
 def _num_outputs(gm: fx.GraphModule) -> int | None:

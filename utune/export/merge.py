@@ -13,7 +13,7 @@ Every foldable tuner is an affine map on the layer's input or output channels, a
 - ``y <- A y + c`` (a linear adapter after the layer, ``A = I + s ⊙ W_up W_down``): ``W' = A W``, ``b' = A b + c``.
 
 How each tuner joins (``y <- T(y)`` or ``y <- y + T(tap)``) and which value it changes are read from the
-rewriter's record (``Built.attachments``), never guessed from the graph's shape (a residual ``out + shortcut``
+build's manifest (``Built.manifest``), never guessed from the graph's shape (a residual ``out + shortcut``
 whose shortcut ends in an SSF looks like an add-join). From that value the walk goes back through earlier
 tuners' joins on it, ``Identity`` and ``Dropout`` (the identity in eval mode, which is what a merged model is
 for), to the one base layer that produced it. Several tuners on one layer fold in graph
@@ -37,7 +37,7 @@ from torch import fx, nn
 
 from utune.errors import ExportError
 from utune.export._sites import TunerSite, refusal, tuner_sites
-from utune.graph.manifest import Attachment
+from utune.graph.manifest import Entry
 from utune.tuners.fold import Layer, NotMergeable, f64, layer_kind
 
 TUNERS_ONLY_HINT = "export the tuners with --tuners-only instead (`utune apply SPEC --tuners FILE` loads them back)"
@@ -47,9 +47,9 @@ TUNERS_ONLY_HINT = "export the tuners with --tuners-only instead (`utune apply S
 
 
 class _Graph:
-    """The rewritten graph, indexed: who calls which module, and the rewriter's record of every join."""
+    """The rewritten graph, indexed: who calls which module, and the manifest's record of every join."""
 
-    def __init__(self, gm: fx.GraphModule, attachments: Iterable[Attachment] = ()) -> None:
+    def __init__(self, gm: fx.GraphModule, entries: Iterable[Entry] = ()) -> None:
         self.gm = gm
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.calls: dict[str, list[fx.Node]] = {}
@@ -59,21 +59,22 @@ class _Graph:
                 self.calls.setdefault(str(n.target), []).append(n)
             elif n.op == "get_attr":
                 self.attrs.append(str(n.target))
-        self.attached = {a.module: a for a in attachments}
+        self.attached = {e.module: e for e in entries if e.module}
         # the value each add/replace join stands for now -> the value it changed (walking back to the layer)
         self.replaced: dict[fx.Node, fx.Node] = {
-            a.joined: a.onto
-            for a in self.attached.values()
-            if a.join in ("add", "replace") and a.joined is not None and a.onto is not None
+            e.nodes["joined"]: e.nodes["onto"]
+            for e in self.attached.values()
+            if e.join in ("add", "replace") and "joined" in e.nodes and "onto" in e.nodes
         }
-        self.tuner_calls = {a.call for a in self.attached.values() if a.call is not None}
+        self.tuner_calls = {e.nodes["call"] for e in self.attached.values() if "call" in e.nodes}
 
-    def attachment(self, ts: TunerSite) -> Attachment:
-        """The record of how ``ts``'s module was attached; refused when there is none or it is stale."""
+    def attachment(self, ts: Entry) -> Entry:
+        """The manifest entry of ``ts``'s module; refused when it has no nodes or they are stale."""
         att = self.attached.get(ts.module)
-        if att is None or att.call is None:
+        call = att.nodes.get("call") if att is not None else None
+        if att is None or call is None:
             raise NotMergeable("there is no record of how it was attached (build the model with utune.api.build)")
-        if att.call.graph is not self.gm.graph:
+        if call.graph is not self.gm.graph:
             raise NotMergeable("the record of how it was attached belongs to another copy of the model's graph")
         n = len(self.calls.get(ts.module, []))
         if n != 1:
@@ -179,48 +180,40 @@ def _resolve_layer(g: _Graph, value: fx.Node, ts: TunerSite) -> fx.Node:
 
 _JOIN_WHY = {
     "replace_input": "it changes what {site} reads, not the output of one layer",
-    "custom": "its kind wires it into {site} in its own way, not as a change of one layer's output",
+    "kv_concat": "it adds keys and values to the attention in {site}, which no base weight can hold",
+    "side": "it is a step of a side network beside {site}, not a change of one layer's output",
 }
 
 
-def _reads(att: Attachment) -> str:
-    """What the tuner reads, in words: ``the input of blocks.0.mlp``."""
-    if att.tap in ("input", "output"):
-        return f"the {att.tap} of {att.site}"
-    if att.tap in ("parent.input", "parent.output"):  # the parent as Rewriter.tap finds it
-        parent = att.site.split("::")[0] if "::" in att.site else att.site.rpartition(".")[0]
-        return f"the {att.tap.split('.')[1]} of {parent or 'the model'} (around {att.site})"
-    return att.tap or "a value its kind chose"
-
-
-def _add_tap(att: Attachment, leaf: fx.Node) -> str:
+def _add_tap(att: Entry, leaf: fx.Node) -> str:
     """``input`` (``y + T(x)``, x the layer's own input) or ``output`` (``y + T(y)``): what T reads now."""
-    assert att.call is not None  # _Graph.attachment checked it
-    args = list(att.call.args) + list(att.call.kwargs.values())
+    call = att.nodes["call"]
+    args = list(call.args) + list(call.kwargs.values())
     if len(args) != 1:
-        raise NotMergeable(f"it reads {len(args)} values ({_reads(att)}), not just {leaf.target}'s input or output")
+        raise NotMergeable(f"it reads {len(args)} values ({att.reads()}), not just {leaf.target}'s input or output")
     if leaf.args and args[0] is leaf.args[0]:
         return "input"
-    if args[0] is att.onto:
+    if args[0] is att.nodes["onto"]:
         return "output"
     raise NotMergeable(
-        f"it reads {_reads(att)}, which is neither the input nor the output of {leaf.target}, so what it adds "
+        f"it reads {att.reads()}, which is neither the input nor the output of {leaf.target}, so what it adds "
         "is not a function of that layer alone"
     )
 
 
-def locate(g: _Graph, ts: TunerSite) -> tuple[fx.Node, int, str]:
-    """``(layer call, graph position of the join, tap)`` for one tuner, from the rewriter's record.
+def locate(g: _Graph, ts: Entry) -> tuple[fx.Node, int, str]:
+    """``(layer call, graph position of the join, tap)`` for one tuner, from the manifest.
 
     ``tap`` says how the tuner joins the layer's output ``y``: ``replace`` (``y <- T(y)``), ``input``
     (``y <- y + T(x)`` with ``x`` the layer's own input) or ``output`` (``y <- y + T(y)``).
     """
     att = g.attachment(ts)
-    if att.join not in ("add", "replace") or att.onto is None or att.joined is None:
-        raise NotMergeable(_JOIN_WHY.get(att.join, _JOIN_WHY["custom"]).format(site=att.site))
-    leaf = _resolve_layer(g, att.onto, ts)
+    onto, joined = att.nodes.get("onto"), att.nodes.get("joined")
+    if att.join not in ("add", "replace") or onto is None or joined is None:
+        raise NotMergeable(_JOIN_WHY.get(att.join, _JOIN_WHY["side"]).format(site=att.site))
+    leaf = _resolve_layer(g, onto, ts)
     tap = "replace" if att.join == "replace" else _add_tap(att, leaf)
-    return leaf, g.order[att.joined], tap
+    return leaf, g.order[joined], tap
 
 
 MergeFn = Callable[[Layer, str], None]
@@ -264,7 +257,7 @@ def _why_not(kind: str, mod: nn.Module) -> str:
 def merged_state_dict(built: Any) -> MergeResult:
     """The base state with every tuner folded in; ExportError listing every tuner that cannot fold."""
     gm: fx.GraphModule = built.model
-    g = _Graph(gm, getattr(built, "attachments", ()))
+    g = _Graph(gm, built.manifest)
     steps: list[FoldStep] = []
     refused: list[tuple[TunerSite, str]] = []
     for ts in tuner_sites(built):

@@ -1,28 +1,22 @@
-"""Graph passes that attach tuners: one tap (what the tuner reads), one join (where its value goes).
+"""The one rewriter: it turns planned :class:`~utune.graph.manifest.Attachment` values into graph nodes.
 
-Joins:
-- ``add``: ``y = out + T(tap)`` at a site's output (parallel: tap = the site's input; sequential:
-  tap = its output);
-- ``replace``: ``y = T(out)`` (SSF, IA³: scale and shift the output);
-- ``replace_input``: the site reads ``T(in)`` instead of ``in`` (prompt tokens);
-- custom joins (attention K/V) are built from :meth:`Rewriter.call` and :meth:`Rewriter.redirect`.
+Every tuner kind only *plans* (see :mod:`utune.graph.manifest` for taps, values and joins); this module is
+the only place that inserts nodes for tuners. Each attachment is one pass: the module is added under
+``utune.<rule>.<site>``, its inputs are resolved to nodes (taps through frozen layers, frozen tensors,
+earlier attachments' outputs), the join wires its output in, and the graph is linted; a failure names the
+rule and the site. The pass records an :class:`~utune.graph.manifest.Entry` with the nodes it made.
 
-Every tuner module gets an :class:`~utune.graph.manifest.Attachment` when it is added, completed by the
-join that wires it (:attr:`Rewriter.attachments`, in insertion order): the one record of how it was
-attached, which merge and the exports read instead of re-inferring joins from the graph.
-
-Each pass inserts nodes, then the graph is linted and recompiled; a failure names the rule and the
-site. New nodes get the module stack of the site's parent, so later passes still see one composite
-site per module. Values a pass replaced are tracked, so rules stack on the same site in spec order.
+New nodes get the module stack of the site's parent, so later passes still see one composite site per
+module. Values a join replaced are tracked (:meth:`Rewriter.current`), so rules stack on the same site in
+spec order.
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import operator
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -30,11 +24,13 @@ import torch
 from torch import fx, nn
 
 from utune.errors import RewriteError, SelectionError
-from utune.graph.manifest import Attachment, Join
+from utune.graph.attention import find_attention, pad_mask
+from utune.graph.manifest import Attachment, Entry, Frozen, Ref, Value
 from utune.graph.shapes import NodeFailure, propagate_shapes
 from utune.graph.sites import Site
 
 TUNER_ROOT = "utune"
+Nodes = dict[str, fx.Node]
 
 
 def module_key(path: str) -> str:
@@ -42,8 +38,12 @@ def module_key(path: str) -> str:
     return re.sub(r"[^0-9A-Za-z_]", "_", path)
 
 
+def _nodes(values: Sequence[Any]) -> list[fx.Node]:
+    return [v for v in values if isinstance(v, fx.Node)]
+
+
 class Rewriter:
-    """Holds a GraphModule under rewrite and the helpers every tuner kind's ``insert`` uses."""
+    """A GraphModule under rewrite: resolves values, applies joins, records the manifest entries."""
 
     def __init__(
         self,
@@ -58,33 +58,32 @@ class Rewriter:
         self.graph = gm.graph
         self.sites = sites
         self._current: dict[fx.Node, fx.Node] = {}
-        self._attached: dict[str, Attachment] = {}  # tuner module name -> how it was attached
         self.rule = ""
         self.site: Site | None = None
         if not hasattr(gm, TUNER_ROOT):
             gm.add_module(TUNER_ROOT, nn.Module())
 
-    # ----- values -----
+    # ----- values ---------------------------------------------------------------------------------------
     def current(self, node: fx.Node) -> fx.Node:
         """The latest value standing for ``node`` after earlier joins replaced it."""
         while node in self._current:
             node = self._current[node]
         return node
 
+    def tapped_site(self, site: Site, where: str) -> tuple[Site, str]:
+        """The site whose ``input``/``output`` ``where`` names (its parent for ``parent.*``)."""
+        if not where.startswith("parent."):
+            return site, where
+        parent_path = site.enclosing if site.op in ("function", "method") else site.enclosing.rpartition(".")[0]
+        if parent_path not in self.sites:
+            raise SelectionError(
+                f"rule {self.rule!r}: site {site.path} has no parent module to tap", hint="use tap: input or output"
+            )
+        return self.sites[parent_path], where.split(".", 1)[1]
+
     def tap(self, site: Site, where: str) -> fx.Node:
-        """The node a tuner reads: ``input``, ``output``, ``parent.input`` or ``parent.output``."""
-        target = site
-        if where.startswith("parent."):
-            parent_path = site.enclosing.rpartition(".")[0]
-            if site.op in ("function", "method"):
-                parent_path = site.enclosing
-            if parent_path not in self.sites:
-                raise SelectionError(
-                    f"rule {self.rule!r}: site {site.path} has no parent module to tap",
-                    hint="use tap: input or tap: output",
-                )
-            target = self.sites[parent_path]
-            where = where.split(".", 1)[1]
+        """The node a tuner reads: ``input``, ``output``, ``parent.input`` or ``parent.output`` of ``site``."""
+        target, where = self.tapped_site(site, where)
         node = target.input if where == "input" else target.output
         if node is None:
             what = "no input" if where == "input" else f"{len(target.outputs)} outputs"
@@ -103,6 +102,31 @@ class Rewriter:
             )
         return self.current(node)
 
+    def value(self, v: Value, site: Site, made: Sequence[fx.Node | None]) -> Any:
+        """The node (or constant) standing for a planned value."""
+        if isinstance(v, Ref):
+            node = made[v.index]
+            if node is None:
+                raise RewriteError(f"rule {self.rule!r}: attachment {v.index} of its plan has no output to read")
+            return node
+        if isinstance(v, Frozen):
+            return self._frozen(v.path)
+        node = self.tap(self.sites[v.site] if v.site else site, v.where)
+        for layer in v.through:
+            node = self.call_base(layer, (node,), after=node)
+        if v.detach:
+            node = self.call_function(torch.detach, (node,), after=node)
+        return node
+
+    def _frozen(self, path: str) -> fx.Node | None:
+        owner, _, attr = path.rpartition(".")
+        if getattr(self.gm.get_submodule(owner), attr, None) is None:  # e.g. a Linear without bias
+            return None
+        first = next(n for n in self.graph.nodes if n.op != "placeholder")
+        with self.graph.inserting_before(first):
+            return self._new(self.graph.get_attr(path))
+
+    # ----- shapes ---------------------------------------------------------------------------------------
     def shape(self, node: fx.Node) -> tuple[int, ...] | None:
         """Output shape of ``node``; nodes new since the last propagation trigger one more ShapeProp."""
         meta = node.meta.get("tensor_meta")
@@ -114,7 +138,7 @@ class Rewriter:
     def propagate(self, rule: str | None = None) -> None:
         """Run the rewritten graph on the dummy batch (eval, no grad), recording every node's shape.
 
-        Called when a pass needs shapes of nodes inserted earlier, and once after all rules: a rewrite
+        Called when a plan needs shapes of nodes inserted earlier, and once after all rules: a rewrite
         that lints but fails at run time (a token count a relative-position table cannot take, say) is
         caught here and named by the rule whose nodes it broke, not at training time.
         """
@@ -135,39 +159,101 @@ class Rewriter:
                 "a fixed count); select other sites or another kind",
             ) from e
 
-    # ----- the record of what was attached -----
-    @property
-    def attachments(self) -> list[Attachment]:
-        """One record per tuner module, in insertion order."""
-        return list(self._attached.values())
+    # ----- applying a plan --------------------------------------------------------------------------------
+    def apply(self, rule: str, kind: str, plan: Sequence[Attachment]) -> list[Entry]:
+        """Apply every attachment of one plan, each as its own pass; returns their manifest entries."""
+        entries: list[Entry] = []
+        made: list[fx.Node | None] = []  # each attachment's output, for Ref values
+        for att in plan:
+            with self.pass_for(rule, att.site):
+                name = self._add_module(rule, att) if att.module is not None else ""
+                values = [self.value(v, att.site, made) for v in att.inputs]
+                nodes = _JOINS[att.join](self, att, name, values)
+            made.append(nodes.get("call") or nodes.get("joined"))
+            params = sum(p.numel() for p in att.module.parameters()) if att.module is not None else 0
+            entries.append(Entry(rule, kind, att.site.path, name, att.join, att.inputs, att.role, params, nodes))
+        return entries
 
-    def _owner(self, target: str) -> str | None:
-        """The tuner module ``target`` is (or is a submodule of), when it is one."""
-        if target in self._attached:
-            return target
-        return next((name for name in self._attached if target.startswith(name + ".")), None)
-
-    def record(self, target: str, join: Join, tap: str | None, call: fx.Node, onto: fx.Node, joined: fx.Node) -> None:
-        """Complete the record of tuner module ``target`` (kinds with custom joins may call this too)."""
-        owner = self._owner(target)
-        if owner is None:  # a kind calling a module it did not add through add_module: nothing to record
-            return
-        self._attached[owner] = dataclasses.replace(
-            self._attached[owner], join=join, tap=tap, call=call, onto=onto, joined=joined
+    def _add_module(self, rule: str, att: Attachment) -> str:
+        assert att.module is not None  # the caller checked
+        name = f"{TUNER_ROOT}.{module_key(rule)}.{module_key(att.site.path)}"
+        if att.role:
+            name += f"__{module_key(att.role)}"
+        try:
+            self.gm.get_submodule(name)
+        except AttributeError:
+            self.gm.add_submodule(name, att.module)
+            return name
+        raise RewriteError(
+            f"rule {rule!r} attaches two modules named {name}",
+            hint="a kind that attaches twice at one site gives each attachment a role",
         )
 
-    # ----- insertion -----
-    def add_module(self, site: Site, module: nn.Module) -> str:
-        name = f"{TUNER_ROOT}.{module_key(self.rule)}.{module_key(site.path)}"
-        self.gm.add_submodule(name, module)
-        self._attached[name] = Attachment(self.rule, site.path, name)  # "custom" until a join completes it
-        return name
+    # ----- the joins --------------------------------------------------------------------------------------
+    def _join_add(self, att: Attachment, name: str, values: list[Any]) -> Nodes:
+        """``y = out + T(values)``."""
+        out = self.output(att.site)
+        t = self.call(name, tuple(values), after=self.later(out, *_nodes(values)))
+        y = self.call_function(operator.add, (out, t), after=t)
+        if "tensor_meta" in out.meta:  # same shape as the value it replaces
+            y.meta["tensor_meta"] = out.meta["tensor_meta"]
+        self.redirect(out, y, keep={t, y})
+        return {"call": t, "onto": out, "joined": y}
 
+    def _join_replace(self, att: Attachment, name: str, values: list[Any]) -> Nodes:
+        """``y = T(values)`` (usually ``T(out)``): every other reader of the site's output reads ``y``."""
+        out = self.output(att.site)
+        args = tuple(values) if values else (out,)
+        y = self.call(name, args, after=self.later(out, *_nodes(args)))
+        if "tensor_meta" in out.meta:
+            y.meta["tensor_meta"] = out.meta["tensor_meta"]
+        self.redirect(out, y, keep={y})
+        return {"call": y, "onto": out, "joined": y}
+
+    def _join_replace_input(self, att: Attachment, name: str, values: list[Any]) -> Nodes:
+        """``site`` (and only it) reads ``T(values)``, or ``values[0]`` without a module, instead of its input."""
+        inp = self.tap(att.site, "input")
+        if name:
+            args = tuple(values) if values else (inp,)
+            y = self.call(name, args, after=self.later(inp, *_nodes(args)))
+        elif len(values) == 1 and isinstance(values[0], fx.Node):
+            y = values[0]
+        else:
+            raise RewriteError(f"rule {self.rule!r}: a replace_input without a module reads exactly one value")
+        inside = set(att.site.nodes)
+        for user in list(inp.users):
+            if user in inside:
+                user.replace_input_with(inp, y)
+        nodes = {"onto": inp, "joined": y}
+        return {**nodes, "call": y} if name else nodes
+
+    def _join_kv_concat(self, att: Attachment, name: str, values: list[Any]) -> Nodes:
+        """The attention inside the site reads ``T(k, v)`` as its keys and values; its mask is padded."""
+        found = find_attention(att.site)
+        if isinstance(found, str):
+            raise SelectionError(f"rule {self.rule!r}: no attention to extend at {att.site.path}: {found}")
+        k, v = self.current(found.k), self.current(found.v)
+        kv = self.call(name, (k, v), after=self.later(k, v))
+        k2 = self.call_function(operator.getitem, (kv, 0), after=kv)
+        v2 = self.call_function(operator.getitem, (kv, 1), after=k2)
+        found.k_user.replace_input_with(k, k2)
+        found.v_user.replace_input_with(v, v2)
+        if found.mask is not None:
+            mask = self.current(found.mask)
+            padded = self.call_function(pad_mask, (mask, att.options["mask_pad"]), after=self.later(mask, v2))
+            found.k_user.replace_input_with(mask, padded)
+        return {"call": kv, "onto": k, "joined": k2}
+
+    def _join_side(self, att: Attachment, name: str, values: list[Any]) -> Nodes:
+        """``T(values)`` runs; only later attachments read its output (a side network's step)."""
+        t = self.call(name, tuple(values), after=self.later(*_nodes(values)))
+        return {"call": t}
+
+    # ----- node helpers ---------------------------------------------------------------------------------
     def _stack_for(self, site: Site) -> dict[str, Any]:
         anchor = site.output or (site.nodes[0] if site.nodes else None)
         stack = dict(anchor.meta.get("nn_module_stack", {})) if anchor is not None else {}
-        # the new nodes belong to the site's parent, not to the site itself
-        keep = {}
+        keep = {}  # the new nodes belong to the site's parent, not to the site itself
         for k, v in stack.items():
             if v[0] == site.enclosing and site.op in ("module", "composite"):
                 break
@@ -180,22 +266,13 @@ class Rewriter:
             node.meta["utune_rule"] = self.rule
         return node
 
-    def call(self, target: str, args: tuple[Any, ...], after: fx.Node, kwargs: dict[str, Any] | None = None) -> fx.Node:
+    def call(self, target: str, args: tuple[Any, ...], after: fx.Node) -> fx.Node:
         with self.graph.inserting_after(after):
-            node = self._new(self.graph.call_module(target, args, kwargs or {}))
-        owner = self._owner(target)
-        if owner is not None and self._attached[owner].call is None:  # custom joins: at least the call is known
-            self._attached[owner] = dataclasses.replace(self._attached[owner], call=node)
-        return node
+            return self._new(self.graph.call_module(target, args, {}))
 
     def call_function(self, fn: Callable[..., Any], args: tuple[Any, ...], after: fx.Node) -> fx.Node:
         with self.graph.inserting_after(after):
             return self._new(self.graph.call_function(fn, args))
-
-    def redirect(self, old: fx.Node, new: fx.Node, keep: set[fx.Node]) -> None:
-        """Every use of ``old`` except those in ``keep`` now reads ``new``."""
-        old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in keep)
-        self._current[old] = new
 
     def call_base(self, path: str, args: tuple[Any, ...], after: fx.Node) -> fx.Node:
         """Call a frozen base layer again (e.g. a query projection on a tuner's tap)."""
@@ -207,59 +284,19 @@ class Rewriter:
             )
         return self.call(path, args, after=after)
 
+    def redirect(self, old: fx.Node, new: fx.Node, keep: set[fx.Node]) -> None:
+        """Every use of ``old`` except those in ``keep`` now reads ``new``."""
+        old.replace_all_uses_with(new, delete_user_cb=lambda user: user not in keep)
+        self._current[old] = new
+
     def later(self, *nodes: fx.Node) -> fx.Node:
         """The node that comes last in graph order (insert after it so every input exists)."""
         order = {n: i for i, n in enumerate(self.graph.nodes)}
         return max(nodes, key=lambda n: order[n])
 
-    # ----- the standard joins -----
-    def join_add(
-        self,
-        site: Site,
-        target: str,
-        tap: str | fx.Node,
-        extra: tuple[Any, ...] = (),
-        reads: str | None = None,
-    ) -> fx.Node:
-        """``y = out + T(tap, *extra)``; ``tap`` names what T reads (``input``, ``parent.output``...) or is
-        a node a kind computed itself, then described by ``reads`` for the record."""
-        where = tap if isinstance(tap, str) else (reads or "custom")
-        node = self.tap(site, tap) if isinstance(tap, str) else tap
-        out = self.output(site)
-        inputs = [node, *[e for e in extra if isinstance(e, fx.Node)]]
-        t = self.call(target, (node, *extra), after=self.later(out, *inputs))
-        y = self.call_function(operator.add, (out, t), after=t)
-        if "tensor_meta" in out.meta:  # same shape as the value it replaces
-            y.meta["tensor_meta"] = out.meta["tensor_meta"]
-        self.redirect(out, y, keep={t, y})
-        self.record(target, "add", where, call=t, onto=out, joined=y)
-        return y
-
-    def join_replace(self, site: Site, target: str) -> fx.Node:
-        """``y = T(out)``: every reader of the site's output reads the tuner's instead."""
-        out = self.output(site)
-        y = self.call(target, (out,), after=out)
-        if "tensor_meta" in out.meta:
-            y.meta["tensor_meta"] = out.meta["tensor_meta"]
-        self.redirect(out, y, keep={y})
-        self.record(target, "replace", "output", call=y, onto=out, joined=y)
-        return y
-
-    def join_replace_input(self, site: Site, target: str) -> fx.Node:
-        """``site`` (and only it) reads ``T(in)`` instead of its input ``in``."""
-        inp = self.tap(site, "input")
-        y = self.call(target, (inp,), after=inp)
-        inside = set(site.nodes)
-        for user in list(inp.users):
-            if user in inside:
-                user.replace_input_with(inp, y)
-        self.record(target, "replace_input", "input", call=y, onto=inp, joined=y)
-        return y
-
-    # ----- bookkeeping -----
     @contextmanager
     def pass_for(self, rule: str, site: Site) -> Iterator[None]:
-        """Run one insertion; lint and recompile; name the rule and site when anything breaks."""
+        """Run one pass; lint; name the rule and site when anything breaks."""
         self.rule, self.site = rule, site
         try:
             yield
@@ -268,8 +305,17 @@ class Rewriter:
             raise
         except Exception as e:
             raise RewriteError(
-                f"rule {rule!r}: inserting the tuner at {site.path} failed: {type(e).__name__}: {e}",
+                f"rule {rule!r}: attaching the tuner at {site.path} failed: {type(e).__name__}: {e}",
                 hint="run with UTUNE_DEBUG=1 for the traceback and report it with the spec",
             ) from e
         finally:
             self.site = None
+
+
+_JOINS: dict[str, Callable[[Rewriter, Attachment, str, list[Any]], Nodes]] = {
+    "add": Rewriter._join_add,
+    "replace": Rewriter._join_replace,
+    "replace_input": Rewriter._join_replace_input,
+    "kv_concat": Rewriter._join_kv_concat,
+    "side": Rewriter._join_side,
+}

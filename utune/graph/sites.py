@@ -64,6 +64,17 @@ class Site:
         return sum(p.numel() for p in self.module.parameters())
 
     @property
+    def n_outputs(self) -> int:
+        """How many values leave the site (a tuner joins sites with exactly one)."""
+        return len(self.outputs)
+
+    def input_shape(self) -> tuple[int, ...] | None:
+        """The shape of the site's (first) input, as traced."""
+        node = self.input
+        meta = node.meta.get("tensor_meta") if node is not None else None
+        return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+    @property
     def output(self) -> fx.Node | None:
         return self.outputs[0] if len(self.outputs) == 1 else None
 

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from utune.graph.rewrite import Rewriter
+from utune.graph.context import PlanContext
+from utune.graph.manifest import Tap
 from utune.graph.sites import Site
-from utune.tuners.base import TunerKind, TunerOptions, channel_dim
+from utune.tuners.base import TunerKind, TunerOptions
 from utune.tuners.fold import Layer, NotMergeable, f64
 from utune.tuners.modules import ACTIVATIONS, Scale, channel_linear, kaiming_linear_
 from utune.tuners.registry import register
@@ -114,16 +115,15 @@ class AdapterKind(TunerKind):
     Options = AdapterOptions
     summary = "x' = OP(x) + s*W_up*act(W_down*tap); Houlsby 2019, AdaptFormer 2022, U-Tuning P-Adapter 2023"
 
-    def build(self, site: Site, rw: Rewriter) -> nn.Module:
+    def build(self, site: Site, ctx: PlanContext) -> nn.Module:
         opts: AdapterOptions = self.options
-        where = self.rule.tap or ("input" if self.placement == "parallel" else "output")
-        tap_shape = rw.shape(rw.tap(site, where))
-        out_shape = rw.shape(rw.output(site))
+        tap_shape = ctx.shape(site, Tap(self.where))
+        out_shape = ctx.output_shape(site)
         if tap_shape is None or out_shape is None:
             raise self.fail(site, "its input or output is not a single tensor")
         if len(tap_shape) != len(out_shape) or len(out_shape) not in (2, 3, 4):
             raise self.fail(site, f"tap shape {list(tap_shape)} and output shape {list(out_shape)} do not fit")
-        dim = channel_dim(site, out_shape, opts.channel_dim)
+        dim = ctx.channel_dim(site, out_shape, opts.channel_dim)
         c_out = out_shape[dim]
         c_in = tap_shape[dim]
         spatial_in = [s for i, s in enumerate(tap_shape[1:], 1) if i != dim % len(tap_shape)]

@@ -1,22 +1,24 @@
-"""What every tuner kind is: options, the sites it serves, the module it builds, how it attaches.
+"""What every tuner kind is: options, what it accepts, the modules it builds, and how it plans to attach.
 
-A kind subclasses :class:`TunerKind`, sets ``kind`` and ``Options``, and is registered with
-``@register``. The default :meth:`TunerKind.insert` is the U-Tuning mechanism,
-``x' = OP(x) + U(tap)``: tap = the site's input (parallel) or output (sequential), join = add.
+A kind subclasses :class:`TunerKind`, sets ``kind`` and ``Options``, and is registered with ``@register``
+in its own file under ``utune/tuners/`` (importing the package registers every file there). It *plans*:
+:meth:`TunerKind.plan` returns :class:`~utune.graph.manifest.Attachment` values (module, site, tap, join)
+and the one rewriter applies them; no kind touches a graph node. The default plan is the U-Tuning
+mechanism, ``x' = OP(x) + U(tap)``: tap = the site's input (parallel) or output (sequential), join = add.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
-from torch import fx, nn
+from torch import nn
 
 from utune._schema import Section
 from utune.errors import SelectionError
+from utune.graph.manifest import Attachment, Tap, Where
 
 if TYPE_CHECKING:
-    from utune.graph.rewrite import Rewriter
+    from utune.graph.context import PlanContext
     from utune.graph.sites import Site
 
 
@@ -32,18 +34,25 @@ class TunerOptions(Section):
 
 
 class TunerKind:
+    """One kind of tuner. Class attributes are its declaration; :meth:`plan` is its behaviour."""
+
     kind: ClassVar[str]
     Options: ClassVar[type[TunerOptions]] = TunerOptions
     summary: ClassVar[str] = ""  # one line: the math and the paper
     placements: ClassVar[tuple[str, ...]] = ("parallel", "sequential")
     default_placement: ClassVar[str] = "parallel"
+    # placement -> the `tap:` values a rule may set (the first is the default); () = the rule takes no tap
+    taps: ClassVar[dict[str, tuple[Where, ...]]] = {
+        "parallel": ("input", "output", "parent.input", "parent.output"),
+        "sequential": ("output", "input", "parent.input", "parent.output"),
+    }
     identity_at_init: ClassVar[bool] = True  # tuned == base at init
     identity_atol: ClassVar[float] = 0.0  # the tolerance of that claim (0 = bit-exact)
     mergeable: ClassVar[bool] = False  # folds into the base weights (export --merge)
 
     def __init__(self, rule: Any) -> None:
         self.rule = rule
-        self.options = rule.options
+        self.options: Any = rule.options
         self.placement: str = rule.placement or self.default_placement
         if self.placement not in self.placements:
             raise SelectionError(
@@ -51,29 +60,27 @@ class TunerKind:
                 hint=f"use one of: {', '.join(self.placements)}",
             )
 
+    @property
+    def where(self) -> Where:
+        """The tap the rule reads: its ``tap:`` or the placement's default."""
+        allowed = self.taps.get(self.placement, ())
+        return self.rule.tap or (allowed[0] if allowed else "input")
+
     # ----- per kind -----
-    def check(self, site: Site) -> None:
-        """Raise SelectionError when this kind cannot serve ``site``."""
+    def check(self, site: Site, ctx: PlanContext) -> None:
+        """Raise SelectionError when this kind cannot serve ``site`` (before anything is attached)."""
 
-    def build(self, site: Site, rw: Rewriter) -> nn.Module:
-        raise NotImplementedError
+    def build(self, site: Site, ctx: PlanContext) -> nn.Module:
+        raise NotImplementedError(f"kind {self.kind} plans without build(); it overrides plan()")
 
-    def insert(self, rw: Rewriter, site: Site) -> list[str]:
-        """Attach one tuner at ``site``; return the names of the modules added."""
-        module = self.build(site, rw)
-        name = rw.add_module(site, module)
-        where = self.rule.tap or ("input" if self.placement == "parallel" else "output")
-        rw.join_add(site, name, where)
-        return [name]
+    def plan(self, site: Site, ctx: PlanContext) -> list[Attachment]:
+        """The attachments for one site (the default: ``out + U(tap)``)."""
+        return [Attachment(site, self.build(site, ctx), "add", (Tap(self.where),))]
 
-    def insert_rule(self, rw: Rewriter, sites: list[Site]) -> list[str]:
-        """Attach this rule at every selected site, each as its own pass; kinds needing the whole
-        selection at once (prompt tokens carried across blocks) override this."""
-        names: list[str] = []
-        for site in sites:
-            with rw.pass_for(self.rule.name, site):
-                names += self.insert(rw, site)
-        return names
+    def plan_selection(self, sites: list[Site], ctx: PlanContext) -> list[Attachment] | None:
+        """The whole rule's attachments at once, for kinds that need every site (tokens carried across
+        blocks, a side network); None: plan site by site (each site sees the ones before it applied)."""
+        return None
 
     # ----- helpers -----
     def fail(self, site: Site, why: str, hint: str | None = None) -> SelectionError:
@@ -85,64 +92,3 @@ def is_fused_qkv(site: Site) -> bool:
     mod = site.module
     leaf = site.path.rpartition(".")[2].lower()
     return isinstance(mod, nn.Linear) and mod.out_features == 3 * mod.in_features and "qkv" in leaf
-
-
-def node_shape(node: fx.Node | None) -> tuple[int, ...] | None:
-    meta = node.meta.get("tensor_meta") if node is not None else None
-    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-
-
-_CHANNEL_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
-
-
-def _module_channels(mod: nn.Module) -> tuple[int, int] | None:
-    """(dim, channels) a leaf module produces: (1, C) for convs/BN/LayerNorm2d, (-1, C) for Linear/LN."""
-    if isinstance(mod, _CHANNEL_FIRST) or type(mod).__name__ in ("LayerNorm2d", "BatchNormAct2d"):
-        c = (
-            getattr(mod, "out_channels", None)
-            or getattr(mod, "num_features", None)
-            or getattr(mod, "num_channels", None)
-        )
-        if c is None and hasattr(mod, "weight") and mod.weight is not None:
-            c = mod.weight.shape[0]
-        return (1, int(c)) if c else None
-    if isinstance(mod, nn.Linear):
-        return (-1, mod.out_features)
-    if isinstance(mod, nn.LayerNorm):
-        return (-1, int(mod.normalized_shape[-1]))
-    return None
-
-
-def channel_dim(site: Site, shape: tuple[int, ...], override: int | None = None) -> int:
-    """Which dim of ``shape`` holds channels: the last for tokens ``(B, N, C)``, 1 or -1 for maps."""
-    if override is not None:
-        return override
-    if len(shape) <= 3:
-        return -1
-    mods: list[nn.Module] = []
-    if site.module is not None and site.op == "module":
-        mods = [site.module]
-    else:  # the last layer inside the composite that decides the layout
-        from torch.fx import Node
-
-        gm_nodes: list[Node] = [n for n in site.nodes if n.op == "call_module"]
-        owner = site.nodes[0].graph.owning_module if site.nodes else None
-        mods = [owner.get_submodule(str(n.target)) for n in reversed(gm_nodes)] if owner is not None else []
-    for mod in mods:
-        found = _module_channels(mod)
-        if found is not None and shape[found[0]] == found[1]:
-            return found[0]
-    if shape[1] != shape[-1]:
-        raise SelectionError(
-            f"cannot tell the channel dim of {site.path} (shape {list(shape)}): channels first or last?",
-            hint="set channel_dim: 1 (NCHW) or channel_dim: -1 (NHWC) in the rule",
-        )
-    return 1
-
-
-def move_channels_last(x: torch.Tensor, dim: int) -> torch.Tensor:
-    return x if dim == -1 or dim == x.ndim - 1 else x.movedim(dim, -1)
-
-
-def move_channels_back(x: torch.Tensor, dim: int) -> torch.Tensor:
-    return x if dim == -1 or dim == x.ndim - 1 else x.movedim(-1, dim)

@@ -19,10 +19,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from utune.graph.rewrite import Rewriter
+from utune.graph.context import PlanContext
+from utune.graph.manifest import Attachment, Ref, Tap, Value
 from utune.graph.sites import Site
 from utune.tuners.adapter import Adapter, AdapterOptions, _pool_factor
-from utune.tuners.base import TunerKind, TunerOptions, channel_dim
+from utune.tuners.base import TunerKind, TunerOptions
 from utune.tuners.modules import channel_linear
 from utune.tuners.registry import register
 
@@ -80,72 +81,61 @@ class BypassKind(TunerKind):
     Options = BypassOptions
     summary = "b_l = A_lat(detach x_l) + A_ver(b_{l-1}); last b feeds the head (Res-Tuning-Bypass, Jiang et al. 2023)"
     placements = ("parallel",)
+    taps = {"parallel": ()}  # it reads every selected site's output (and the seed's input): no tap key
     identity_at_init = False
 
-    def check(self, site: Site) -> None:
-        if site.output is None:
-            raise self.fail(site, f"it has {len(site.outputs)} outputs; the bypass reads one per stage")
+    def check(self, site: Site, ctx: PlanContext) -> None:
+        if site.n_outputs != 1:
+            raise self.fail(site, f"it has {site.n_outputs} outputs; the bypass reads one per stage")
 
-    def _site(self, rw: Rewriter, path: str, what: str) -> Site:
-        if path not in rw.sites:
+    def _site(self, ctx: PlanContext, path: str, what: str, near: Site) -> Site:
+        found = ctx.site(path)
+        if found is None:
             import difflib
 
-            close = difflib.get_close_matches(path, list(rw.sites), n=3)
+            close = difflib.get_close_matches(path, list(ctx.sites), n=3)
             raise self.fail(
-                rw.sites[next(iter(rw.sites))],
-                f"{what} site {path!r} does not exist",
-                hint=f"closest: {', '.join(close)}" if close else "see `utune inspect`",
+                near, f"{what} site {path!r} does not exist", hint=f"closest: {', '.join(close)}" if close else None
             )
-        return rw.sites[path]
+        return found
 
-    def _into(self, rw: Rewriter, last: Site) -> Site:
+    def _into(self, ctx: PlanContext, last: Site) -> Site:
         if self.options.into:
-            return self._site(rw, self.options.into, "`into`")
-        out = rw.output(last)
-        readers = [
-            s
-            for s in rw.sites.values()
-            if s.op in ("module", "composite") and s.input is out and not s.path.startswith(last.path)
-        ]
-        if not readers:
+            return self._site(ctx, self.options.into, "`into`", last)
+        reader = ctx.reader(last)
+        if reader is None:
             raise self.fail(last, "no op reads its output; set `into:` to the site the side network should feed")
-        return readers[0]
+        return reader
 
-    def insert_rule(self, rw: Rewriter, sites: list[Site]) -> list[str]:
+    def plan_selection(self, sites: list[Site], ctx: PlanContext) -> list[Attachment] | None:
+        """One side step per site, seeded by the detached input of the first, feeding ``into``'s input."""
         opts: BypassOptions = self.options
-        seed_site = self._site(rw, opts.seed, "`seed`") if opts.seed else sites[0]
-        into = self._into(rw, sites[-1])
-        names: list[str] = []
-        with rw.pass_for(self.rule.name, seed_site):
-            b = rw.call_function(torch.detach, (rw.tap(seed_site, "input"),), after=rw.tap(seed_site, "input"))
-        b_shape = rw.shape(b)
+        seed = self._site(ctx, opts.seed, "`seed`", sites[0]) if opts.seed else sites[0]
+        into = self._into(ctx, sites[-1])
+        b_shape = ctx.shape(seed, Tap("input"))
+        b: Value = Tap("input", site=seed.path, detach=True)
+        plan: list[Attachment] = []
         for site in sites:
-            with rw.pass_for(self.rule.name, site):
-                x = rw.output(site)
-                x_shape = rw.shape(x)
-                if x_shape is None or b_shape is None:
-                    raise self.fail(site, "its output is not a tensor")
-                d = channel_dim(site, x_shape) if len(x_shape) == 4 else -1
-                pool = _pool_factor(_spatial(b_shape, d), _spatial(x_shape, d)) if len(x_shape) == 4 else 1
-                if pool is None or (len(x_shape) != 4 and x_shape[1:-1] != b_shape[1:-1]):
-                    raise self.fail(site, f"the side state {list(b_shape)} cannot be mapped to {list(x_shape)}")
-                step = SideStep(
-                    ResAdapter(x_shape[d], x_shape[d], opts.dim, d),
-                    ResAdapter(b_shape[d], x_shape[d], opts.dim, d, pool),
-                )
-                name = rw.add_module(site, step)
-                b = rw.call(name, (x, b), after=rw.later(x, b))
-                names.append(name)
-                b_shape = x_shape
-        with rw.pass_for(self.rule.name, into):
-            inp = rw.tap(into, "input")
-            if rw.shape(inp) != b_shape:
-                raise self.fail(into, f"its input {rw.shape(inp)} differs from the side state {list(b_shape)}")
-            inside = set(into.nodes)
-            for user in list(inp.users):
-                if user in inside:
-                    user.replace_input_with(inp, b)
-        return names
+            x_shape = ctx.output_shape(site)
+            if x_shape is None or b_shape is None:
+                raise self.fail(site, "its output is not a tensor")
+            plan.append(Attachment(site, self._step(site, ctx, x_shape, b_shape), "side", (Tap("output"), b)))
+            b, b_shape = Ref(len(plan) - 1), x_shape
+        inp = ctx.shape(into, Tap("input"))
+        if inp != b_shape:
+            raise self.fail(into, f"its input {list(inp) if inp else None} differs from the side state {list(b_shape)}")
+        plan.append(Attachment(into, None, "replace_input", (b,)))
+        return plan
+
+    def _step(self, site: Site, ctx: PlanContext, x_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> SideStep:
+        opts: BypassOptions = self.options
+        d = ctx.channel_dim(site, x_shape) if len(x_shape) == 4 else -1
+        pool = _pool_factor(_spatial(b_shape, d), _spatial(x_shape, d)) if len(x_shape) == 4 else 1
+        if pool is None or (len(x_shape) != 4 and x_shape[1:-1] != b_shape[1:-1]):
+            raise self.fail(site, f"the side state {list(b_shape)} cannot be mapped to {list(x_shape)}")
+        return SideStep(
+            ResAdapter(x_shape[d], x_shape[d], opts.dim, d), ResAdapter(b_shape[d], x_shape[d], opts.dim, d, pool)
+        )
 
 
 def _spatial(shape: tuple[int, ...], d: int) -> list[int]:

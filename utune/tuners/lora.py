@@ -14,7 +14,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from utune.graph.rewrite import Rewriter
+from utune.graph.context import PlanContext
 from utune.graph.sites import Site
 from utune.tuners.base import TunerKind, TunerOptions, is_fused_qkv
 from utune.tuners.fold import Layer, NotMergeable, f64
@@ -117,9 +117,10 @@ class LoraKind(TunerKind):
     Options = LoraOptions
     summary = "y = W x + (alpha/r) B A x on a Linear/Conv2d; Hu et al. 2021 (LoRA)"
     placements = ("parallel",)
+    taps = {"parallel": ("input",)}  # B A reads the layer's own input: nothing else folds into W
     mergeable = True
 
-    def check(self, site: Site) -> None:
+    def check(self, site: Site, ctx: PlanContext) -> None:
         mod = site.module
         if site.op != "module" or not isinstance(mod, nn.Linear | nn.Conv2d):
             raise self.fail(
@@ -140,13 +141,6 @@ class LoraKind(TunerKind):
                 hint="drop `slices` for this rule, or select the attention's qkv layer",
             )
 
-    def build(self, site: Site, rw: Rewriter) -> nn.Module:
-        self.check(site)
-        assert site.module is not None
+    def build(self, site: Site, ctx: PlanContext) -> nn.Module:
+        assert site.module is not None  # check() made sure it is a Linear or Conv2d
         return Lora(site.module, self.options)
-
-    def insert(self, rw: Rewriter, site: Site) -> list[str]:
-        module = self.build(site, rw)
-        name = rw.add_module(site, module)
-        rw.join_add(site, name, "input")
-        return [name]

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import operator
 from typing import Literal
 
 import torch
@@ -22,9 +21,9 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from utune.graph.rewrite import Rewriter
+from utune.graph.context import PlanContext
+from utune.graph.manifest import Attachment, Tap
 from utune.graph.sites import Site
-from utune.tuners.attention import find_attention, find_projections, query_source
 from utune.tuners.base import TunerKind, TunerOptions
 from utune.tuners.modules import Scale
 from utune.tuners.registry import register
@@ -55,13 +54,6 @@ class PrefixKV(nn.Module):
         return torch.cat([self._expand(self.key, k), k], dim=2), torch.cat([self._expand(self.value, v), v], dim=2)
 
 
-def pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
-    """An sdpa mask over N keys -> over L + N keys, the prefix always visible."""
-    if mask.dtype == torch.bool:
-        return F.pad(mask, (length, 0), value=True)
-    return F.pad(mask, (length, 0), value=0.0)
-
-
 class ParallelPrefix(nn.Module):
     """``s ⊙ Attn(Q, K_pre, V_pre)`` with Q the (frozen) query projection of the tap, given precomputed."""
 
@@ -90,59 +82,36 @@ class PrefixKind(TunerKind):
     summary = "concat: K,V <- [K_pre; K], [V_pre; V] (Li & Liang 2021); parallel: OP(x) + s*Attn(Q, K_pre, V_pre)"
     placements = ("concat", "parallel")
     default_placement = "concat"
+    taps = {"concat": (), "parallel": ("input", "output", "parent.input", "parent.output")}
 
     @property
     def identity_at_init(self) -> bool:  # type: ignore[override]
         return self.placement == "parallel"
 
-    def check(self, site: Site) -> None:
+    def check(self, site: Site, ctx: PlanContext) -> None:
         if self.placement == "concat":
-            found = find_attention(site)
+            found = ctx.attention(site)
             if isinstance(found, str):
                 raise self.fail(site, found, hint="select an attention module, e.g. blocks.*.attn")
 
-    def insert(self, rw: Rewriter, site: Site) -> list[str]:
-        return self._concat(rw, site) if self.placement == "concat" else self._parallel(rw, site)
-
-    def _concat(self, rw: Rewriter, site: Site) -> list[str]:
-        att = find_attention(site)
-        if isinstance(att, str):
-            raise self.fail(site, att)
-        k, v = rw.current(att.k), rw.current(att.v)
-        shape = rw.shape(k)
-        if shape is None or len(shape) != 4:
-            raise self.fail(site, f"its keys are not (B, heads, N, d) (shape {shape})")
-        heads, head_dim = shape[1], shape[3]
+    def plan(self, site: Site, ctx: PlanContext) -> list[Attachment]:
         opts: PrefixOptions = self.options
-        name = rw.add_module(site, PrefixKV(opts.length, heads, head_dim, opts.init_std))
-        kv = rw.call(name, (k, v), after=rw.later(k, v))
-        k2 = rw.call_function(operator.getitem, (kv, 0), after=kv)
-        v2 = rw.call_function(operator.getitem, (kv, 1), after=k2)
-        att.k_user.replace_input_with(k, k2)
-        att.v_user.replace_input_with(v, v2)
-        if att.mask is not None:
-            mask = rw.current(att.mask)
-            padded = rw.call_function(pad_mask, (mask, opts.length), after=rw.later(mask, v2))
-            att.k_user.replace_input_with(mask, padded)
-        return [name]
-
-    def _parallel(self, rw: Rewriter, site: Site) -> list[str]:
-        proj = find_projections(rw.root, site.enclosing)
+        if self.placement == "concat":
+            found = ctx.attention(site)
+            if isinstance(found, str):
+                raise self.fail(site, found)
+            heads, head_dim = found
+            module = PrefixKV(opts.length, heads, head_dim, opts.init_std)
+            return [Attachment(site, module, "kv_concat", options={"mask_pad": opts.length})]
+        proj = ctx.projections(site.enclosing)
         if proj is None:
             raise self.fail(
                 site,
                 "no attention query projection (qkv / q) at or beside this site",
                 hint="P-Prefix needs a ViT-style attention in the block",
             )
-        where = self.rule.tap or "input"
-        tap = rw.tap(site, where)
-        shape = rw.shape(tap)
+        shape = ctx.shape(site, Tap(self.where))
         if shape is None or len(shape) != 3 or shape[-1] != proj.dim:
-            raise self.fail(site, f"its {where} {shape} is not a (B, N, {proj.dim}) token tensor")
-        opts: PrefixOptions = self.options
+            raise self.fail(site, f"its {self.where} {shape} is not a (B, N, {proj.dim}) token tensor")
         module = ParallelPrefix(opts.length, proj.dim, proj.num_heads, proj.fused, opts.scale, opts.init_std)
-        name = rw.add_module(site, module)
-        src = query_source(rw, proj, tap)
-        q_all = rw.call_base(proj.q, (src,), after=src)
-        rw.join_add(site, name, q_all, reads=f"{where} through {proj.q}")
-        return [name]
+        return [Attachment(site, module, "add", (ctx.query_tap(proj, site, self.where),))]

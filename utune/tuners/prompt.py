@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from utune.graph.rewrite import Rewriter
+from utune.graph.context import PlanContext
+from utune.graph.manifest import Attachment, Frozen, Tap
 from utune.graph.select import layer_index
 from utune.graph.sites import Site
-from utune.tuners.attention import find_projections, query_source
-from utune.tuners.base import TunerKind, TunerOptions, node_shape
+from utune.tuners.base import TunerKind, TunerOptions
 from utune.tuners.modules import Scale
 from utune.tuners.registry import register
 
@@ -53,13 +53,19 @@ class PromptTokens(nn.Module):
         return torch.cat([x[:, : self.skip], p, rest], dim=1)
 
 
-def drop_tokens(x: torch.Tensor, skip: int, length: int) -> torch.Tensor:
-    """Remove the L prompt tokens that follow the ``skip`` leading tokens."""
-    return torch.cat([x[:, :skip], x[:, skip + length :]], dim=1)
+class DropTokens(nn.Module):
+    """Remove the L prompt tokens that follow the ``skip`` leading tokens (after the last block)."""
+
+    def __init__(self, skip: int, length: int) -> None:
+        super().__init__()
+        self.skip, self.length = skip, length
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x[:, : self.skip], x[:, self.skip + self.length :]], dim=1)
 
 
 class PromptKV(nn.Module):
-    """P (L, C) batch-expanded like ``x``: fed to the frozen k/v projections in the graph."""
+    """P (L, C) batch-expanded like ``x``: fed to the frozen k/v projections (their weights are inputs)."""
 
     def __init__(self, length: int, dim: int, std: float) -> None:
         super().__init__()
@@ -79,7 +85,19 @@ class ParallelPrompt(nn.Module):
         self.scale = Scale(scale, dim)
         nn.init.zeros_(self.scale.weight)  # zero scale: identity at init, prompts still get gradients after
 
-    def forward(self, q_all: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        q_all: torch.Tensor,
+        w_k: torch.Tensor,
+        b_k: torch.Tensor | None,
+        w_v: torch.Tensor | None = None,
+        b_v: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``q_all``: the frozen query (or fused qkv) of the tap; ``w_*``/``b_*``: the frozen k/v (or qkv)
+        weights, which project the prompts exactly as the attention's own layers would."""
+        tokens = self.prompt(q_all)
+        k_all = F.linear(tokens, w_k, b_k)
+        v_all = k_all if self.fused or w_v is None else F.linear(tokens, w_v, b_v)
         c = self.dim
         q = q_all[..., :c] if self.fused else q_all
         k = k_all[..., c : 2 * c] if self.fused else k_all
@@ -109,15 +127,16 @@ class PromptKind(TunerKind):
     )
     placements = ("concat", "parallel")
     default_placement = "concat"
+    taps = {"concat": (), "parallel": ("input", "output", "parent.input", "parent.output")}
 
     @property
     def identity_at_init(self) -> bool:  # type: ignore[override]
         return self.placement == "parallel"
 
-    def check(self, site: Site) -> None:
+    def check(self, site: Site, ctx: PlanContext) -> None:
         if site.op not in ("composite", "module") or site.input is None:
             raise self.fail(site, f"it is a {site.op} site; prompts go before a block (a module with one input)")
-        shape = node_shape(site.input)
+        shape = site.input_shape()
         if shape is None or len(shape) != 3:
             raise self.fail(
                 site,
@@ -125,58 +144,48 @@ class PromptKind(TunerKind):
                 hint="prompt tokens need a transformer block taking token sequences",
             )
 
-    def insert_rule(self, rw: Rewriter, sites: list[Site]) -> list[str]:
+    def plan_selection(self, sites: list[Site], ctx: PlanContext) -> list[Attachment] | None:
+        """VPT: tokens inserted at the first selected block, replaced at each later one, dropped after the
+        last block of that sequence."""
         if self.placement == "parallel":
-            return super().insert_rule(rw, sites)
+            return None
         opts: PromptOptions = self.options
-        skip = opts.prefix_tokens if opts.prefix_tokens is not None else prefix_tokens(rw.root)
-        names: list[str] = []
+        skip = opts.prefix_tokens if opts.prefix_tokens is not None else prefix_tokens(ctx.root)
+        plan = []
         for i, site in enumerate(sites):
-            with rw.pass_for(self.rule.name, site):
-                dim = rw.shape(rw.tap(site, "input"))[-1]  # type: ignore[index]
-                module = PromptTokens(opts.length, dim, skip, replace=i > 0, std=opts.init_std)
-                name = rw.add_module(site, module)
-                rw.join_replace_input(site, name)
-                names.append(name)
-        last = self._last_sibling(rw, sites[-1])
-        with rw.pass_for(self.rule.name, last):
-            out = rw.output(last)
-            y = rw.call_function(drop_tokens, (out, skip, opts.length), after=out)
-            rw.redirect(out, y, keep={y})
-        return names
+            shape = ctx.shape(site, Tap("input"))
+            assert shape is not None  # check() saw a token sequence
+            module = PromptTokens(opts.length, shape[-1], skip, replace=i > 0, std=opts.init_std)
+            plan.append(Attachment(site, module, "replace_input", (Tap("input"),)))
+        last = self._last_sibling(ctx, sites[-1])
+        plan.append(Attachment(last, DropTokens(skip, opts.length), "replace", (Tap("output"),), role="drop"))
+        return plan
 
-    def _last_sibling(self, rw: Rewriter, site: Site) -> Site:
+    def _last_sibling(self, ctx: PlanContext, site: Site) -> Site:
         """The last block of the sequence ``site`` belongs to (``blocks.11`` for ``blocks.3``)."""
         parent, _, leaf = site.path.rpartition(".")
         if layer_index(leaf) is None:
             return site
         siblings = [
             s
-            for p, s in rw.sites.items()
+            for p, s in ctx.sites.items()
             if p.rpartition(".")[0] == parent and p.rpartition(".")[2].isdigit() and s.op in ("composite", "module")
         ]
         return siblings[-1] if siblings else site
 
-    def insert(self, rw: Rewriter, site: Site) -> list[str]:  # parallel P-Prompt
-        proj = find_projections(rw.root, site.enclosing)
+    def plan(self, site: Site, ctx: PlanContext) -> list[Attachment]:  # parallel P-Prompt
+        proj = ctx.projections(site.enclosing)
         if proj is None:
             raise self.fail(
                 site,
                 "no attention q/k/v projections at or beside this site",
                 hint="P-Prompt needs a ViT-style attention in the block",
             )
-        where = self.rule.tap or "input"
-        tap = rw.tap(site, where)
-        shape = rw.shape(tap)
+        shape = ctx.shape(site, Tap(self.where))
         if shape is None or len(shape) != 3 or shape[-1] != proj.dim:
-            raise self.fail(site, f"its {where} {shape} is not a (B, N, {proj.dim}) token tensor")
+            raise self.fail(site, f"its {self.where} {shape} is not a (B, N, {proj.dim}) token tensor")
         opts: PromptOptions = self.options
         module = ParallelPrompt(opts.length, proj.dim, proj.num_heads, proj.fused, opts.scale, opts.init_std)
-        name = rw.add_module(site, module)
-        tokens = rw.call(f"{name}.prompt", (tap,), after=tap)
-        src = query_source(rw, proj, tap)
-        q_all = rw.call_base(proj.q, (src,), after=rw.later(tokens, src))
-        k_all = rw.call_base(proj.k, (tokens,), after=q_all)
-        v_all = k_all if proj.v == proj.k else rw.call_base(proj.v, (tokens,), after=k_all)
-        rw.join_add(site, name, q_all, extra=(k_all, v_all), reads=f"{where} through {proj.q}")
-        return [name]
+        layers = [proj.k] if proj.fused else [proj.k, proj.v]
+        frozen = tuple(Frozen(f"{layer}.{t}") for layer in layers for t in ("weight", "bias"))
+        return [Attachment(site, module, "add", (ctx.query_tap(proj, site, self.where), *frozen))]

@@ -13,9 +13,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from utune.graph.rewrite import Rewriter
+from utune.graph.context import PlanContext
+from utune.graph.manifest import Attachment, Tap
 from utune.graph.sites import Site
-from utune.tuners.base import TunerKind, TunerOptions, channel_dim, is_fused_qkv
+from utune.tuners.base import TunerKind, TunerOptions, is_fused_qkv
 from utune.tuners.fold import Layer, NotMergeable, f64
 from utune.tuners.modules import channel_view
 from utune.tuners.registry import register
@@ -90,30 +91,28 @@ class Ia3Options(_ChannelOptions):
 class _ChannelKind(TunerKind):
     placements = ("sequential",)
     default_placement = "sequential"
+    taps = {"sequential": ("output",)}  # a map of the op's output: y <- s * y + t
     mergeable = True
     has_scale = True
     has_shift = True
 
-    def check(self, site: Site) -> None:
-        if site.output is None:
-            raise self.fail(site, f"it has {len(site.outputs)} outputs")
+    def check(self, site: Site, ctx: PlanContext) -> None:
+        if site.n_outputs != 1:
+            raise self.fail(site, f"it has {site.n_outputs} outputs")
 
-    def _channels(self, site: Site, rw: Rewriter) -> tuple[int, int]:
-        shape = rw.shape(rw.output(site))
+    def _channels(self, site: Site, ctx: PlanContext) -> tuple[int, int]:
+        shape = ctx.output_shape(site)
         if shape is None or len(shape) < 2:
             raise self.fail(site, "its output is not a tensor with a channel dim")
-        dim = channel_dim(site, shape, getattr(self.options, "channel_dim", None))
+        dim = ctx.channel_dim(site, shape, getattr(self.options, "channel_dim", None))
         return shape[dim], dim
 
-    def build(self, site: Site, rw: Rewriter) -> nn.Module:
-        self.check(site)
-        c, dim = self._channels(site, rw)
+    def build(self, site: Site, ctx: PlanContext) -> nn.Module:
+        c, dim = self._channels(site, ctx)
         return ChannelAffine(c, dim, self.has_scale, self.has_shift, init_std=getattr(self.options, "init_std", 0.0))
 
-    def insert(self, rw: Rewriter, site: Site) -> list[str]:
-        name = rw.add_module(site, self.build(site, rw))
-        rw.join_replace(site, name)
-        return [name]
+    def plan(self, site: Site, ctx: PlanContext) -> list[Attachment]:
+        return [Attachment(site, self.build(site, ctx), "replace", (Tap("output"),))]
 
 
 @register
@@ -138,9 +137,8 @@ class Ia3Kind(_ChannelKind):
     summary = "y = l * OP(x); Liu et al. 2022 (IA3)"
     has_shift = False
 
-    def build(self, site: Site, rw: Rewriter) -> nn.Module:
-        self.check(site)
-        c, dim = self._channels(site, rw)
+    def build(self, site: Site, ctx: PlanContext) -> nn.Module:
+        c, dim = self._channels(site, ctx)
         index = None
         if self.options.slices:
             if not is_fused_qkv(site):

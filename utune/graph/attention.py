@@ -1,19 +1,16 @@
-"""Finding the parts of an attention inside a traced site: q/k/v values and projections."""
+"""Finding the parts of an attention inside a traced site: the q/k/v values (graph nodes, for the rewriter's
+``kv_concat`` join) and the projection layers (module paths, for kinds that plan a tap through them)."""
 
 from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from utune.graph.sites import Site
-
-if TYPE_CHECKING:
-    from utune.graph.rewrite import Rewriter
 
 _SOFTMAX = {F.softmax, torch.softmax}
 _MATMUL = {operator.matmul, torch.matmul, torch.bmm}
@@ -147,17 +144,8 @@ def find_projections(root: nn.Module, path: str) -> Projections | None:
     return None
 
 
-def query_source(rw: Rewriter, proj: Projections, tap: fx.Node) -> fx.Node:
-    """What the frozen query projection should read for a tuner tapping ``tap``.
-
-    When ``tap`` is what the attention's pre-norm reads (a Block site's input), the block's norm is
-    applied first, so the projection sees the normalised inputs it was trained on; otherwise (the
-    attention's or the FFN's own, already normalised, input) ``tap`` itself.
-    """
-    q_site = rw.sites.get(proj.q)
-    q_in = q_site.input if q_site is not None else None
-    if q_in is not None and q_in.op == "call_module":
-        norm = rw.gm.get_submodule(str(q_in.target))
-        if isinstance(norm, nn.LayerNorm | nn.GroupNorm) and q_in.args and q_in.args[0] is tap:
-            return rw.call_base(str(q_in.target), (tap,), after=tap)
-    return tap
+def pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """An sdpa mask over N keys -> over L + N keys, the ``length`` prepended keys always visible."""
+    if mask.dtype == torch.bool:
+        return F.pad(mask, (length, 0), value=True)
+    return F.pad(mask, (length, 0), value=0.0)
