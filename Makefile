@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.utune-installed
 
-.PHONY: install test lint quickstart bench clean
+.PHONY: install test lint quickstart bench clean docs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,12 +22,17 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check utune tests bench quickstart
 	$(VENV)/bin/ruff format --check utune tests bench quickstart
+	$(VENV)/bin/mypy  # utune/graph, utune/tuners, utune/export (pyproject.toml [tool.mypy])
 
 test: lint
 	$(PY) -m pytest -p no:cacheprovider
 
 quickstart: $(STAMP)
 	$(PY) quickstart/run.py $(QUICKSTART_ARGS)
+
+# the README's tuner-kinds table, regenerated from the registry (tests/test_readme.py checks it)
+docs: $(STAMP)
+	$(PY) -c "from utune.tuners.registry import update_readme; update_readme('README.md')"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -83,7 +83,10 @@ def run_method(key: str, label: str, spec_file: Path, out: Path, overrides: list
     report = built.report
     trainable_base = {n for n, p in built.model.named_parameters() if p.requires_grad and not n.startswith("utune.")}
     rules = [
-        {**{k: r[k] for k in ("name", "kind", "placement", "sites", "params")}, "options": _options(built.spec, r)}
+        {
+            **{k: r[k] for k in ("name", "kind", "placement", "sites", "params", "attachments")},
+            "options": _options(built.spec, r),
+        }
         for r in report["tuners"]
     ]
     return {
@@ -352,12 +355,13 @@ def plot_structure(path: Path, rows: list[dict[str, Any]]) -> None:
                 arrow(3.0, y + 1.35, 3.0, 2 * (b + 1))
         arrow(3.0, 2 * n - 0.65, 3.0, 2 * n - 0.25)
         box(1.0, 2 * n - 0.25, 4.0, 0.6, "norm + head", trainable if is_trainable("head") else frozen)
-        # the tuners, from the built model's report: one box per site, beside the operation it attaches to
+        # the tuners, from the build's manifest (the report's attachments): one box per tuner module, beside
+        # the operation it attaches to (joins without a module of their own, such as token removal, not drawn)
         legend = []
         for i, rule in enumerate(row["tuners"]):
             color = colors[i % len(colors)]
             legend.append((color, f"{rule['name']}: {rule['kind']} ({rule['placement']}), {rule['params']:,} params"))
-            for site in rule["sites"]:
+            for site in [a["site"] for a in rule["attachments"] if a["module"] and a["params"]]:
                 b, slot = site_slot(site)
                 if b is None:
                     continue

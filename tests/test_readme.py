@@ -94,4 +94,4 @@ def test_readme_specs_validate(ident: str, body: str) -> None:
 def test_readme_tuner_table_is_the_registrys() -> None:
     text = README.read_text()
     table = text.split("<!-- tuners-table:start -->\n", 1)[1].split("<!-- tuners-table:end -->", 1)[0]
-    assert table == kinds_markdown(), "regenerate it: utune tuners --format markdown"
+    assert table == kinds_markdown(), "regenerate it: make docs (utune tuners --format markdown)"

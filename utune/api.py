@@ -119,6 +119,8 @@ def inspect_with_rules(
     for rule in rules:
         for path in rule["sites"]:
             matches.setdefault(path, []).append(rule["name"])
+    if spec is not None and same and rules and not any(r["error"] for r in rules):
+        matches = _attached(spec, rules) or matches
     rows = []
     for path, site in traced.sites.items():
         row: dict[str, Any] = {
@@ -132,6 +134,26 @@ def inspect_with_rules(
             row["rules"] = matches.get(path, [])
         rows.append(row)
     return rows, rules
+
+
+def _attached(spec: Spec, rules: list[dict[str, Any]]) -> dict[str, list[str]] | None:
+    """Site -> the rules the build's manifest attached there (``vpt (drop)``, ``bypass (replace_input)`` for
+    joins beyond the selected sites); None, with a warning on the rules, when the spec does not build."""
+    from utune.errors import UtuneError
+
+    try:
+        built = build(spec, ["model.pretrained=false"] if spec.model.pretrained is True else [])
+    except UtuneError as e:
+        rules[0]["warnings"].append(f"the spec does not build: {e.message}")
+        return None
+    out: dict[str, list[str]] = {}
+    for e in built.manifest:
+        tag = e.rule if e.module and not e.role else f"{e.rule} ({e.role or e.join})"
+        if tag not in out.setdefault(e.site, []):
+            out[e.site].append(tag)
+    for r in rules:
+        r["attachments"] = len(built.manifest.rule(r["name"]))
+    return out
 
 
 def _match_rules(traced: Traced, spec: Spec) -> list[dict[str, Any]]:

@@ -160,6 +160,26 @@ class TunerRule(Section):
             raise ValueError(f"kind {kind!r} has no placement {placement!r}; it offers: {', '.join(offered)}")
         return placement
 
+    @field_validator("tap")
+    @classmethod
+    def _accepted(cls, tap: str | None, info: ValidationInfo) -> str | None:
+        """A kind reads only the taps it declares (``lora`` reads its layer's input, ``ssf`` its output)."""
+        kind = info.data.get("kind")
+        if tap is None or not isinstance(kind, str) or "placement" not in info.data:
+            return tap
+        cls_ = get_kind(kind)
+        declared = getattr(cls_, "taps", None)
+        if declared is None:  # a kind that declares no taps reads any
+            return tap
+        placement = info.data.get("placement") or getattr(cls_, "default_placement", None)
+        allowed = declared.get(placement, ())
+        if tap not in allowed:
+            where = f"kind {kind!r}" + (f" ({placement})" if len(cls_.placements) > 1 else "")
+            if not allowed:
+                raise ValueError(f"{where} takes no tap (it reads what its placement says); remove `tap: {tap}`")
+            raise ValueError(f"{where} does not read tap {tap!r}; it reads: {', '.join(allowed)}")
+        return tap
+
 
 class ExportConfig(Section):
     merge: bool = False
@@ -515,6 +535,11 @@ def spec_json_schema() -> dict[str, Any]:
         options = getattr(cls, "Options", Section).model_json_schema(ref_template="#/$defs/{model}")
         defs.update(options.pop("$defs", {}))
         properties = {**rule["properties"], **options.get("properties", {}), "kind": {"const": name}}
+        taps = sorted({t for allowed in getattr(cls, "taps", {"": ("input", "output")}).values() for t in allowed})
+        if taps:
+            properties["tap"] = {"anyOf": [{"enum": taps}, {"type": "null"}], "default": None}
+        else:
+            properties.pop("tap", None)
         required = list(dict.fromkeys([*rule.get("required", []), *options.get("required", [])]))
         variant = {"title": name, "type": "object", "properties": properties, "required": required}
         variants.append({**variant, "additionalProperties": False})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -23,6 +23,9 @@ from utune.cli._common import (
 )
 from utune.cli._render import TrainProgress, print_report, print_summary
 from utune.errors import TrainingInterrupted, UserInputError
+
+if TYPE_CHECKING:
+    from utune.api import Built
 
 
 def register(app: typer.Typer) -> None:
@@ -72,7 +75,7 @@ def apply(
         print_report(built.report)
 
 
-def _load_tuners(built: Any, tuners: Path | None, verify: bool) -> None:
+def _load_tuners(built: Built, tuners: Path | None, verify: bool) -> None:
     if tuners is None:
         return
     from utune.export import load_tuners

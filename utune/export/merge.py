@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import fx, nn
@@ -39,6 +39,9 @@ from utune.errors import ExportError
 from utune.export._sites import TunerSite, refusal, tuner_sites
 from utune.graph.manifest import Entry
 from utune.tuners.fold import Layer, NotMergeable, f64, layer_kind
+
+if TYPE_CHECKING:
+    from utune.api import Built
 
 TUNERS_ONLY_HINT = "export the tuners with --tuners-only instead (`utune apply SPEC --tuners FILE` loads them back)"
 
@@ -254,7 +257,7 @@ def _why_not(kind: str, mod: nn.Module) -> str:
     return f"{kind} tuners ({type(mod).__name__}) add computation that no base weight can express"
 
 
-def merged_state_dict(built: Any) -> MergeResult:
+def merged_state_dict(built: Built) -> MergeResult:
     """The base state with every tuner folded in; ExportError listing every tuner that cannot fold."""
     gm: fx.GraphModule = built.model
     g = _Graph(gm, built.manifest)
@@ -346,7 +349,7 @@ def forward_eval(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return out.detach().to("cpu", torch.float32)
 
 
-def plain_model(built: Any) -> nn.Module:
+def plain_model(built: Built) -> nn.Module:
     """A fresh, untuned model of the spec's architecture (random weights, nothing downloaded)."""
     from utune.models import create_model
 
@@ -354,7 +357,7 @@ def plain_model(built: Any) -> nn.Module:
     return create_model(m.name, pretrained=False, num_classes=m.num_classes, kwargs=dict(m.kwargs), img_size=m.img_size)
 
 
-def verify_merged(built: Any, state: dict[str, torch.Tensor], *, batch: int = 2, seed: int = 0) -> Verification:
+def verify_merged(built: Built, state: dict[str, torch.Tensor], *, batch: int = 2, seed: int = 0) -> Verification:
     """Load ``state`` strictly into a fresh plain model; compare it with the tuned model on a random batch."""
     plain = plain_model(built)
     try:

@@ -24,7 +24,7 @@ import json
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -38,6 +38,9 @@ from utune.graph.rewrite import TUNER_ROOT
 from utune.spec import spec_hash
 from utune.train.checkpoint import trainable_state
 from utune.tuners.lora import SLICES, Lora
+
+if TYPE_CHECKING:
+    from utune.api import Built
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -64,7 +67,7 @@ def _peft_lora(m: Lora) -> tuple[torch.Tensor, torch.Tensor, float]:
     if m.slices is None:
         a, b = m.branch.lora_A.weight.detach(), m.branch.lora_B.weight.detach()
         return a, b, m.scaling * a.shape[0]
-    thirds = [(i, m.branches[s]) for i, s in enumerate(SLICES) if s in m.branches]  # A rows follow B columns
+    thirds = [(i, m.slice(s)) for i, s in enumerate(SLICES) if s in m.branches]  # A rows follow B columns
     a = torch.cat([br.lora_A.weight.detach() for _, br in thirds])
     b = thirds[0][1].lora_B.weight.new_zeros(3 * m.part, a.shape[0])
     col = 0
@@ -75,7 +78,7 @@ def _peft_lora(m: Lora) -> tuple[torch.Tensor, torch.Tensor, float]:
     return a, b, m.scaling * a.shape[0]  # PEFT scales by alpha / R, utune by m.scaling
 
 
-def _lora_layers(built: Any) -> tuple[dict[str, tuple[TunerSite, Lora]], list[tuple[TunerSite, str]]]:
+def _lora_layers(built: Built) -> tuple[dict[str, tuple[TunerSite, Lora]], list[tuple[TunerSite, str]]]:
     gm = built.model
     g = _Graph(gm)
     layers: dict[str, tuple[TunerSite, Lora]] = {}
@@ -97,7 +100,7 @@ def _lora_layers(built: Any) -> tuple[dict[str, tuple[TunerSite, Lora]], list[tu
     return layers, refused
 
 
-def _modules_to_save(built: Any, targets: list[str]) -> tuple[list[str], list[str]]:
+def _modules_to_save(built: Built, targets: list[str]) -> tuple[list[str], list[str]]:
     names = [k for k in trainable_state(built.model) if not k.startswith(TUNER_ROOT + ".")]
     owners = sorted({k.rpartition(".")[0] for k in names})
     problems = [f"trainable {k} sits on the model itself; PEFT saves whole submodules" for k in names if "." not in k]
@@ -117,7 +120,7 @@ def _modules_to_save(built: Any, targets: list[str]) -> tuple[list[str], list[st
     return owners, problems
 
 
-def peft_adapter(built: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def peft_adapter(built: Built) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """``(adapter_config, adapter tensors)`` for the PEFT folder; ExportError naming whatever PEFT cannot hold."""
     layers, refused = _lora_layers(built)
     targets = sorted(layers)
@@ -167,7 +170,7 @@ def peft_adapter(built: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     return config, tensors
 
 
-def verify_peft(built: Any, folder: Path, owners: list[str], *, batch: int = 2, seed: int = 0) -> Verification | None:
+def verify_peft(built: Built, folder: Path, owners: list[str], *, batch: int = 2, seed: int = 0) -> Verification | None:
     """Load ``folder`` with PEFT onto a plain model holding the base weights; compare outputs. None without peft."""
     try:
         from peft import PeftModel
@@ -188,7 +191,7 @@ def verify_peft(built: Any, folder: Path, owners: list[str], *, batch: int = 2, 
     return Verification(diff, scale, tol, diff <= tol)
 
 
-def export_peft(built: Any, folder: Path, *, force: bool = False, verify: bool = True) -> dict[str, Any]:
+def export_peft(built: Built, folder: Path, *, force: bool = False, verify: bool = True) -> dict[str, Any]:
     """Write the PEFT folder atomically (verified with PEFT first when it is installed); returns a summary."""
     folder = Path(folder)
     config, tensors = peft_adapter(built)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import utune
 from utune.errors import ExportError, UserInputError
@@ -16,11 +16,14 @@ from utune.export.peft_format import export_peft
 from utune.export.tuners_only import export_tuners, load_tuners
 from utune.spec import spec_hash
 
+if TYPE_CHECKING:
+    from utune.api import Built
+
 MODES = ("merge", "tuners-only", "peft")
 DEFAULT_NAMES = {"merge": "merged.safetensors", "tuners-only": "tuners.safetensors", "peft": "peft"}
 
 
-def load_run(run_dir: Path | str | None = None, overrides: Sequence[str] = (), which: str = "latest") -> Any:
+def load_run(run_dir: Path | str | None = None, overrides: Sequence[str] = (), which: str = "latest") -> Built:
     """Rebuild a run's model from its ``spec.yaml`` and load its checkpoint's trainable tensors.
 
     ``run_dir`` None: the most recent run under ``runs/``. ``which``: ``latest`` or ``best``.
@@ -64,7 +67,7 @@ def default_output(source: Path | str | None, mode: str) -> Path:
     return run / "export" / DEFAULT_NAMES[mode]
 
 
-def export_merged(built: Any, path: Path, *, force: bool = False, verify: bool = True) -> dict[str, Any]:
+def export_merged(built: Built, path: Path, *, force: bool = False, verify: bool = True) -> dict[str, Any]:
     """Fold every tuner into the base weights, verify against the tuned model, write the plain state dict."""
     path = Path(path)
     check_target(path, force)
@@ -99,7 +102,7 @@ def export_merged(built: Any, path: Path, *, force: bool = False, verify: bool =
     return result
 
 
-def export(built: Any, mode: str, path: Path, *, force: bool = False, verify: bool = True) -> dict[str, Any]:
+def export(built: Built, mode: str, path: Path, *, force: bool = False, verify: bool = True) -> dict[str, Any]:
     """Write ``built`` as ``mode`` (merge | tuners-only | peft) to ``path``; returns a summary dict."""
     if mode == "merge":
         return export_merged(built, path, force=force, verify=verify)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -38,6 +38,9 @@ from utune.export.io import read_safetensors, write_safetensors
 from utune.graph.rewrite import TUNER_ROOT
 from utune.spec import Spec, load_spec_text, spec_hash, spec_to_dict, spec_to_yaml
 from utune.train.checkpoint import trainable_state
+
+if TYPE_CHECKING:
+    from utune.api import Built
 
 FORMAT = "tuners/1"
 FINGERPRINT_SAMPLES = 64
@@ -97,7 +100,7 @@ def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
 # ---- names -----------------------------------------------------------------------------------------------
 
 
-def _key_map(built: Any) -> tuple[dict[str, str], list[TunerSite]]:
+def _key_map(built: Built) -> tuple[dict[str, str], list[TunerSite]]:
     """File key -> GraphModule name for every tensor of the trainable state."""
     sites = tuner_sites(built)
     by_module = {ts.module: ts for ts in sites}
@@ -113,7 +116,7 @@ def _key_map(built: Any) -> tuple[dict[str, str], list[TunerSite]]:
     return out, sites
 
 
-def tuner_state(built: Any) -> dict[str, torch.Tensor]:
+def tuner_state(built: Built) -> dict[str, torch.Tensor]:
     """The trainable state keyed by site names (``<rule>/<site>/<tensor>``, base names as they are)."""
     keys, _ = _key_map(built)
     state = trainable_state(built.model)
@@ -123,7 +126,7 @@ def tuner_state(built: Any) -> dict[str, torch.Tensor]:
 # ---- export ----------------------------------------------------------------------------------------------
 
 
-def tuners_metadata(built: Any, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+def tuners_metadata(built: Built, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     spec: Spec = built.spec
     _, sites = _key_map(built)
     return {
@@ -140,7 +143,7 @@ def tuners_metadata(built: Any, tensors: dict[str, torch.Tensor]) -> dict[str, s
     }
 
 
-def export_tuners(built: Any, path: Path, *, force: bool = False) -> dict[str, Any]:
+def export_tuners(built: Built, path: Path, *, force: bool = False) -> dict[str, Any]:
     """Write the tuner-only file; returns a summary (path, tensors, parameters, bytes)."""
     tensors = tuner_state(built)
     size = write_safetensors(Path(path), tensors, tuners_metadata(built, tensors), force=force)
@@ -174,7 +177,7 @@ def _spec_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[s
     return out
 
 
-def _check_spec(meta: dict[str, str], built: Any, path: Path) -> None:
+def _check_spec(meta: dict[str, str], built: Built, path: Path) -> None:
     if meta.get("utune.tuners_hash") == tuners_hash(built.spec):
         return
     problems: list[str] = []
@@ -216,7 +219,7 @@ def read_tuners(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, meta
 
 
-def load_tuners(built: Any, path: Path | str, *, check_base: bool = True) -> dict[str, Any]:
+def load_tuners(built: Built, path: Path | str, *, check_base: bool = True) -> dict[str, Any]:
     """Load a tuner file into ``built.model`` (in place), strictly; returns what the file says about itself.
 
     Refused with a CheckpointError (exit 2): a missing, truncated, corrupt or foreign file; another base

@@ -12,8 +12,8 @@ from torch import fx, nn
 
 from utune.graph.sites import Site
 
-_SOFTMAX = {F.softmax, torch.softmax}
-_MATMUL = {operator.matmul, torch.matmul, torch.bmm}
+_SOFTMAX: set[object] = {F.softmax, torch.softmax}
+_MATMUL: set[object] = {operator.matmul, torch.matmul, torch.bmm}
 
 
 @dataclass
@@ -139,8 +139,8 @@ def find_projections(root: nn.Module, path: str) -> Projections | None:
                     continue
                 fused = leaf == "qkv"
                 dim = sub.out_features // 3 if fused else sub.out_features
-                names = [f"{prefix}.{n}" if prefix else n for n in (leaf, kname, vname)]
-                return Projections(*names, fused, dim, int(heads))
+                q, k, v = (f"{prefix}.{n}" if prefix else n for n in (leaf, kname, vname))
+                return Projections(q, k, v, fused, dim, int(heads))
     return None
 
 

@@ -55,7 +55,7 @@ class PlanContext:
     def reader(self, site: Site) -> Site | None:
         """The first module site (outside ``site``) whose input is ``site``'s output, e.g. the norm after
         the last block."""
-        out = self._rw.output(site)
+        out = site.output  # as traced: earlier rules may have joined something onto it since
         for s in self._rw.sites.values():
             if s.op in ("module", "composite") and s.input is out and not s.path.startswith(site.path):
                 return s

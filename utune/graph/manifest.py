@@ -81,7 +81,8 @@ class Attachment:
     """One planned tuner: ``module`` joins ``site`` by ``join``, reading ``inputs``.
 
     ``role`` tells two modules of one rule at one site apart (VPT's token removal at the last block);
-    ``options`` holds what a join needs beyond its inputs (``kv_concat``: ``mask_pad``).
+    ``options`` holds what a join needs beyond its inputs (``kv_concat``: ``mask_pad``); ``reshapes`` says
+    the join changes the shapes of values after it (prompt tokens), so shapes are recorded again.
     """
 
     site: Site
@@ -90,6 +91,7 @@ class Attachment:
     inputs: tuple[Value, ...] = ()
     role: str = ""
     options: dict[str, Any] = field(default_factory=dict)
+    reshapes: bool = False
 
 
 @dataclass

@@ -172,6 +172,8 @@ class Rewriter:
             made.append(nodes.get("call") or nodes.get("joined"))
             params = sum(p.numel() for p in att.module.parameters()) if att.module is not None else 0
             entries.append(Entry(rule, kind, att.site.path, name, att.join, att.inputs, att.role, params, nodes))
+        if any(att.reshapes for att in plan):
+            self.propagate(rule)  # later plans read the shapes this one changed (token counts)
         return entries
 
     def _add_module(self, rule: str, att: Attachment) -> str:

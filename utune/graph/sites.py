@@ -119,7 +119,12 @@ def _stack_paths(node: fx.Node) -> list[str]:
 
 def _value_nodes(args: Any) -> list[fx.Node]:
     found: list[fx.Node] = []
-    fx.node.map_arg(args, lambda n: found.append(n) or n)
+
+    def keep(n: fx.Node) -> fx.Node:
+        found.append(n)
+        return n
+
+    fx.node.map_arg(args, keep)
     return found
 
 
@@ -169,12 +174,12 @@ def find_sites(gm: fx.GraphModule, model: nn.Module | None = None) -> dict[str, 
         if path in called:  # a leaf's buffer read while its call was traced carries the leaf's path: not a composite
             continue
         try:
-            mod = root.get_submodule(path)
+            owner: nn.Module | None = root.get_submodule(path)
         except AttributeError:
-            mod = None
+            owner = None
         inputs, outputs = _boundary(nodes)
         sites[path] = Site(
-            path, "composite", type(mod).__name__ if mod is not None else "?", mod, nodes, inputs, outputs
+            path, "composite", type(owner).__name__ if owner is not None else "?", owner, nodes, inputs, outputs
         )
     read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     _add_uncalled(root, sites, called, read)

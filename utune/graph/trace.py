@@ -65,7 +65,7 @@ def pin_attention(model: nn.Module) -> int:
     pinned = 0
     for m in model.modules():
         if isinstance(getattr(m, "fused_attn", None), bool):
-            m.fused_attn = True
+            setattr(m, "fused_attn", True)  # noqa: B010 (an attribute of timm's attention, not of nn.Module)
             pinned += 1
     return pinned
 

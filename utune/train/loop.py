@@ -19,7 +19,7 @@ import contextlib
 import json
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -566,7 +566,22 @@ def fit(
             f"{out_dir} already holds a run's checkpoints",
             hint="pass --resume to continue it, or choose another output directory",
         )
-    trainer = Trainer(model, train_cfg, loaders, out_dir, run_meta=run_meta, reporter=reporter)
-    if resume:
-        trainer.restore()
-    return trainer.fit()
+    with _private_rng():
+        trainer = Trainer(model, train_cfg, loaders, out_dir, run_meta=run_meta, reporter=reporter)
+        if resume:
+            trainer.restore()
+        return trainer.fit()
+
+
+@contextlib.contextmanager
+def _private_rng() -> Iterator[None]:
+    """Training seeds and draws from the global RNGs (dropout, augmentation in the main process); the
+    caller's streams (torch CPU and CUDA, numpy, random) are put back afterwards."""
+    saved = (random.getstate(), np.random.get_state())
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])

@@ -122,8 +122,8 @@ class BypassKind(TunerKind):
             plan.append(Attachment(site, self._step(site, ctx, x_shape, b_shape), "side", (Tap("output"), b)))
             b, b_shape = Ref(len(plan) - 1), x_shape
         inp = ctx.shape(into, Tap("input"))
-        if inp != b_shape:
-            raise self.fail(into, f"its input {list(inp) if inp else None} differs from the side state {list(b_shape)}")
+        if inp is None or b_shape is None or inp != b_shape:
+            raise self.fail(into, f"its input {inp} differs from the side state {b_shape}")
         plan.append(Attachment(into, None, "replace_input", (b,)))
         return plan
 

@@ -117,7 +117,7 @@ class Layer:
                 f"a channel mix cannot fold into {self.path} ({type(self.module).__name__}), "
                 "which has one weight per channel"
             )
-        if self.kind == "conv" and self.module.groups != 1:  # type: ignore[union-attr]
+        if self.kind == "conv" and getattr(self.module, "groups", 1) != 1:
             raise NotMergeable(f"a channel mix cannot fold into the grouped conv {self.path}")
         if tuple(a.shape) != (self.channels, self.channels):
             raise NotMergeable(f"its channel mix {list(a.shape)} does not fit {self.path}'s {self.channels} channels")

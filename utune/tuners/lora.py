@@ -8,7 +8,7 @@ Mergeable: ``W += (alpha / r) · B A``.
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, cast
 
 import torch
 from pydantic import Field
@@ -37,13 +37,17 @@ class LoraOptions(TunerOptions):
 class LoraBranch(nn.Module):
     """``B A x`` for one output block: Linear A (in -> r), B (r -> out); Conv2d A (k x k), B (1 x 1)."""
 
-    def __init__(self, base: nn.Module, rank: int, out: int) -> None:
+    lora_A: nn.Linear | nn.Conv2d
+    lora_B: nn.Linear | nn.Conv2d
+
+    def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, out: int) -> None:
         super().__init__()
         if isinstance(base, nn.Conv2d):
-            self.lora_A: nn.Module = nn.Conv2d(
-                base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation, bias=False
-            )
-            self.lora_B: nn.Module = nn.Conv2d(rank, out, 1, bias=False)
+            pair = cast(tuple[int, int], base.kernel_size)
+            stride, dilation = cast(tuple[int, int], base.stride), cast(tuple[int, int], base.dilation)
+            padding = cast(tuple[int, int] | str, base.padding)
+            self.lora_A = nn.Conv2d(base.in_channels, rank, pair, stride, padding, dilation, bias=False)
+            self.lora_B = nn.Conv2d(rank, out, 1, bias=False)
         else:
             self.lora_A = nn.Linear(base.in_features, rank, bias=False)
             self.lora_B = nn.Linear(rank, out, bias=False)
@@ -61,7 +65,11 @@ class LoraBranch(nn.Module):
 
 
 class Lora(nn.Module):
-    def __init__(self, base: nn.Module, opts: LoraOptions) -> None:
+    branch: LoraBranch
+    branches: nn.ModuleDict
+    part: int
+
+    def __init__(self, base: nn.Linear | nn.Conv2d, opts: LoraOptions) -> None:
         super().__init__()
         self.scaling = (opts.alpha if opts.alpha is not None else opts.rank) / opts.rank
         self.dropout = nn.Dropout(opts.dropout) if opts.dropout > 0 else nn.Identity()
@@ -82,7 +90,7 @@ class Lora(nn.Module):
         zero = None
         for s in SLICES:
             if s in self.branches:
-                parts.append(self.branches[s](x) * self.scaling)
+                parts.append(self.slice(s)(x) * self.scaling)
             else:
                 if zero is None:
                     zero = x.new_zeros(*x.shape[:-1], self.part)
@@ -95,7 +103,7 @@ class Lora(nn.Module):
             raise NotMergeable(f"it does not read the input of {layer.path}")
         if getattr(layer.module, "padding_mode", "zeros") != "zeros":
             raise NotMergeable(f"{layer.path} pads with {layer.module.padding_mode!r}, LoRA's conv pads with zeros")
-        layer.add_input_map(f64(self.delta_weight()), None)  # type: ignore[arg-type]
+        layer.add_input_map(cast(torch.Tensor, f64(self.delta_weight())), None)
 
     def delta_weight(self) -> torch.Tensor:
         """The exact weight change ``scaling · B A`` (slices stacked with zeros for the frozen thirds)."""
@@ -104,11 +112,15 @@ class Lora(nn.Module):
         blocks = []
         for s in SLICES:
             if s in self.branches:
-                blocks.append(self.branches[s].delta_weight() * self.scaling)
+                blocks.append(self.slice(s).delta_weight() * self.scaling)
             else:
-                ref = next(iter(self.branches.values())).delta_weight()
+                ref = self.slice(next(iter(self.branches))).delta_weight()
                 blocks.append(torch.zeros_like(ref))
         return torch.cat(blocks, dim=0)
+
+    def slice(self, name: str) -> LoraBranch:
+        """The branch of one qkv slice (``q``, ``k`` or ``v``)."""
+        return cast(LoraBranch, self.branches[name])
 
 
 @register
@@ -142,5 +154,4 @@ class LoraKind(TunerKind):
             )
 
     def build(self, site: Site, ctx: PlanContext) -> nn.Module:
-        assert site.module is not None  # check() made sure it is a Linear or Conv2d
-        return Lora(site.module, self.options)
+        return Lora(cast(nn.Linear | nn.Conv2d, site.module), self.options)  # check() made sure

@@ -101,8 +101,8 @@ class PrefixKind(TunerKind):
             if isinstance(found, str):
                 raise self.fail(site, found)
             heads, head_dim = found
-            module = PrefixKV(opts.length, heads, head_dim, opts.init_std)
-            return [Attachment(site, module, "kv_concat", options={"mask_pad": opts.length})]
+            kv = PrefixKV(opts.length, heads, head_dim, opts.init_std)
+            return [Attachment(site, kv, "kv_concat", options={"mask_pad": opts.length})]
         proj = ctx.projections(site.enclosing)
         if proj is None:
             raise self.fail(

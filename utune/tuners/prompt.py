@@ -24,7 +24,7 @@ from utune.graph.manifest import Attachment, Frozen, Tap
 from utune.graph.select import layer_index
 from utune.graph.sites import Site
 from utune.tuners.base import TunerKind, TunerOptions
-from utune.tuners.modules import Scale
+from utune.tuners.modules import Scale, ScaleMode
 from utune.tuners.registry import register
 
 
@@ -78,7 +78,7 @@ class PromptKV(nn.Module):
 class ParallelPrompt(nn.Module):
     """``s ⊙ Attn(Q, P W_k, P W_v)`` from the projected query and projected prompts."""
 
-    def __init__(self, length: int, dim: int, heads: int, fused: bool, scale: str, std: float) -> None:
+    def __init__(self, length: int, dim: int, heads: int, fused: bool, scale: ScaleMode, std: float) -> None:
         super().__init__()
         self.dim, self.heads, self.fused = dim, heads, fused
         self.prompt = PromptKV(length, dim, std)
@@ -156,9 +156,10 @@ class PromptKind(TunerKind):
             shape = ctx.shape(site, Tap("input"))
             assert shape is not None  # check() saw a token sequence
             module = PromptTokens(opts.length, shape[-1], skip, replace=i > 0, std=opts.init_std)
-            plan.append(Attachment(site, module, "replace_input", (Tap("input"),)))
+            plan.append(Attachment(site, module, "replace_input", (Tap("input"),), reshapes=True))
         last = self._last_sibling(ctx, sites[-1])
-        plan.append(Attachment(last, DropTokens(skip, opts.length), "replace", (Tap("output"),), role="drop"))
+        drop = DropTokens(skip, opts.length)
+        plan.append(Attachment(last, drop, "replace", (Tap("output"),), role="drop", reshapes=True))
         return plan
 
     def _last_sibling(self, ctx: PlanContext, site: Site) -> Site:

@@ -106,3 +106,20 @@ def kinds_markdown(rows: list[dict[str, Any]] | None = None) -> str:
 
 def _md_value(value: Any) -> str:
     return "null" if value is None else str(value)
+
+
+README_START, README_END = "<!-- tuners-table:start -->\n", "<!-- tuners-table:end -->"
+
+
+def update_readme(path: str = "README.md") -> bool:
+    """Rewrite the kinds table between the README's markers from the registry (``make docs``); True if changed."""
+    from pathlib import Path
+
+    file = Path(path)
+    text = file.read_text()
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    new = head + README_START + kinds_markdown() + README_END + tail
+    if new != text:
+        file.write_text(new)
+    return new != text

@@ -47,6 +47,7 @@ class ChannelAffine(nn.Module):
                 if self.shift is not None:
                     self.shift.normal_(0.0, init_std)
         # ia3 with slices: learned scales only at ``index``; the other channels keep a fixed 1
+        self.index: torch.Tensor | None
         self.register_buffer("index", index, persistent=False)
 
     def effective_scale(self) -> torch.Tensor | None:
