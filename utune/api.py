@@ -296,13 +296,13 @@ def _attach(rw: Rewriter, kind: TunerKind, sites: list[Site], ctx: PlanContext) 
     """The kind plans (the whole selection at once, or site by site, each site seeing the ones before
     it applied); the rewriter applies."""
     rule = kind.rule.name
-    with rw.pass_for(rule, sites[0]):
+    with rw.pass_for(rule, sites[0], lint=False):
         plan = kind.plan_selection(sites, ctx)
     if plan is not None:
         return rw.apply(rule, kind.kind, plan)
     entries: list[Entry] = []
     for site in sites:
-        with rw.pass_for(rule, site):
+        with rw.pass_for(rule, site, lint=False):
             plan = kind.plan(site, ctx)
         entries += rw.apply(rule, kind.kind, plan)
     return entries
