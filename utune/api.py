@@ -17,6 +17,7 @@ from utune.graph.manifest import Entry, Manifest
 from utune.graph.rewrite import TUNER_ROOT, Rewriter
 from utune.graph.select import select
 from utune.graph.shapes import NodeFailure, propagate_shapes
+from utune.graph.share import Share
 from utune.graph.sites import Site, find_sites
 from utune.graph.trace import trace
 from utune.models import create_model, data_config, input_size
@@ -275,7 +276,7 @@ def attach_rules(spec: Spec, rw: Rewriter) -> tuple[Manifest, list[dict[str, Any
         warnings += sel.warnings
         for site in sel.sites:
             kind.check(site, ctx)
-        entries = _attach(rw, kind, sel.sites, ctx)
+        entries = _attach(rw, kind, sel.sites, ctx, rule.share)
         manifest.entries += entries
         rows.append(
             {
@@ -292,19 +293,19 @@ def attach_rules(spec: Spec, rw: Rewriter) -> tuple[Manifest, list[dict[str, Any
     return manifest, rows, warnings
 
 
-def _attach(rw: Rewriter, kind: TunerKind, sites: list[Site], ctx: PlanContext) -> list[Entry]:
+def _attach(rw: Rewriter, kind: TunerKind, sites: list[Site], ctx: PlanContext, share: Share | None) -> list[Entry]:
     """The kind plans (the whole selection at once, or site by site, each site seeing the ones before
     it applied); the rewriter applies."""
     rule = kind.rule.name
     with rw.pass_for(rule, sites[0], lint=False):
         plan = kind.plan_selection(sites, ctx)
     if plan is not None:
-        return rw.apply(rule, kind.kind, plan)
+        return rw.apply(rule, kind.kind, plan, share)
     entries: list[Entry] = []
     for site in sites:
         with rw.pass_for(rule, site, lint=False):
             plan = kind.plan(site, ctx)
-        entries += rw.apply(rule, kind.kind, plan)
+        entries += rw.apply(rule, kind.kind, plan, share)
     return entries
 
 

@@ -48,6 +48,7 @@ from utune._yamlpos import (
 from utune.config import DataConfig, TrainConfig
 from utune.errors import OverrideError, SpecError
 from utune.graph.select import Selector
+from utune.graph.share import Share
 from utune.tuners.registry import get_kind, kinds
 
 SPEC_VERSION = 1
@@ -55,7 +56,7 @@ _HINT = "fix the lines above; `utune spec schema` prints the schema"
 _OVERRIDE_HINT = "write overrides as key.path=value, e.g. train.lr=1e-3, tuners.0.dim=16, trainable=[head]"
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 _STR_OR_LIST = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
-_COMMON = ("name", "kind", "at", "placement", "tap")  # rule keys that are not the kind's options
+_COMMON = ("name", "kind", "at", "placement", "tap", "share")  # rule keys that are not the kind's options
 
 
 # --- field types ---------------------------------------------------------------------------------
@@ -122,6 +123,7 @@ class TunerRule(Section):
     at: Selector
     placement: Literal["parallel", "sequential", "concat"] | None = None  # the kind says which it offers
     tap: Literal["input", "output", "parent.input", "parent.output"] | None = None
+    share: Share | None = None  # tensors one for every selected site (utune.graph.share)
     options: SkipJsonSchema[SerializeAsAny[Section] | None] = None
 
     @field_validator("name")

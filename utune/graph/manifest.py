@@ -83,6 +83,9 @@ class Attachment:
     ``role`` tells two modules of one rule at one site apart (VPT's token removal at the last block);
     ``options`` holds what a join needs beyond its inputs (``kv_concat``: ``mask_pad``); ``reshapes`` says
     the join changes the shapes of values after it (prompt tokens), so shapes are recorded again.
+    ``shared`` names tensors of ``module`` (``lora_A.weight``, a buffer ``vera_A``) that are one tensor for
+    every attachment of the rule naming them: the rewriter ties them to the first one's, so they train,
+    checkpoint, export and count once and every site that reads them folds with the same values.
     """
 
     site: Site
@@ -92,6 +95,7 @@ class Attachment:
     role: str = ""
     options: dict[str, Any] = field(default_factory=dict)
     reshapes: bool = False
+    shared: tuple[str, ...] = ()
 
 
 @dataclass
@@ -100,7 +104,9 @@ class Entry:
 
     ``module`` is the tuner module's name in the GraphModule (``""`` for a join without one);
     ``nodes`` the nodes it made or joined: ``call`` (runs the module), ``onto`` (the value the join changes),
-    ``joined`` (what now stands for it); they belong to ``Built.model.graph``.
+    ``joined`` (what now stands for it); they belong to ``Built.model.graph``. ``params`` counts the
+    module's parameters once per rule (a tensor shared with an earlier site is not counted again);
+    ``shared`` names its tensors tied across the rule's sites.
     """
 
     rule: str
@@ -112,6 +118,7 @@ class Entry:
     role: str
     params: int
     nodes: dict[str, fx.Node] = field(default_factory=dict)
+    shared: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -138,6 +145,7 @@ class Entry:
             "tap": tap.where if tap is not None else None,
             "reads": self.reads(),
             "params": self.params,
+            "shared": list(self.shared),
         }
 
 

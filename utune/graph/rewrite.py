@@ -27,6 +27,7 @@ from utune.errors import RewriteError, SelectionError
 from utune.graph.attention import find_attention, pad_mask
 from utune.graph.manifest import Attachment, Entry, Frozen, Ref, Value
 from utune.graph.shapes import NodeFailure, propagate_shapes
+from utune.graph.share import Share, has_tensor, tensor_names, tie
 from utune.graph.sites import Site
 
 TUNER_ROOT = "utune"
@@ -58,6 +59,8 @@ class Rewriter:
         self.graph = gm.graph
         self.sites = sites
         self._current: dict[fx.Node, fx.Node] = {}
+        self._ties: dict[str, dict[str, torch.Tensor]] = {}  # rule -> shared tensor name -> the tensor
+        self._counted: dict[str, set[int]] = {}  # rule -> ids of the parameters already counted
         self.rule = ""
         self.site: Site | None = None
         if not hasattr(gm, TUNER_ROOT):
@@ -160,21 +163,50 @@ class Rewriter:
             ) from e
 
     # ----- applying a plan --------------------------------------------------------------------------------
-    def apply(self, rule: str, kind: str, plan: Sequence[Attachment]) -> list[Entry]:
-        """Apply every attachment of one plan, each as its own pass; returns their manifest entries."""
+    def apply(self, rule: str, kind: str, plan: Sequence[Attachment], share: Share | None = None) -> list[Entry]:
+        """Apply every attachment of one plan, each as its own pass; returns their manifest entries.
+
+        ``share`` (the rule's ``share:``) ties the named tensors of every attachment's module that has them.
+        """
         entries: list[Entry] = []
         made: list[fx.Node | None] = []  # each attachment's output, for Ref values
         for att in plan:
             with self.pass_for(rule, att.site):
                 name = self._add_module(rule, att) if att.module is not None else ""
+                shared = self._tie(rule, att, share) if att.module is not None else ()
                 values = [self.value(v, att.site, made) for v in att.inputs]
                 nodes = _JOINS[att.join](self, att, name, values)
             made.append(nodes.get("call") or nodes.get("joined"))
-            params = sum(p.numel() for p in att.module.parameters()) if att.module is not None else 0
-            entries.append(Entry(rule, kind, att.site.path, name, att.join, att.inputs, att.role, params, nodes))
+            params = self._new_params(rule, att.module)
+            entry = Entry(rule, kind, att.site.path, name, att.join, att.inputs, att.role, params, nodes, shared)
+            entries.append(entry)
         if any(att.reshapes for att in plan):
             self.propagate(rule)  # later plans read the shapes this one changed (token counts)
         return entries
+
+    def _new_params(self, rule: str, module: nn.Module | None) -> int:
+        """Parameters of ``module`` not counted for ``rule`` yet (a shared tensor counts once)."""
+        if module is None:
+            return 0
+        seen = self._counted.setdefault(rule, set())
+        fresh = [p for p in module.parameters() if id(p) not in seen]
+        seen.update(id(p) for p in fresh)
+        return sum(p.numel() for p in fresh)
+
+    def _tie(self, rule: str, att: Attachment, share: Share | None) -> tuple[str, ...]:
+        """Make ``att.module``'s shared tensors the rule's first ones (see :func:`utune.graph.share.tie`)."""
+        assert att.module is not None  # the caller checked
+        names = list(att.shared)
+        if share is not None:
+            names += [n for n in share.tensors if n not in names and has_tensor(att.module, n)]
+            if att.role == "" and (absent := [n for n in share.tensors if not has_tensor(att.module, n)]):
+                raise SelectionError(
+                    f"rule {rule!r}: `share` names {', '.join(absent)}, which the tuner at {att.site.path} does "
+                    "not have",
+                    hint=f"its tensors: {', '.join(tensor_names(att.module)) or 'none'}",
+                )
+        frozen = set(share.tensors) if share is not None and not share.trainable else set()
+        return tie(self._ties.setdefault(rule, {}), att.module, names, frozen, f"rule {rule!r} at {att.site.path}")
 
     def _add_module(self, rule: str, att: Attachment) -> str:
         assert att.module is not None  # the caller checked

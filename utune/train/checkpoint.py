@@ -33,6 +33,7 @@ from torch import nn
 
 from utune._fs import make_dir, storage_error, temp_dir
 from utune.errors import CheckpointError
+from utune.graph.rewrite import TUNER_ROOT
 
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
@@ -45,23 +46,33 @@ _RESUME_HINT = "delete it (or that checkpoint folder) or start the run again wit
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters, plus persistent buffers of modules that own a trainable parameter.
+    """Trainable parameters, plus persistent buffers of modules that own a trainable parameter and of
+    tuner modules (``utune.*``: a frozen shared projection is part of what the tuner is).
 
     The buffers ride along because a trained module's buffers (e.g. a tuner's BatchNorm statistics)
-    belong to what was learned; the frozen backbone's are rebuilt from the base model.
+    belong to what was learned; the frozen backbone's are rebuilt from the base model. A tensor tied into
+    several modules (``share:``) is kept once, under the first name it has.
     """
     out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+
+    def keep(name: str, tensor: torch.Tensor) -> None:
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            out[name] = tensor.detach()
+
     for mod_name, module in model.named_modules():
         own = [(n, p) for n, p in module.named_parameters(recurse=False) if p.requires_grad]
-        if not own:
+        tuner = mod_name == TUNER_ROOT or mod_name.startswith(TUNER_ROOT + ".")
+        if not own and not tuner:
             continue
         prefix = f"{mod_name}." if mod_name else ""
         for n, p in own:
-            out[prefix + n] = p.detach()
+            keep(prefix + n, p)
         skip = getattr(module, "_non_persistent_buffers_set", set())
         for n, b in module.named_buffers(recurse=False):
             if b is not None and n not in skip:
-                out[prefix + n] = b.detach()
+                keep(prefix + n, b)
     return out
 
 
