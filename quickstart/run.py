@@ -7,7 +7,7 @@
 Every method is a spec in ``quickstart/methods/`` that loads the shipped backbone
 (``quickstart/vit_fmnist.safetensors``, see ``quickstart/README.md`` for how it was made) and tunes it on
 scikit-learn's handwritten digits through utune's own API: ``utune.build`` (the graph surgery),
-``utune.train.run.train_run`` (what ``utune apply --train`` runs), ``utune.train.run.eval_run`` (what
+``utune.runs.train_run`` (what ``utune apply --train`` runs), ``utune.runs.eval_run`` (what
 ``utune eval`` runs) and ``utune.export`` (merged LoRA weights, U-Tuning tuners only). It writes into the
 run folder (default ``runs/quickstart-<time>/``): one sub-folder per method (spec, metrics, checkpoints),
 ``results.json``, ``results.md``, ``accuracy_vs_params.png``, ``structure.png`` and ``export/``.
@@ -70,7 +70,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_method(key: str, label: str, spec_file: Path, out: Path, overrides: list[str]) -> dict[str, Any]:
     """build -> train_run -> eval_run for one spec; returns its row of the results."""
     import utune
-    from utune.train.run import eval_run, train_run
+    from utune.runs import eval_run, train_run
 
     t0 = time.perf_counter()
     built = utune.build(spec_file, overrides)
@@ -134,7 +134,8 @@ def _n_blocks(model: Any) -> int:
 def export_step(out: Path, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """LoRA folded into plain weights (checked by re-scoring them as a plain timm model); U-Tuning tuners only."""
     try:
-        from utune.export import export, load_run
+        from utune.export import export
+        from utune.runs import load_run
     except ImportError:  # pragma: no cover - utune without its export package
         print("TODO export: utune.export is not available; skipped (LoRA --merge, U-Tuning --tuners-only)")
         return []
@@ -173,8 +174,8 @@ def _plain_accuracy(weights: Path, spec: Any) -> float:
     import torch
 
     from utune.models import create_model, data_config
+    from utune.runs import build_loaders
     from utune.train.loop import evaluate
-    from utune.train.run import build_loaders
 
     m = spec.model
     model = create_model(m.name, pretrained=False, num_classes=m.num_classes, kwargs=dict(m.kwargs))

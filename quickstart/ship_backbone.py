@@ -4,7 +4,7 @@
     python quickstart/ship_backbone.py runs/quickstart-pretrain   # writes quickstart/vit_fmnist.safetensors
 
 Steps, all through utune's own code: ``eval_run`` scores the run's final checkpoint on the Fashion-MNIST
-test set (what ``utune eval RUN --split test`` prints); ``utune.export.load_run`` rebuilds the trained model
+test set (what ``utune eval RUN --split test`` prints); ``utune.runs.load_run`` rebuilds the trained model
 and ``merged_state_dict`` writes it keyed like the plain timm model (it has no tuners, so nothing is folded).
 The classifier head is then **zeroed**: downstream tasks get a fresh head, not Fashion-MNIST's class weights
 (utune's loader keeps a file's head whenever the class count matches, and digits has 10 classes too). The
@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("UTUNE_QUIET", "1")
     from safetensors.torch import save_file
 
-    from utune.export import load_run, merged_state_dict
-    from utune.train.run import eval_run
+    from utune.export import merged_state_dict
+    from utune.runs import eval_run, load_run
 
     ev = eval_run(args.run, split="test", which=args.checkpoint)
     print(f"Fashion-MNIST test accuracy of {ev['checkpoint']}: {100 * ev['acc']:.2f} % on {ev['n']} images")

@@ -17,10 +17,10 @@ import pytest
 import torch
 from torch import nn
 
+from utune import runs as run_mod
 from utune.config import DataConfig, TrainConfig
 from utune.errors import CheckpointError
 from utune.train import checkpoint as ck
-from utune.train import run as run_mod
 from utune.train.loop import fit
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from test_train_loop import Digits, digits_loaders, tiny_vit, train_cfg
 from utune.train import distributed as du
-from utune.train import run as run_mod
+from utune import runs as run_mod
 from utune.train.checkpoint import trainable_state
 from utune.config import DataConfig
 from utune.train.loop import evaluate

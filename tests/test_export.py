@@ -27,7 +27,6 @@ from utune.errors import CheckpointError, ExportError, UserInputError
 from utune.export import (
     export_merged,
     export_tuners,
-    load_run,
     load_tuners,
     merged_state_dict,
     peft_adapter,
@@ -36,6 +35,7 @@ from utune.export import (
 from utune.export import io as export_io
 from utune.export.merge import forward_eval, verify_merged
 from utune.graph.manifest import Tap
+from utune.runs import load_run
 from utune.spec import load_spec_text, spec_to_yaml
 from utune.train.checkpoint import WEIGHTS, save_checkpoint, trainable_state
 

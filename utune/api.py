@@ -23,6 +23,7 @@ from utune.graph.trace import trace
 from utune.models import create_model, data_config, input_size
 from utune.spec import Spec, load_spec
 from utune.tuned import TunedModel
+from utune.tuned_ops import OWNER
 from utune.tuners.base import TunerKind
 from utune.tuners.registry import get_kind
 
@@ -262,7 +263,9 @@ def _build(spec: Spec, verify: bool, seed: int, t0: float) -> Built:
     report["build_seconds"] = round(time.perf_counter() - t0, 3)
     report["timings"] = {k: round(v, 3) for k, v in times.items()}  # model creation, trace + shapes, passes
     config = data_config(model, m.img_size)
-    return Built(spec, tuned, model, report, traced.input_size, config, warnings, manifest, probe)
+    built = Built(spec, tuned, model, report, traced.input_size, config, warnings, manifest, probe)
+    tuned.__dict__[OWNER] = built  # merge_and_unload, load_tuners (utune.tuned_ops) need the build
+    return built
 
 
 def attach_rules(spec: Spec, rw: Rewriter) -> tuple[Manifest, list[dict[str, Any]], list[str]]:

@@ -29,6 +29,7 @@ from utune.graph.rewrite import TUNER_ROOT
 from utune.graph.shapes import NodeFailure, propagate_shapes
 from utune.graph.split import FEATURES, HEAD, Split, compile_graph, extract, find_split
 from utune.graph.trace import modes_kept
+from utune.tuned_ops import DISABLED, OWNER, TunedOps
 
 _BASE, _SIZE, _SPLIT, _PARTS = "_utune_base", "_utune_input_size", "_utune_split", "_utune_parts"
 
@@ -62,7 +63,7 @@ def _instance_class() -> type[TunedModel]:
     return GraphModuleImpl
 
 
-class TunedModel(fx.GraphModule):
+class TunedModel(TunedOps, fx.GraphModule):
     """The rewritten GraphModule with the base model's public API (see the module docstring)."""
 
     @classmethod
@@ -168,7 +169,11 @@ class TunedModel(fx.GraphModule):
 
     # ----- copies -----
     def __deepcopy__(self, memo: dict[int, Any]) -> TunedModel:
+        if OWNER in self.__dict__:
+            memo[id(self.__dict__[OWNER])] = None  # the build stays with the original (its graph's nodes)
         res = cast(TunedModel, super().__deepcopy__(memo))  # a TunedModel: see _instance_class
+        res.__dict__.pop(OWNER, None)
+        res.__dict__.pop(DISABLED, None)
         for key in _STATE:  # the base is copied with the same memo, so it shares the copied parameters
             if key in self.__dict__:
                 res.__dict__[key] = copy.deepcopy(self.__dict__[key], memo)
@@ -182,7 +187,8 @@ class TunedModel(fx.GraphModule):
     def __reduce__(self) -> tuple[Any, ...]:
         fn, (body, import_block) = super().__reduce__()
         state = {k: body.pop(k) for k in _STATE if k in body}
-        body.pop(_PARTS, None)
+        for key in (_PARTS, OWNER, DISABLED):
+            body.pop(key, None)
         if isinstance(state.get(_SPLIT), Split):  # unpickling re-traces the code, which renames nodes
             state[_SPLIT] = _positions(self.graph, state[_SPLIT])
         return (_unpickle, (fn, body, import_block, state, type(self).__name__))

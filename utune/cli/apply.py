@@ -102,8 +102,8 @@ def _train(
     """Spec, then the run folder and the data (both checked before the slow build), then build and train."""
     from utune.api import build
     from utune.data import open_datasets
+    from utune.runs import check_classes, check_resume_spec, resolve_run_dir, train_run
     from utune.spec import load_spec
-    from utune.train.run import check_classes, check_resume_spec, resolve_run_dir, train_run
 
     spec = load_spec(spec_path, ov)
     from utune.train.distributed import check_environment
@@ -156,7 +156,7 @@ def eval_cmd(
 ) -> None:
     """Evaluate a trained run's checkpoint (accuracy and loss on every image of a split)."""
     set_format(fmt)
-    from utune.train.run import RUNS, eval_run, latest_run
+    from utune.runs import RUNS, eval_run, latest_run
 
     run, ov = split_overrides(run, overrides)
     check_choice("--checkpoint", checkpoint, ("latest", "best"))

@@ -76,8 +76,8 @@ def export_cmd(
         out.console().print(embedded_spec(show_spec), markup=False, highlight=False, soft_wrap=True, end="")
         return
     from utune.export.io import check_target
-    from utune.export.run import default_output, export, load_source
-    from utune.train.run import RUNS, latest_run
+    from utune.export.run import export
+    from utune.runs import RUNS, default_output, latest_run, load_source
 
     source, ov = split_overrides(source, overrides)
     check_choice("--checkpoint", checkpoint, ("latest", "best"))

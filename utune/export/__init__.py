@@ -5,12 +5,11 @@
 - :func:`export_tuners` / :func:`load_tuners`: only what training changed, keyed by site names, with the
   spec and a base-weights fingerprint (``utune export --tuners-only``; ``utune apply SPEC --tuners FILE``);
 - :func:`export_peft`: a Hugging Face PEFT LoRA folder (``utune export --format peft``);
-- :func:`load_run`: a training run's model, rebuilt from its ``spec.yaml`` with its checkpoint loaded.
 """
 
 from utune.export.merge import MergeResult, Verification, merged_state_dict, verify_merged
 from utune.export.peft_format import export_peft, peft_adapter
-from utune.export.run import export, export_merged, load_run, load_source
+from utune.export.run import export, export_merged
 from utune.export.tuners_only import base_fingerprint, export_tuners, load_tuners, read_tuners, tuner_state
 
 __all__ = [
@@ -21,8 +20,6 @@ __all__ = [
     "export_merged",
     "export_peft",
     "export_tuners",
-    "load_run",
-    "load_source",
     "load_tuners",
     "merged_state_dict",
     "peft_adapter",

@@ -1,10 +1,9 @@
-"""Where an export's model comes from (a training run, or a spec plus a tuner file) and the one
-entry point :func:`export` that writes any of the three formats."""
+"""The one entry point :func:`export` that writes any of the three formats (where the model comes from,
+a run or a spec plus a tuner file, is :mod:`utune.runs`'s)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,7 +12,7 @@ from utune.errors import ExportError, UserInputError
 from utune.export.io import check_target, write_safetensors
 from utune.export.merge import merged_state_dict, verify_merged
 from utune.export.peft_format import export_peft
-from utune.export.tuners_only import export_tuners, load_tuners
+from utune.export.tuners_only import export_tuners
 from utune.spec import spec_hash
 
 if TYPE_CHECKING:
@@ -21,50 +20,6 @@ if TYPE_CHECKING:
 
 MODES = ("merge", "tuners-only", "peft")
 DEFAULT_NAMES = {"merge": "merged.safetensors", "tuners-only": "tuners.safetensors", "peft": "peft"}
-
-
-def load_run(run_dir: Path | str | None = None, overrides: Sequence[str] = (), which: str = "latest") -> Built:
-    """Rebuild a run's model from its ``spec.yaml`` and load its checkpoint's trainable tensors.
-
-    ``run_dir`` None: the most recent run under ``runs/``. ``which``: ``latest`` or ``best``.
-    """
-    from utune.train.run import latest_run, restore_run
-
-    run = Path(run_dir) if run_dir is not None else latest_run()
-    return restore_run(run, list(overrides), which=which)
-
-
-def load_source(
-    source: Path | str | None,
-    overrides: Sequence[str] = (),
-    *,
-    tuners: Path | str | None = None,
-    which: str = "latest",
-) -> Any:
-    """A run directory (its checkpoint), or a spec file (plus a tuner file, when given)."""
-    from utune.api import build
-
-    if source is not None and str(source).endswith((".yaml", ".yml")):
-        built = build(source, list(overrides))
-        if tuners is not None:
-            load_tuners(built, tuners)
-        return built
-    if tuners is not None:
-        raise UserInputError(
-            "--tuners goes with a spec file, not a run directory",
-            hint="`utune export SPEC.yaml --tuners FILE --merge -o OUT`",
-        )
-    return load_run(source, overrides, which)
-
-
-def default_output(source: Path | str | None, mode: str) -> Path:
-    from utune.train.run import latest_run
-
-    if source is not None and str(source).endswith((".yaml", ".yml")):
-        raise UserInputError("exporting from a spec needs -o/--output")
-    run = Path(source) if source is not None else latest_run()
-    (run / "export").mkdir(exist_ok=True)
-    return run / "export" / DEFAULT_NAMES[mode]
 
 
 def export_merged(built: Built, path: Path, *, force: bool = False, verify: bool = True) -> dict[str, Any]:

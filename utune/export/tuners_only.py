@@ -177,6 +177,13 @@ def _spec_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[s
     return out
 
 
+def spec_differences(stored: Spec, current: Spec) -> list[str]:
+    """What differs between two specs in what tuner weights depend on (empty: they load into each other)."""
+    if tuners_hash(stored) == tuners_hash(current):
+        return []
+    return _spec_differences(tuners_part(stored), tuners_part(current)) or ["their tuners or trainable differ"]
+
+
 def _check_spec(meta: dict[str, str], built: Built, path: Path) -> None:
     if meta.get("utune.tuners_hash") == tuners_hash(built.spec):
         return

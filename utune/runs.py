@@ -1,5 +1,7 @@
-"""Run-level entry points behind ``utune apply --train`` and ``utune eval``: a run directory holds
-``spec.yaml`` (the resolved spec), ``metrics.jsonl``, ``summary.json`` and ``checkpoints/``.
+"""Run folders, above the library: ``utune apply --train``, ``utune eval`` and ``utune export`` of a run.
+
+A run directory holds ``spec.yaml`` (the resolved spec), ``metrics.jsonl``, ``summary.json`` and
+``checkpoints/``.
 
 Runs default to ``runs/<spec>-<time>``; ``eval``, ``export`` and ``--resume`` without a run take the most
 recent run that has a checkpoint. A run that fails before its first checkpoint removes its folder, so a
@@ -11,14 +13,14 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from utune._fs import make_dir, remove_tree, write_text_atomic
 from utune.config import DataConfig, TrainConfig
-from utune.errors import CheckpointError, DataError, SpecError
+from utune.errors import CheckpointError, DataError, SpecError, UserInputError
 from utune.train import distributed as du
 from utune.train.checkpoint import (
     STATE,
@@ -31,6 +33,9 @@ from utune.train.checkpoint import (
     resolve_checkpoint,
 )
 from utune.train.loop import Reporter, evaluate, fit
+
+if TYPE_CHECKING:
+    from utune.api import Built
 
 RUNS = Path("runs")
 
@@ -230,7 +235,7 @@ def train_run(
 # ---- evaluation ---------------------------------------------------------------------------------------
 
 
-def restore_run(run_dir: Path, overrides: Sequence[str] = (), *, which: str = "latest") -> Any:
+def restore_run(run_dir: Path, overrides: Sequence[str] = (), *, which: str = "latest") -> Built:
     """Rebuild a run's model from its ``spec.yaml`` and load its checkpoint (``latest`` or ``best``).
 
     The frozen weights must be the ones the run trained against (checked by fingerprint); the trainable
@@ -290,3 +295,48 @@ def check_classes(built: BuiltLike, classes: int, dataset: str | None) -> None:
         hint=f"set model.num_classes={classes} (or leave num_classes out of the spec: utune then takes it "
         "from the dataset)",
     )
+
+
+# ---- a run or a spec, for export ---------------------------------------------------------------------
+
+
+def load_run(run_dir: Path | str | None = None, overrides: Sequence[str] = (), which: str = "latest") -> Built:
+    """Rebuild a run's model from its ``spec.yaml`` and load its checkpoint's trainable tensors.
+
+    ``run_dir`` None: the most recent run under ``runs/``. ``which``: ``latest`` or ``best``.
+    """
+    run = Path(run_dir) if run_dir is not None else latest_run()
+    return restore_run(run, list(overrides), which=which)
+
+
+def load_source(
+    source: Path | str | None,
+    overrides: Sequence[str] = (),
+    *,
+    tuners: Path | str | None = None,
+    which: str = "latest",
+) -> Built:
+    """A run directory (its checkpoint), or a spec file (plus a tuner file, when given)."""
+    from utune.api import build
+    from utune.export.tuners_only import load_tuners
+
+    if source is not None and str(source).endswith((".yaml", ".yml")):
+        built = build(source, list(overrides))
+        if tuners is not None:
+            load_tuners(built, tuners)
+        return built
+    if tuners is not None:
+        raise UserInputError(
+            "--tuners goes with a spec file, not a run directory",
+            hint="`utune export SPEC.yaml --tuners FILE --merge -o OUT`",
+        )
+    return load_run(source, overrides, which)
+
+
+def default_output(source: Path | str | None, mode: str) -> Path:
+    if source is not None and str(source).endswith((".yaml", ".yml")):
+        raise UserInputError("exporting from a spec needs -o/--output")
+    from utune.export.run import DEFAULT_NAMES
+
+    run = Path(source) if source is not None else latest_run()
+    return run / "export" / DEFAULT_NAMES[mode]

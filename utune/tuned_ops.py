@@ -1,0 +1,129 @@
+"""What PEFT users reach for on a tuned model, named as PEFT names it where the meaning is the same.
+
+:class:`TunedOps` is mixed into :class:`utune.tuned.TunedModel`: ``disable_tuners()`` (a context manager:
+inside, the output is the base model's), ``merge_and_unload()`` (the plain backbone with every tuner folded
+in, the algebra of ``utune export --merge``), ``print_trainable_parameters()``, ``load_tuners(path)`` (a
+tuner-only file or a run folder). They need the build that made the model (its spec and manifest), which
+``utune.api.build`` records on it; a copy of a tuned model has none and says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from utune.errors import TunedModelError
+
+if TYPE_CHECKING:
+    from utune.api import Built
+
+OWNER, DISABLED = "_utune_built", "_utune_disabled"
+
+
+class TunedOps(nn.Module):
+    """PEFT-style operations of a tuned model (see the module docstring)."""
+
+    def _built(self, what: str) -> Built:
+        built = self.__dict__.get(OWNER)
+        if built is None:
+            raise TunedModelError(
+                f"{what} needs the build that made this model (a copy or an unpickled model has none)",
+                hint="call it on utune.build(spec).model itself",
+            )
+        return built  # type: ignore[no-any-return]
+
+    # ----- the base model's output --------------------------------------------------------------------
+    @contextmanager
+    def disable_tuners(self) -> Iterator[None]:
+        """Inside, the model computes the base model: every tuner bypassed, bit-exact. Base parameters the
+        spec made trainable (``trainable: [head]``) keep their current values, as PEFT's modules_to_save do
+        not: there is no untrained copy of them."""
+        self.__dict__[DISABLED] = self.__dict__.get(DISABLED, 0) + 1
+        try:
+            yield
+        finally:
+            self.__dict__[DISABLED] -= 1
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.__dict__.get(DISABLED):
+            base: nn.Module = self.__dict__["_utune_base"]
+            shared = {id(m) for m in self.modules()}
+            for m in base.modules():  # the base's own containers follow the tuned model's mode
+                if id(m) not in shared:
+                    m.training = self.training
+            return base(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+    # ----- merging ----------------------------------------------------------------------------------------
+    def merge_and_unload(self) -> nn.Module:
+        """A fresh plain backbone (the spec's architecture) holding the base weights with every tuner
+        folded in, as ``utune export --merge`` writes them; ExportError naming the tuners that cannot fold.
+
+        The tuned model is left as it is (its frozen weights are the plain model's source, not changed)."""
+        from utune.export.merge import merged_state_dict, plain_model
+
+        built = self._built("merge_and_unload")
+        state = merged_state_dict(built).state
+        plain = plain_model(built)
+        plain.load_state_dict(state, strict=True)
+        ref = next((p for p in self.parameters()), None)
+        if ref is not None:
+            plain.to(ref.device)
+        return plain.train(self.training)
+
+    # ----- parameters ---------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts, each tensor once."""
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        """``trainable params: N || all params: M || trainable%: P`` (PEFT's line)."""
+        trainable, total = self.trainable_parameters()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+    # ----- loading ----------------------------------------------------------------------------------------
+    def load_tuners(self, path: str | Path) -> dict[str, Any]:
+        """Load trained tuners: a tuner-only file (``utune export --tuners-only``) or a run folder (its
+        latest checkpoint). The spec and the base weights must be those the tuners were trained with."""
+        built = self._built("load_tuners")
+        path = Path(path)
+        if path.is_dir():
+            from utune.train.checkpoint import (
+                STATE,
+                WEIGHTS,
+                check_frozen,
+                load_trainable,
+                read_state,
+                read_weights,
+                resolve_checkpoint,
+            )
+
+            _same_tuners(built, path)
+            folder = resolve_checkpoint(path, "latest")
+            check_frozen(self, read_state(folder / STATE), folder)
+            load_trainable(self, read_weights(folder / WEIGHTS), source=folder / WEIGHTS)
+            return {"path": str(folder), "checkpoint": folder.name}
+        from utune.export.tuners_only import load_tuners
+
+        return load_tuners(built, path)
+
+
+def _same_tuners(built: Built, run: Path) -> None:
+    """A run folder's tuners must be the spec's (architecture, rules, trainable): else a clear refusal."""
+    from utune.errors import CheckpointError
+    from utune.export.tuners_only import spec_differences
+    from utune.spec import load_spec
+
+    if not (run / "spec.yaml").is_file():
+        raise CheckpointError(f"{run} is not a utune run directory (no spec.yaml)", hint="pass a run folder")
+    problems = spec_differences(load_spec(run / "spec.yaml"), built.spec)
+    if problems:
+        raise CheckpointError(
+            f"{run} was trained with another spec: " + "; ".join(problems[:4]),
+            hint="build the model from the run's own spec.yaml (`utune spec show RUN`)",
+        )
