@@ -62,6 +62,17 @@ MATRIX: dict[str, dict[str, Any]] = {
         "resnet": {"at": {"type": "BatchNorm2d"}},
         "tv_vit": {"at": "encoder.layers.*.mlp.*", "merge_refused": r"GELU\), which has no weights"},
     },
+    "ssf-input": {  # y = OP(s * x + t): the op reads the rescaled input (PEFT's IA3 on feed-forward layers)
+        "vit": {"at": "blocks.*.mlp.fc2", "tap": "input"},
+        "swin": {"at": "layers.*.blocks.*.mlp.fc2", "tap": "input"},
+        "convnext": {"at": "stages.*.blocks.*.mlp.fc2", "tap": "input"},
+        "resnet": {
+            "at": {"path": "layer*.**", "type": "Conv2d"},
+            "tap": "input",
+            "merge_refused": "pads its input|no bias to hold the shift",
+        },
+        "tv_vit": {"at": "encoder.layers.*.mlp.3", "tap": "input"},
+    },
     "ia3": {
         "vit": {"at": "blocks.*.attn.qkv", "slices": ["k", "v"]},
         "deit": "blocks.*.mlp.fc1",

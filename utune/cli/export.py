@@ -17,6 +17,7 @@ _NAMES = {"merge": "merged weights", "tuners-only": "tuner weights", "peft": "PE
 
 def register(app: typer.Typer) -> None:
     app.command("export")(export_cmd)
+    app.command("import-peft")(import_peft_cmd)
 
 
 def _mode(merge: bool, tuners_only: bool, peft: bool, spec_export: Any = None) -> str:
@@ -113,3 +114,45 @@ def _show(result: dict[str, Any], mode: str, no_verify: bool) -> None:
     elif mode == "peft" and not no_verify:
         out.warn("peft is not installed: the folder was not verified (pip install 'utune[peft]')")
     out.info(f"wrote {_NAMES[mode]} to {result['path']} ({result['tensors']} tensors, {_size(result['bytes'])})")
+
+
+def import_peft_cmd(
+    folder: Annotated[
+        Path, typer.Argument(help="a PEFT adapter folder (adapter_config.json, adapter_model.safetensors)")
+    ],
+    model: Annotated[str, typer.Option("--model", help="the timm (or torchvision:) model it was trained on")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="the tuner file to write (its spec: the .yaml beside)")
+    ],
+    num_classes: Annotated[int | None, typer.Option("--num-classes", help="the head's classes")] = None,
+    img_size: Annotated[int | None, typer.Option("--img-size", help="the model's input size")] = None,
+    pretrained: Annotated[
+        str, typer.Option("--pretrained", help="the base weights: true (timm's), or a .safetensors/.pth file")
+    ] = "true",
+    force: Annotated[bool, typer.Option("--force", help="overwrite existing outputs")] = False,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="skip the comparison with PEFT's own model")] = False,
+    fmt: Format = "table",
+) -> None:
+    """Convert a PEFT LoRA or IA3 adapter trained on a timm model into a utune spec and tuner file."""
+    set_format(fmt)
+    from utune.export.peft_import import import_peft
+
+    weights: bool | str = {"true": True, "false": False}.get(pretrained.lower(), str(Path(pretrained).resolve()))
+    section: dict[str, Any] = {"name": model, "pretrained": weights}
+    if num_classes is not None:
+        section["num_classes"] = num_classes
+    if img_size is not None:
+        section["img_size"] = img_size
+    result = import_peft(folder, section, output, force=force, verify=not no_verify)
+    check = result.pop("verify", None)
+    if out.json_mode():
+        if check is not None:
+            result["verify"] = {k: getattr(check, k) for k in ("max_abs_diff", "scale", "tolerance", "ok")}
+        out.print_json(result)
+        return
+    if check is not None:
+        out.info(check.line().replace("merged", "PEFT"))
+    elif not no_verify:
+        out.warn("peft is not installed: the import was not compared with PEFT's model (pip install 'utune[peft]')")
+    out.info(f"wrote {result['tensors']} tensors to {result['path']} and the spec to {result['spec']}")
+    out.info(f"next: utune apply {result['spec']} --tuners {result['path']} --dry-run --verify")

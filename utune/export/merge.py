@@ -204,6 +204,19 @@ def _add_tap(att: Entry, leaf: fx.Node) -> str:
     )
 
 
+def _input_layer(g: _Graph, att: Entry, joined: fx.Node) -> fx.Node:
+    """The layer whose input a ``replace_input`` tuner rescales: the site itself, reading the tuner's value."""
+    calls = g.calls.get(att.site, [])
+    mod = g.gm.get_submodule(att.site) if len(calls) == 1 else None
+    if mod is None or layer_kind(mod) is None:
+        raise NotMergeable(_JOIN_WHY["replace_input"].format(site=att.site))
+    if not calls[0].args or calls[0].args[0] is not joined:
+        raise NotMergeable(f"{att.site} does not read the tuner's value directly (another tuner sits between them)")
+    if any(a.startswith(att.site + ".") for a in g.attrs):
+        raise NotMergeable(f"the model also reads {att.site}'s weights directly, and that use would see the fold")
+    return calls[0]
+
+
 def locate(g: _Graph, ts: Entry) -> tuple[fx.Node, int, str]:
     """``(layer call, graph position of the join, tap)`` for one tuner, from the manifest.
 
@@ -212,6 +225,8 @@ def locate(g: _Graph, ts: Entry) -> tuple[fx.Node, int, str]:
     """
     att = g.attachment(ts)
     onto, joined = att.nodes.get("onto"), att.nodes.get("joined")
+    if att.join == "replace_input" and joined is not None:
+        return _input_layer(g, att, joined), g.order[att.nodes["call"]], "replace_input"
     if att.join not in ("add", "replace") or onto is None or joined is None:
         raise NotMergeable(_JOIN_WHY.get(att.join, _JOIN_WHY["side"]).format(site=att.site))
     leaf = _resolve_layer(g, onto, ts)

@@ -14,7 +14,7 @@ from torch import fx, nn
 
 from utune.errors import SelectionError
 from utune.graph.attention import Projections, find_attention, find_projections
-from utune.graph.layout import channel_dim
+from utune.graph.layout import channel_dim, input_channel_dim
 from utune.graph.manifest import Tap, Where
 from utune.graph.sites import Site
 
@@ -51,6 +51,10 @@ class PlanContext:
     def channel_dim(self, site: Site, shape: tuple[int, ...], override: int | None = None) -> int:
         """Which dim of ``site``'s output (of ``shape``) holds channels: -1 for tokens, 1 or -1 for maps."""
         return channel_dim(site, shape, override)
+
+    def input_channel_dim(self, site: Site, shape: tuple[int, ...], override: int | None = None) -> int:
+        """Which dim of ``site``'s input (of ``shape``) holds channels."""
+        return input_channel_dim(site, shape, override)
 
     def reader(self, site: Site) -> Site | None:
         """The first module site (outside ``site``) whose input is ``site``'s output, e.g. the norm after

@@ -53,3 +53,26 @@ def channel_dim(site: Site, shape: tuple[int, ...], override: int | None = None)
             hint="set channel_dim: 1 (NCHW) or channel_dim: -1 (NHWC) in the rule",
         )
     return 1
+
+
+def input_channel_dim(site: Site, shape: tuple[int, ...], override: int | None = None) -> int:
+    """Which dim of the site's input (of ``shape``) holds channels: the layer's own input layout."""
+    if override is not None:
+        return override
+    mod = site.module if site.op == "module" else None
+    if isinstance(mod, nn.Linear) and shape[-1] == mod.in_features:
+        return -1
+    if isinstance(mod, _CHANNEL_FIRST) and len(shape) > 2:
+        c = (
+            getattr(mod, "in_channels", None)
+            or getattr(mod, "num_features", None)
+            or getattr(mod, "num_channels", None)
+        )
+        if c == shape[1]:
+            return 1
+    if len(shape) <= 3:
+        return -1
+    raise SelectionError(
+        f"cannot tell the channel dim of the input of {site.path} (shape {list(shape)})",
+        hint="set channel_dim: 1 (NCHW) or channel_dim: -1 (NHWC) in the rule",
+    )

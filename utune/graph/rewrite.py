@@ -61,6 +61,7 @@ class Rewriter:
         self._current: dict[fx.Node, fx.Node] = {}
         self._ties: dict[str, dict[str, torch.Tensor]] = {}  # rule -> shared tensor name -> the tensor
         self._counted: dict[str, set[int]] = {}  # rule -> ids of the parameters already counted
+        self._site_input: dict[str, fx.Node] = {}  # site -> the value it reads after a replace_input
         self.rule = ""
         self.site: Site | None = None
         if not hasattr(gm, TUNER_ROOT):
@@ -94,6 +95,8 @@ class Rewriter:
                 f"rule {self.rule!r}: site {target.path} has {what}, so a tuner cannot read its {where}",
                 hint="select a module with one input and one output (`utune inspect` shows them)",
             )
+        if where == "input" and target.path in self._site_input:  # what the site reads since a replace_input
+            return self._site_input[target.path]
         return self.current(node)
 
     def output(self, site: Site) -> fx.Node:
@@ -258,6 +261,7 @@ class Rewriter:
         for user in list(inp.users):
             if user in inside:
                 user.replace_input_with(inp, y)
+        self._site_input[att.site.path] = y  # later rules on this site read (and stack onto) what it reads now
         nodes = {"onto": inp, "joined": y}
         return {**nodes, "call": y} if name else nodes
 

@@ -110,6 +110,29 @@ class Layer:
         if c is not None and self.bias is not None:
             self.bias = self.bias + c
 
+    def scale_shift_inputs(self, s: torch.Tensor | None, t: torch.Tensor | None) -> None:
+        """``y <- W (s ⊙ x + t) + b``: ``W' = W diag(s)`` (its input columns), ``b' = b + W t``."""
+        if self.kind == "norm" or self.weight is None:
+            raise NotMergeable(f"{self.path} normalises its input, so a change of that input cannot fold into it")
+        groups = getattr(self.module, "groups", 1)
+        c_in = int(self.weight.shape[1]) * groups
+        for v, name in ((s, "scale"), (t, "shift")):
+            if v is not None and v.numel() != c_in:
+                raise NotMergeable(f"its {name} has {v.numel()} channels, {self.path} reads {c_in}")
+        if groups != 1 and ((s is not None and bool(s.ne(1).any())) or t is not None):
+            raise NotMergeable(f"{self.path} is a grouped conv; a per-channel change of its input does not fold here")
+        if t is not None and bool(t.ne(0).any()):
+            if self.kind == "conv" and any(p != 0 for p in getattr(self.module, "padding", (0,))):
+                raise NotMergeable(
+                    f"{self.path} pads its input with zeros, so a shift of that input differs at the border"
+                )
+            self._need_bias(t, "shift of its input")
+            w2 = self.weight.flatten(2).sum(2) if self.weight.ndim > 2 else self.weight  # (out, in)
+            if self.bias is not None:
+                self.bias = self.bias + w2 @ t
+        if s is not None:
+            self.weight = self.weight * s.view(1, -1, *[1] * (self.weight.ndim - 2))
+
     def mix_outputs(self, a: torch.Tensor, c: torch.Tensor | None) -> None:
         """``y <- A y + c`` over output channels."""
         if self.kind == "norm" or self.weight is None:

@@ -56,7 +56,11 @@ class ChannelAffine(nn.Module):
         return self.scale.new_ones(self.channels).index_copy(0, self.index, self.scale)
 
     def fold(self, layer: Layer, tap: str) -> None:
-        """Merge: ``y <- s ⊙ y + t`` on the layer's output channels (its weight rows and bias)."""
+        """Merge: ``y <- s ⊙ y + t`` on the layer's output channels (its weight rows and bias); on its input
+        (``replace_input``): ``W' = W diag(s)``, ``b' = b + W t``."""
+        if tap == "replace_input":
+            layer.scale_shift_inputs(f64(self.effective_scale()), f64(self.shift))
+            return
         if tap != "replace":
             raise NotMergeable(f"it adds to {layer.path}'s output instead of rescaling it")
         layer.check_axis(self.channel_dim, "its scale/shift")
@@ -92,7 +96,9 @@ class Ia3Options(_ChannelOptions):
 class _ChannelKind(TunerKind):
     placements = ("sequential",)
     default_placement = "sequential"
-    taps = {"sequential": ("output",)}  # a map of the op's output: y <- s * y + t
+    # output: y <- s * OP(x) + t; input: OP(s * x + t) (the site reads the rescaled value; PEFT's IA3 on
+    # feed-forward layers), folded into the layer's weight columns
+    taps = {"sequential": ("output", "input")}
     mergeable = True
     has_scale = True
     has_shift = True
@@ -102,10 +108,12 @@ class _ChannelKind(TunerKind):
             raise self.fail(site, f"it has {site.n_outputs} outputs")
 
     def _channels(self, site: Site, ctx: PlanContext) -> tuple[int, int]:
-        shape = ctx.output_shape(site)
+        on_input = self.where == "input"
+        shape = ctx.shape(site, Tap("input")) if on_input else ctx.output_shape(site)
         if shape is None or len(shape) < 2:
-            raise self.fail(site, "its output is not a tensor with a channel dim")
-        dim = ctx.channel_dim(site, shape, getattr(self.options, "channel_dim", None))
+            raise self.fail(site, f"its {self.where} is not a tensor with a channel dim")
+        override = getattr(self.options, "channel_dim", None)
+        dim = ctx.input_channel_dim(site, shape, override) if on_input else ctx.channel_dim(site, shape, override)
         return shape[dim], dim
 
     def build(self, site: Site, ctx: PlanContext) -> nn.Module:
@@ -113,7 +121,10 @@ class _ChannelKind(TunerKind):
         return ChannelAffine(c, dim, self.has_scale, self.has_shift, init_std=getattr(self.options, "init_std", 0.0))
 
     def plan(self, site: Site, ctx: PlanContext) -> list[Attachment]:
-        return [Attachment(site, self.build(site, ctx), "replace", (Tap("output"),))]
+        module = self.build(site, ctx)
+        if self.where == "input":
+            return [Attachment(site, module, "replace_input", (Tap("input"),))]
+        return [Attachment(site, module, "replace", (Tap("output"),))]
 
 
 @register
@@ -141,6 +152,8 @@ class Ia3Kind(_ChannelKind):
     def build(self, site: Site, ctx: PlanContext) -> nn.Module:
         c, dim = self._channels(site, ctx)
         index = None
+        if self.options.slices and self.where == "input":
+            raise self.fail(site, "`slices` pick output thirds of a fused qkv; they do not go with tap: input")
         if self.options.slices:
             if not is_fused_qkv(site):
                 raise self.fail(
