@@ -41,6 +41,9 @@ class TrainConfig(Section):
     checkpoint_every: int | None = Field(default=None, gt=0)  # steps; also at every epoch end
     eval_every: int | None = Field(default=None, gt=0)  # steps; also at every epoch end
     log_every: int = Field(default=10, gt=0)
+    # where else the run logs, beside metrics.jsonl: tensorboard = event files in RUN/tensorboard/ (loss, lr,
+    # accuracy, images/s, the spec as text; needs the tensorboard package: pip install 'utune[tensorboard]')
+    log: list[Literal["tensorboard"]] = Field(default_factory=list)
     keep_best: bool = True  # also keep the checkpoint with the best val accuracy
     bn_train: bool = False  # update BatchNorm running stats of the frozen backbone
     device: str | None = None  # default: cuda when available, else cpu

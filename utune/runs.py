@@ -223,6 +223,10 @@ def train_run(
         du.barrier()
         loaders = build_loaders(spec.data, built.data_config, spec.train, datasets=datasets)
         meta = {"model": spec.model.name, "dataset": spec.data.dataset, "processes": du.world()}
+        if "tensorboard" in spec.train.log and du.is_main():
+            from utune.train.tensorboard import Reporters, TensorBoardReporter
+
+            reporter = Reporters([reporter, TensorBoardReporter(out_dir / "tensorboard", spec_to_yaml(spec))])
         return fit(built.model, spec.train, loaders, out_dir, resume=resume, run_meta=meta, reporter=reporter)
     except BaseException:
         if created and du.is_main() and not has_checkpoint(out_dir / "checkpoints"):
