@@ -18,6 +18,8 @@ def register(app: typer.Typer, spec_app: typer.Typer) -> None:
     spec_app.command("validate")(spec_validate)
     spec_app.command("schema")(spec_schema)
     spec_app.command("show")(spec_show)
+    app.command()(draw)
+    app.command()(plot)
 
 
 def inspect(
@@ -213,3 +215,28 @@ def embedded_spec(source: Path) -> str:
             f"{source} carries no spec ({what})", hint="tuner files from `utune export --tuners-only` carry theirs"
         )
     return text if text.endswith("\n") else text + "\n"
+
+
+def draw(
+    spec: Annotated[Path, typer.Argument(help="the spec .yaml")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help=".png, .svg or .pdf")] = Path("structure.png"),
+) -> None:
+    """Draw where each rule's tuners sit on the backbone (no weights needed)."""
+    from utune.api import build
+    from utune.draw import draw_structure
+    from utune.spec import load_spec
+
+    loaded = load_spec(spec, list(overrides or []))
+    built = build(loaded, ["model.pretrained=false"] if loaded.model.pretrained is True else [])
+    out.info(f"wrote {draw_structure(built, output)}")
+
+
+def plot(
+    runs: Annotated[list[Path], typer.Argument(help="run folders (their metrics.jsonl)")],
+    output: Annotated[Path, typer.Option("--output", "-o", help=".png, .svg or .pdf")] = Path("curves.png"),
+) -> None:
+    """Plot the training loss and evaluation accuracy of one or several runs."""
+    from utune.draw import plot_runs
+
+    out.info(f"wrote {plot_runs(runs, output)}")
