@@ -67,6 +67,10 @@ def export_cmd(
     show_spec: Annotated[
         Path | None, typer.Option("--show-spec", help="print the spec a tuner file carries, and exit")
     ] = None,
+    folder: Annotated[
+        bool,
+        typer.Option("--folder", help="a hub-ready folder: weights, config.json (merged), the spec, a model card"),
+    ] = False,
     fmt: Format = "table",
 ) -> None:
     """Export a trained model: --merge (plain weights), --tuners-only (small file), or --peft."""
@@ -95,9 +99,33 @@ def export_cmd(
         out.note(f"using the latest run: {source}")
     built = load_source(source, ov, tuners=tuners, which=checkpoint)
     mode = _mode(merge, tuners_only, peft, getattr(built.spec, "export", None))
+    if folder:
+        _folder(built, mode, source, from_spec, output, force, no_verify)
+        return
     path = output if output is not None else default_output(source, mode)
     result = export(built, mode, path, force=force, verify=not no_verify)
     _show(result, mode, no_verify)
+
+
+def _folder(
+    built: Any, mode: str, source: str, from_spec: bool, output: Path | None, force: bool, no_verify: bool
+) -> None:
+    from utune.export.hub import export_folder
+
+    if mode == "peft":
+        raise UserInputError("--peft writes a folder already; --folder goes with --merge or --tuners-only")
+    run = None if from_spec else Path(source)
+    path = output if output is not None else Path(source) / "export" / ("merged" if mode == "merge" else "tuners")
+    result = export_folder(built, mode, path, run=run, force=force, verify=not no_verify)
+    check = result.pop("verify", None)
+    if out.json_mode():
+        if check is not None:
+            result["verify"] = {k: getattr(check, k) for k in ("max_abs_diff", "scale", "tolerance", "ok")}
+        out.print_json(result)
+        return
+    if check is not None:
+        out.info(check.line())
+    out.info(f"wrote {', '.join(result['files'])} to {result['path']}/")
 
 
 def _show(result: dict[str, Any], mode: str, no_verify: bool) -> None:
