@@ -171,3 +171,16 @@ def test_console_script_and_module_entry_point(tmp_path: Path) -> None:
         assert proc.returncode == 2 and "Traceback" not in proc.stderr and "bogus" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "utune", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "inspect" in proc.stdout
+
+
+def test_messages_are_text_not_markup(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A library's message with brackets (gloo's ``[.../pair.cc:561]``) or a hint like utune[peft] prints as it is."""
+    from utune import _output as out
+
+    monkeypatch.delenv("UTUNE_QUIET", raising=False)
+    out.error("peer closed [/__w/gloo/pair.cc:561] connection", "pip install 'utune[peft]'")
+    out.warn("a [bold]warning[/bold]")
+    out.info("wrote [x] to [/tmp]")
+    captured = capsys.readouterr()
+    assert "[/__w/gloo/pair.cc:561]" in captured.err and "utune[peft]" in captured.err
+    assert "[bold]warning[/bold]" in captured.err and "wrote [x] to [/tmp]" in captured.out

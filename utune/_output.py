@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
@@ -67,28 +68,30 @@ def print_json(obj: Any) -> None:
 
 
 def error(message: str, hint: str | None = None) -> None:
-    _err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    """Messages are text, never markup: a path or a library's ``[file.cc:561]`` prints as it is."""
+    _err.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
     if hint:
-        _err.print(f"[yellow]hint:[/] {hint}", markup=True, highlight=False)
+        _err.print(f"[yellow]hint:[/] {escape(hint)}", markup=True, highlight=False)
 
 
 def warn(message: str) -> None:
     if not quiet():
-        _err.print(f"[yellow]warning:[/] {message}", markup=True, highlight=False)
+        _err.print(f"[yellow]warning:[/] {escape(message)}", markup=True, highlight=False)
 
 
-def note(message: str) -> None:
-    """A line about what the command is doing (always stderr): "using the latest run ...", progress."""
+def note(message: str, *, markup: bool = False) -> None:
+    """A line about what the command is doing (always stderr): "using the latest run ...", progress.
+    ``markup=True``: the caller's Rich markup (it escapes what it interpolates)."""
     if not quiet():
-        _err.print(message, markup=True, highlight=False)
+        _err.print(message if markup else escape(message), markup=True, highlight=False)
 
 
-def info(message: str) -> None:
+def info(message: str, *, markup: bool = False) -> None:
     """A line of the human result (stdout); in JSON mode it goes to stderr."""
     if _json_mode:
-        note(message)
+        note(message, markup=markup)
     else:
-        _out.print(message, highlight=False)
+        _out.print(message if markup else escape(message), highlight=False)
 
 
 def fmt_int(n: int) -> str:

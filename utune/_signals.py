@@ -47,7 +47,9 @@ def _graceful(signum: int, frame: FrameType | None) -> None:
     from utune import _output as out
 
     name = signal.Signals(signum).name
-    out.note(f"[yellow]{name}: stopping after this step and saving a checkpoint (again to stop at once)[/]")
+    out.note(
+        f"[yellow]{name}: stopping after this step and saving a checkpoint (again to stop at once)[/]", markup=True
+    )
 
 
 @contextmanager

@@ -7,6 +7,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+from rich.markup import escape
+
 from utune import _output as out
 
 
@@ -31,7 +33,7 @@ def print_report(report: Mapping[str, Any]) -> None:
             {"params": "right", "sites": "right"},
         )
     for note in report.get("notes", []):
-        out.info(f"[dim]note:[/] {note}")
+        out.info(f"[dim]note:[/] {escape(note)}", markup=True)
     if report["trainable"]:
         out.info(
             f"trainable base parameters ({', '.join(report['trainable'])}): "

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from utune import _output as out
 from utune.cli._common import Format, set_format
@@ -73,7 +74,7 @@ def _show_sites(title: str, rows: list[dict[str, Any]], fmt: str, all_ops: bool,
         out.table(None, cols, body, {"params": "right"})
     hidden = len(rows) - len(shown)
     if hidden:
-        out.note(f"[dim]{len(shown)} sites shown; {hidden} functional calls hidden (--all shows them)[/]")
+        out.note(f"[dim]{len(shown)} sites shown; {hidden} functional calls hidden (--all shows them)[/]", markup=True)
 
 
 def _tree_label(r: dict[str, Any], has_rules: bool) -> str:
@@ -154,7 +155,7 @@ def spec_validate(
         results.append({"file": str(path), "ok": err is None, "checked": checked, "error": _err_text(err)})
         if err is None:
             more = "" if model else " (model names and selectors not checked: add --model)"
-            out.info(f"[green]ok[/] {path}: {checked}{more}")
+            out.info(f"[green]ok[/] {escape(str(path))}: {checked}{more}", markup=True)
         else:
             out.error(err.message, err.hint)
     if fmt == "json":
