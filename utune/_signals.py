@@ -14,13 +14,25 @@ Library code only reads :func:`stop_requested`; it never installs handlers itsel
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
 _requested: int | None = None  # the signal number that asked to stop, if any
 _last: int | None = None  # the last signal received (for the exit code of an immediate stop)
+_timer: threading.Timer | None = None  # ends the process if no step boundary comes within the grace period
+
+
+def grace_seconds() -> float:
+    """How long a graceful stop may wait for the next step boundary (``UTUNE_STOP_GRACE``, default 120 s):
+    a process blocked in a collective whose peer died would otherwise wait for its timeout."""
+    try:
+        return float(os.environ.get("UTUNE_STOP_GRACE", "120"))
+    except ValueError:
+        return 120.0
 
 
 def stop_requested() -> int | None:
@@ -39,17 +51,40 @@ def _immediate(signum: int, frame: FrameType | None) -> None:
 
 
 def _graceful(signum: int, frame: FrameType | None) -> None:
-    global _requested, _last
+    global _requested, _last, _timer
     _last = signum
     if _requested is not None:  # the second signal: stop now
         raise KeyboardInterrupt
     _requested = signum
     from utune import _output as out
 
+    _timer = threading.Timer(grace_seconds(), _give_up, args=(signum,))
+    _timer.daemon = True
+    _timer.start()
     name = signal.Signals(signum).name
     out.note(
         f"[yellow]{name}: stopping after this step and saving a checkpoint (again to stop at once)[/]", markup=True
     )
+
+
+def _give_up(signum: int) -> None:
+    """No step boundary within the grace period (blocked in a collective, a very long step): leave now."""
+    from utune import _output as out
+
+    out.error(
+        f"{signal.Signals(signum).name}: no step boundary within {grace_seconds():.0f} s; stopping without a new "
+        "checkpoint (the last one is intact)",
+        "resume with --resume; UTUNE_STOP_GRACE sets the wait",
+    )
+    os._exit(128 + signum)
+
+
+def stop_acknowledged() -> None:
+    """The training loop has seen the stop request and is saving: no deadline any more."""
+    global _timer
+    if _timer is not None:
+        _timer.cancel()
+        _timer = None
 
 
 @contextmanager
@@ -66,6 +101,7 @@ def handling(graceful: bool) -> Iterator[None]:
     try:
         yield
     finally:
+        stop_acknowledged()
         for s, h in old.items():
             signal.signal(s, h)
 

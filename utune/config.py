@@ -47,3 +47,6 @@ class TrainConfig(Section):
     keep_best: bool = True  # also keep the checkpoint with the best val accuracy
     bn_train: bool = False  # update BatchNorm running stats of the frozen backbone
     device: str | None = None  # default: cuda when available, else cpu
+    # under torchrun: ddp = every process holds the whole model; fsdp = torch's FSDP2 shards the parameters,
+    # gradients and optimizer state over the processes (backbones that do not fit one GPU)
+    parallel: Literal["ddp", "fsdp"] = "ddp"

@@ -126,3 +126,7 @@ class TrainingInterrupted(Interrupted):
     ) -> None:
         super().__init__(message, hint, signal_number=signal_number)
         self.out_dir, self.step, self.checkpoint_step = out_dir, step, checkpoint_step
+
+
+class DistributedError(UtuneError):
+    """Another process of a multi-process run failed or vanished; this one stopped because of it."""

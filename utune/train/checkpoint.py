@@ -116,9 +116,11 @@ def frozen_fingerprint(model: nn.Module) -> list[float]:
     return [float(count), total, sq]
 
 
-def check_frozen(model: nn.Module, state: Mapping[str, Any], folder: Path) -> None:
-    """Refuse to pair a checkpoint with base weights other than those it was trained on."""
-    saved, now = state.get("frozen"), frozen_fingerprint(model)
+def check_frozen(model: nn.Module, state: Mapping[str, Any], folder: Path, *, now: list[float] | None = None) -> None:
+    """Refuse to pair a checkpoint with base weights other than those it was trained on (``now``: the model's
+    fingerprint, when taken already, e.g. before sharding)."""
+    saved = state.get("frozen")
+    now = frozen_fingerprint(model) if now is None else now
     if saved is None:
         return
     same = len(saved) == len(now) and all(

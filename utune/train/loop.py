@@ -33,10 +33,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from utune._fs import write_text_atomic
-from utune._signals import last_signal, stop_requested
+from utune._signals import last_signal, stop_acknowledged, stop_requested
 from utune.config import TrainConfig
-from utune.errors import CheckpointError, DataError, TrainingInterrupted
+from utune.errors import CheckpointError, DataError, DistributedError, TrainingInterrupted
 from utune.train import distributed as du
+from utune.train import fsdp
 from utune.train.checkpoint import (
     STATE,
     WEIGHTS,
@@ -136,17 +137,25 @@ def _label_error(logits: torch.Tensor, y: torch.Tensor) -> DataError | None:
 
 
 def evaluate(
-    model: nn.Module, loader: DataLoader, device: torch.device | str, *, amp: bool = True, channels_last: bool = False
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device | str,
+    *,
+    amp: bool = True,
+    channels_last: bool = False,
+    lockstep: bool = False,
 ) -> dict[str, float | int]:
     """Top-1 accuracy and mean cross-entropy over ``loader``, summed over all DDP ranks.
 
     Under DDP each rank must see a disjoint shard with no padding (``fit`` arranges that); the counts,
-    not per-rank means, are all-reduced, so the result is exact for any shard sizes.
+    not per-rank means, are all-reduced, so the result is exact for any shard sizes. ``lockstep`` (FSDP,
+    where every forward is a collective): a rank with fewer batches runs uncounted forwards until all match.
     """
     device = torch.device(device)
     modes = {m: m.training for m in model.modules()}
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
+    batches, last = 0, None
     try:
         with torch.no_grad(), _autocast(device, amp):
             for batch in loader:
@@ -157,6 +166,9 @@ def evaluate(
                 totals[0] += (logits.argmax(dim=-1) == y).sum()
                 totals[1] += F.cross_entropy(logits, y, reduction="sum")
                 totals[2] += y.numel()
+                batches, last = batches + 1, x
+            if lockstep:
+                _catch_up(model, batches, last, device)
     finally:
         for m, mode in modes.items():
             m.training = mode
@@ -165,6 +177,25 @@ def evaluate(
     if n == 0:
         raise DataError("the evaluation split has no images")
     return {"acc": correct / n, "loss": loss_sum / n, "n": int(n)}
+
+
+_PEER_FAILURE = ("closed by peer", "connection reset", "remote worker", "broken pipe", "nccl", "timed out")
+
+
+def _peer_failed(e: RuntimeError) -> bool:
+    """A collective failed because another rank crashed or left (gloo/NCCL's own words)."""
+    text = str(e).lower()
+    return isinstance(e, torch.distributed.DistError) or any(word in text for word in _PEER_FAILURE)
+
+
+def _catch_up(model: nn.Module, batches: int, last: torch.Tensor | None, device: torch.device) -> None:
+    """Forwards on a dummy batch until this rank has run as many as the busiest one (FSDP collectives)."""
+    most = int(du.all_reduce_max(torch.tensor([batches], device=device)).item())
+    shape = du.broadcast_object(tuple(last.shape[1:]) if last is not None else None)  # rank 0 has the most
+    if most > batches and shape is not None:
+        dummy = torch.zeros(1, *shape, device=device)
+        for _ in range(most - batches):
+            model(dummy)
 
 
 @dataclass
@@ -298,6 +329,10 @@ class Trainer:
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         seed_everything(mix_seed(cfg.seed, self.rank))  # ranks draw different dropout masks
+        self.frozen = frozen_fingerprint(model)  # before sharding: of the whole tensors
+        self.fsdp = self.world > 1 and cfg.parallel == "fsdp"
+        if self.fsdp:
+            fsdp.shard(model)  # before the optimizer, which must see the sharded parameters
         self.optimizer = build_optimizer(model, cfg, self.device)
         self.scheduler = build_scheduler(
             self.optimizer, cfg, total_steps=max(self.total, 1), steps_per_epoch=plan.steps_per_epoch
@@ -305,7 +340,7 @@ class Trainer:
         self.state = TrainState(
             plan.steps_per_epoch, plan.batch_size, plan.grad_accum, plan.world, cfg.seed, meta=_json_safe(run_meta)
         )
-        self.state.frozen = frozen_fingerprint(model)
+        self.state.frozen = self.frozen
         self.reporter: Reporter = reporter or SilentReporter()
         self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
@@ -322,16 +357,15 @@ class Trainer:
         weights, data, folder = load_checkpoint(self.ckpt_dir)
         saved = TrainState.from_dict(data, folder / STATE)
         saved.check_plan(self.state, folder)
-        check_frozen(self.model, data, folder)
-        load_trainable(self.model, weights, source=folder / WEIGHTS)
-        names = [g.get("param_names") for g in saved.optimizer["param_groups"]]
-        if names != [g["param_names"] for g in self.optimizer.param_groups]:
+        check_frozen(self.model, data, folder, now=self.frozen)
+        if ("fsdp" in saved.optimizer) != self.fsdp:
             raise CheckpointError(
-                f"cannot resume {folder}: its optimizer state belongs to other parameter groups",
-                hint="resume with the same trainable parameters and weight decay, or start without --resume",
+                f"cannot resume {folder} with train.parallel={self.cfg.parallel}: it was trained "
+                + ("sharded (fsdp)" if "fsdp" in saved.optimizer else "unsharded"),
+                hint="resume with the run's own train.parallel",
             )
         try:
-            self.optimizer.load_state_dict(saved.optimizer)
+            self._load_optimizer(weights, saved, folder)
             self.scheduler.load_state_dict(saved.scheduler)
         except (ValueError, KeyError) as e:
             raise CheckpointError(
@@ -343,11 +377,24 @@ class Trainer:
         self._rank_state = saved.ranks[self.rank]  # this rank's RNG streams and partial log window
         self.saved_step = saved.step
 
+    def _load_optimizer(self, weights: dict[str, torch.Tensor], saved: TrainState, folder: Path) -> None:
+        if self.fsdp:
+            fsdp.load(self.model, self.optimizer, weights, saved.optimizer)
+            return
+        load_trainable(self.model, weights, source=folder / WEIGHTS)
+        names = [g.get("param_names") for g in saved.optimizer["param_groups"]]
+        if names != [g["param_names"] for g in self.optimizer.param_groups]:
+            raise CheckpointError(
+                f"cannot resume {folder}: its optimizer state belongs to other parameter groups",
+                hint="resume with the same trainable parameters and weight decay, or start without --resume",
+            )
+        self.optimizer.load_state_dict(saved.optimizer)
+
     # ----- the run ---------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", enabled=self.main, records=self.state.metrics)
         self.ddp: DDP | None = None
-        if self.world > 1:  # frozen parameters need no grad, so DDP neither reduces nor expects them
+        if self.world > 1 and not self.fsdp:  # frozen parameters need no grad: DDP neither reduces nor expects them
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp = DDP(self.model, device_ids=ids, find_unused_parameters=False)
         self.train_model: nn.Module = self.ddp if self.ddp is not None else self.model
@@ -359,6 +406,14 @@ class Trainer:
             self._run()
         except KeyboardInterrupt:
             raise self._interrupted(last_signal() or 2) from None
+        except RuntimeError as e:
+            if self.world > 1 and _peer_failed(e):
+                raise DistributedError(
+                    f"rank {self.rank} stopped: another process of this run failed or vanished "
+                    f"({str(e).strip().splitlines()[0][:200]})",
+                    hint="the failing rank's own error is printed above (torchrun prefixes each line with its rank)",
+                ) from None
+            raise
         finally:
             self.reporter.close()
             self.metrics.close()
@@ -434,6 +489,8 @@ class Trainer:
         if improved and cfg.keep_best:
             tags.append("best")
         stop = self._stop_signal(st.step % cfg.log_every == 0 or epoch_end or last)
+        if stop:
+            stop_acknowledged()  # at a boundary: the checkpoint below may take its time
         if stop and "latest" not in tags:
             tags.append("latest")
         if tags:
@@ -467,7 +524,9 @@ class Trainer:
         """Score every evaluation split; True when the best split improved."""
         st, improved = self.state, False
         for split, loader in self.evals.items():
-            res = evaluate(self.model, loader, self.device, amp=self.cfg.amp, channels_last=self.channels_last)
+            res = evaluate(
+                self.model, loader, self.device, amp=self.cfg.amp, channels_last=self.channels_last, lockstep=self.fsdp
+            )
             epoch = round(st.step / st.steps_per_epoch, 4)
             record = {"step": st.step, "epoch": epoch, "split": split, "acc": res["acc"], "loss": res["loss"]}
             self.metrics.write(record)
@@ -480,14 +539,14 @@ class Trainer:
     def checkpoint(self, tags: list[str]) -> None:
         """Write the trainable tensors and the state at this step (rank 0), every rank's RNG included."""
         ranks = du.all_gather_object({"rng": rng_state(), "window": self.window.sums.tolist()})
+        weights = fsdp.full(trainable_state(self.model)) if self.fsdp or self.main else {}  # fsdp: a collective
+        optim = fsdp.optimizer_state(self.model, self.optimizer) if self.fsdp else None
         du.barrier()
         if self.main:
             st = self.state
             st.metrics, st.elapsed, st.ranks = self.metrics.records, self._elapsed(), ranks
-            st.optimizer, st.scheduler = self.optimizer.state_dict(), self.scheduler.state_dict()
-            save_checkpoint(
-                self.ckpt_dir, step=st.step, weights=trainable_state(self.model), state=st.to_dict(), tags=tags
-            )
+            st.optimizer, st.scheduler = optim or self.optimizer.state_dict(), self.scheduler.state_dict()
+            save_checkpoint(self.ckpt_dir, step=st.step, weights=weights, state=st.to_dict(), tags=tags)
         du.barrier()
         self.saved_step = self.state.step
 
