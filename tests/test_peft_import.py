@@ -18,7 +18,7 @@ peft = pytest.importorskip("peft")
 import utune  # noqa: E402
 from utune.errors import ExportError, UserInputError  # noqa: E402
 from utune.export import export_peft, load_tuners  # noqa: E402
-from utune.export.peft_import import import_peft  # noqa: E402
+from utune.runs import import_peft  # noqa: E402
 from utune.train.checkpoint import trainable_state  # noqa: E402
 
 MODEL = {"name": "test_vit", "num_classes": 5, "img_size": 32}

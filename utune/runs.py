@@ -344,3 +344,28 @@ def default_output(source: Path | str | None, mode: str) -> Path:
 
     run = Path(source) if source is not None else latest_run()
     return run / "export" / DEFAULT_NAMES[mode]
+
+
+def import_peft(
+    folder: Path | str, model: dict[str, Any], output: Path | str, *, force: bool = False, verify: bool = True
+) -> dict[str, Any]:
+    """Convert a PEFT folder: build the spec on ``model``, load the tensors, check against PEFT, write
+    ``output`` (a tuner file) and its spec beside it (``.yaml``). Returns a summary."""
+    from utune.api import build
+    from utune.export.io import check_target, write_bytes_atomic
+    from utune.export.peft_import import load_into, peft_to_spec, verify_with_peft
+    from utune.export.tuners_only import export_tuners
+    from utune.spec import load_spec, spec_to_yaml
+
+    folder, output = Path(folder), Path(output)
+    spec_path = output.with_suffix(".yaml")
+    check_target(output, force)
+    check_target(spec_path, force)
+    spec_dict, files = peft_to_spec(folder, model)
+    built = build(spec_dict)
+    load_into(built, files, folder)
+    check = verify_with_peft(built, folder) if verify else None
+    result = export_tuners(built, output, force=force)
+    write_bytes_atomic(spec_path, spec_to_yaml(load_spec(spec_dict)).encode(), force=force)
+    result.update(spec=str(spec_path), rules=[r["name"] for r in spec_dict["tuners"]], verify=check)
+    return result

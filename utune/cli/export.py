@@ -76,17 +76,30 @@ def export_cmd(
     """Export a trained model: --merge (plain weights), --tuners-only (small file), or --peft."""
     set_format(fmt, artifact_hint="--format is the output's format; the PEFT folder is `--peft`")
     if show_spec is not None:
-        from utune.cli.inspect import embedded_spec
-
-        out.console().print(embedded_spec(show_spec), markup=False, highlight=False, soft_wrap=True, end="")
+        _show_spec(show_spec)
         return
-    from utune.export.io import check_target
     from utune.export.run import export
-    from utune.runs import RUNS, default_output, latest_run, load_source
+    from utune.runs import default_output, load_source
 
     source, ov = split_overrides(source, overrides)
     check_choice("--checkpoint", checkpoint, ("latest", "best"))
     _mode(merge, tuners_only, peft)  # bad flags and an existing -o fail before the (slow) rebuild
+    source, from_spec = _source(source, output, force, tuners)
+    built = load_source(source, ov, tuners=tuners, which=checkpoint)
+    mode = _mode(merge, tuners_only, peft, getattr(built.spec, "export", None))
+    if folder:
+        _folder(built, mode, source, from_spec, output, force, no_verify)
+        return
+    path = output if output is not None else default_output(source, mode)
+    result = export(built, mode, path, force=force, verify=not no_verify)
+    _show(result, mode, no_verify)
+
+
+def _source(source: str | None, output: Path | None, force: bool, tuners: Path | None) -> tuple[str, bool]:
+    """The run or spec to export (the latest run when none), checked before the slow rebuild."""
+    from utune.export.io import check_target
+    from utune.runs import RUNS, latest_run
+
     from_spec = source is not None and source.endswith((".yaml", ".yml"))
     if output is not None:
         check_target(output, force)
@@ -97,14 +110,13 @@ def export_cmd(
     if source is None:
         source = str(latest_run(RUNS))
         out.note(f"using the latest run: {source}")
-    built = load_source(source, ov, tuners=tuners, which=checkpoint)
-    mode = _mode(merge, tuners_only, peft, getattr(built.spec, "export", None))
-    if folder:
-        _folder(built, mode, source, from_spec, output, force, no_verify)
-        return
-    path = output if output is not None else default_output(source, mode)
-    result = export(built, mode, path, force=force, verify=not no_verify)
-    _show(result, mode, no_verify)
+    return source, from_spec
+
+
+def _show_spec(path: Path) -> None:
+    from utune.cli.inspect import embedded_spec
+
+    out.console().print(embedded_spec(path), markup=False, highlight=False, soft_wrap=True, end="")
 
 
 def _folder(
@@ -163,7 +175,7 @@ def import_peft_cmd(
 ) -> None:
     """Convert a PEFT LoRA or IA3 adapter trained on a timm model into a utune spec and tuner file."""
     set_format(fmt)
-    from utune.export.peft_import import import_peft
+    from utune.runs import import_peft
 
     weights: bool | str = {"true": True, "false": False}.get(pretrained.lower(), str(Path(pretrained).resolve()))
     section: dict[str, Any] = {"name": model, "pretrained": weights}

@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from utune.errors import ExportError, UserInputError
-from utune.export.io import read_safetensors, write_bytes_atomic
+from utune.export.io import read_safetensors
 from utune.export.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX
-from utune.export.tuners_only import _key_map, export_tuners
+from utune.export.tuners_only import _key_map
 
 if TYPE_CHECKING:
     from utune.api import Built
@@ -122,7 +122,8 @@ def peft_to_spec(folder: Path | str, model: dict[str, Any]) -> tuple[dict[str, A
     return spec, files
 
 
-def _load_into(built: Built, files: dict[str, torch.Tensor], folder: Path) -> None:
+def load_into(built: Built, files: dict[str, torch.Tensor], folder: Path) -> None:
+    """Copy the converted tensors into ``built``'s tuners (strictly: every key, every shape)."""
     keys, _ = _key_map(built)
     missing, unexpected = sorted(set(keys) - set(files)), sorted(set(files) - set(keys))
     if missing or unexpected:
@@ -142,30 +143,7 @@ def _load_into(built: Built, files: dict[str, torch.Tensor], folder: Path) -> No
             target.copy_(src.to(target.dtype))
 
 
-def import_peft(
-    folder: Path | str, model: dict[str, Any], output: Path | str, *, force: bool = False, verify: bool = True
-) -> dict[str, Any]:
-    """Convert a PEFT folder: build the spec on ``model``, load the tensors, check against PEFT, write
-    ``output`` (a tuner file) and its spec beside it (``.yaml``). Returns a summary."""
-    from utune.api import build
-    from utune.export.io import check_target
-    from utune.spec import load_spec, spec_to_yaml
-
-    folder, output = Path(folder), Path(output)
-    spec_path = output.with_suffix(".yaml")
-    check_target(output, force)
-    check_target(spec_path, force)
-    spec_dict, files = peft_to_spec(folder, model)
-    built = build(spec_dict)
-    _load_into(built, files, folder)
-    check = _verify_with_peft(built, folder) if verify else None
-    result = export_tuners(built, output, force=force)
-    write_bytes_atomic(spec_path, spec_to_yaml(load_spec(spec_dict)).encode(), force=force)
-    result.update(spec=str(spec_path), rules=[r["name"] for r in spec_dict["tuners"]], verify=check)
-    return result
-
-
-def _verify_with_peft(built: Built, folder: Path) -> Any:
+def verify_with_peft(built: Built, folder: Path) -> Any:
     """PEFT's model of the same folder on the same base weights must compute what utune's does."""
     from utune.export.peft_format import verify_peft
 
