@@ -7,6 +7,7 @@ The Python API the CLI is built on::
     built = utune.build(spec)        # .model (the rewritten GraphModule, with the base model's API), .report
     feats = built.model.forward_features(x)  # timm models: the tuned features (utune.tuned.TunedModel)
     rows = utune.inspect("vit_base_patch16_224")
+    sets = utune.build_sets({"cifar": "a.yaml", "pets": "pets.safetensors"})  # one backbone, named tuners
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ __version__ = "0.2.0.dev0"
 
 if TYPE_CHECKING:
     from utune.api import Built
+    from utune.sets import TunerSets
     from utune.spec import Spec
 
-__all__ = ["__version__", "build", "inspect", "load_spec"]
+__all__ = ["__version__", "build", "build_sets", "inspect", "load_spec"]
 
 
 def load_spec(source: Any, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
@@ -38,3 +40,9 @@ def inspect(model_or_name: Any, spec: Any = None) -> list[dict[str, Any]]:
     from utune.api import inspect as _inspect
 
     return _inspect(model_or_name, spec)
+
+
+def build_sets(sources: Any) -> TunerSets:
+    from utune.sets import build_sets as _build_sets
+
+    return _build_sets(sources)

@@ -208,18 +208,21 @@ def build(
     *,
     verify: bool = False,
     seed: int = 0,
+    base: nn.Module | None = None,
 ) -> Built:
     """Create the model, trace it, attach every rule's tuners, freeze the rest, and report.
 
     Model creation and tuner initialisation draw from a private RNG seeded with ``train.seed`` (the global
     torch RNG is left as it was), so a random (``pretrained: false``) backbone and the tuners' init are the
-    same on every build: a run can be resumed, evaluated and exported from its spec alone.
+    same on every build: a run can be resumed, evaluated and exported from its spec alone. ``base``: an
+    existing model of the spec's architecture to tune instead of creating one (its modules are used as
+    they are; ``utune.sets`` builds several tuner sets on one backbone this way).
     """
     t0 = time.perf_counter()
     spec, notes, warnings = _resolve_classes(load_spec(spec_or_path, overrides))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.train.seed)
-        built = _build(spec, verify, seed, t0)
+        built = _build(spec, verify, seed, t0, base)
     built.report["notes"] = notes
     built.warnings[:0] = warnings
     built.report["warnings"] = built.warnings
@@ -241,10 +244,14 @@ def _resolve_classes(spec: Spec) -> tuple[Spec, list[str], list[str]]:
     return load_spec(spec, [f"model.num_classes={n}"]), [note], []
 
 
-def _build(spec: Spec, verify: bool, seed: int, t0: float) -> Built:
+def _build(spec: Spec, verify: bool, seed: int, t0: float, base: nn.Module | None = None) -> Built:
     m = spec.model
-    model = create_model(
-        m.name, pretrained=m.pretrained, num_classes=m.num_classes, kwargs=dict(m.kwargs), img_size=m.img_size
+    model = (
+        base
+        if base is not None
+        else create_model(
+            m.name, pretrained=m.pretrained, num_classes=m.num_classes, kwargs=dict(m.kwargs), img_size=m.img_size
+        )
     )
     times = {"create_s": time.perf_counter() - t0}
     traced = trace_model(model, m.name, m.img_size)  # data.img_size alone sets model.img_size (Spec)
