@@ -178,6 +178,7 @@ def test_messages_are_text_not_markup(capsys: pytest.CaptureFixture[str], monkey
     from utune import _output as out
 
     monkeypatch.delenv("UTUNE_QUIET", raising=False)
+    monkeypatch.setattr(out, "_json_mode", False)  # an earlier in-process --format json command may have set it
     out.error("peer closed [/__w/gloo/pair.cc:561] connection", "pip install 'utune[peft]'")
     out.warn("a [bold]warning[/bold]")
     out.info("wrote [x] to [/tmp]")

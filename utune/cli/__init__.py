@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(args: list[str], debug: bool) -> int:
+    out.set_json(False)  # each command starts as a table command; --format json switches it on
     try:
         code = app(args=args, prog_name="utune", standalone_mode=False)
     except typer.Abort:
