@@ -114,3 +114,29 @@ def test_what_cannot_be_imported_is_refused(tmp_path: Path) -> None:
         import_peft(tmp_path / "dora", MODEL, tmp_path / "t.safetensors")
     assert not (tmp_path / "t.safetensors").exists()
     assert json.loads((tmp_path / "dora" / "adapter_config.json").read_text())["use_dora"] is True
+
+
+def test_import_peft_takes_the_model_from_a_spec_on_the_command_line(tmp_path: Path) -> None:
+    """``utune import-peft FOLDER --spec SPEC`` as typed: the model section (weights, classes, size) comes from
+    the spec, stdout is one JSON document, and the import's comparison with PEFT's model passes."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    base = base_file(tmp_path)
+    spec = {"version": 1, "model": {**MODEL, "pretrained": "base.safetensors"}, "trainable": ["head"],
+            "tuners": [{"name": "lora", "kind": "lora", "at": "blocks.*.attn.qkv", "rank": 4}]}  # fmt: skip
+    (tmp_path / "lora.yaml").write_text(yaml.safe_dump(spec))
+    built = utune.build(utune.load_spec(tmp_path / "lora.yaml"))
+    export_peft(built, tmp_path / "peft")
+    cmd = [sys.executable, "-m", "utune", "import-peft", "peft", "--spec", "lora.yaml", "-o", "t.safetensors"]
+    proc = subprocess.run([*cmd, "--format", "json"], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["verify"]["ok"] is True and (tmp_path / "t.safetensors").is_file()
+    model = utune.load_spec(tmp_path / "t.yaml").model
+    assert (model.name, model.num_classes, Path(str(model.pretrained)).resolve()) == ("test_vit", 5, base.resolve())
+    neither = subprocess.run(cmd[:5] + ["-o", "u.safetensors"], cwd=tmp_path, capture_output=True, text=True)
+    assert neither.returncode == 2 and "--model NAME or --spec SPEC" in neither.stderr
+    assert "Traceback" not in neither.stderr and not (tmp_path / "u.safetensors").exists()

@@ -160,15 +160,22 @@ def import_peft_cmd(
     folder: Annotated[
         Path, typer.Argument(help="a PEFT adapter folder (adapter_config.json, adapter_model.safetensors)")
     ],
-    model: Annotated[str, typer.Option("--model", help="the timm (or torchvision:) model it was trained on")],
     output: Annotated[
         Path, typer.Option("--output", "-o", help="the tuner file to write (its spec: the .yaml beside)")
     ],
+    model: Annotated[
+        str | None, typer.Option("--model", help="the timm (or torchvision:) model it was trained on")
+    ] = None,
+    like: Annotated[
+        Path | None,
+        typer.Option("--spec", help="take the model (name, weights, kwargs, classes, size) from this spec"),
+    ] = None,
     num_classes: Annotated[int | None, typer.Option("--num-classes", help="the head's classes")] = None,
     img_size: Annotated[int | None, typer.Option("--img-size", help="the model's input size")] = None,
     pretrained: Annotated[
-        str, typer.Option("--pretrained", help="the base weights: true (timm's), or a .safetensors/.pth file")
-    ] = "true",
+        str | None,
+        typer.Option("--pretrained", help="the base weights: true (timm's, the default), or a .safetensors/.pth file"),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="overwrite existing outputs")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="skip the comparison with PEFT's own model")] = False,
     fmt: Format = "table",
@@ -177,13 +184,10 @@ def import_peft_cmd(
     set_format(fmt)
     from utune.runs import import_peft
 
-    weights: bool | str = {"true": True, "false": False}.get(pretrained.lower(), str(Path(pretrained).resolve()))
-    section: dict[str, Any] = {"name": model, "pretrained": weights}
-    if num_classes is not None:
-        section["num_classes"] = num_classes
-    if img_size is not None:
-        section["img_size"] = img_size
-    result = import_peft(folder, section, output, force=force, verify=not no_verify)
+    result = import_peft(
+        folder, _model_section(model, like, num_classes, img_size, pretrained), output, force=force,
+        verify=not no_verify,
+    )
     check = result.pop("verify", None)
     if out.json_mode():
         if check is not None:
@@ -196,3 +200,27 @@ def import_peft_cmd(
         out.warn("peft is not installed: the import was not compared with PEFT's model (pip install 'utune[peft]')")
     out.info(f"wrote {result['tensors']} tensors to {result['path']} and the spec to {result['spec']}")
     out.info(f"next: utune apply {result['spec']} --tuners {result['path']} --dry-run --verify")
+
+
+def _model_section(
+    model: str | None, like: Path | None, num_classes: int | None, img_size: int | None, pretrained: str | None
+) -> dict[str, Any]:
+    """The spec's model section for import-peft: from ``--spec``'s model, or ``--model``; options override."""
+    if (model is None) == (like is None):
+        raise UserInputError(
+            "import-peft needs the base model: --model NAME or --spec SPEC (one of them)",
+            hint="e.g. utune import-peft FOLDER --model vit_base_patch16_224 -o tuners.safetensors",
+        )
+    section: dict[str, Any] = {"name": model, "pretrained": True}
+    if like is not None:
+        from utune.spec import load_spec
+
+        section = load_spec(like).model.model_dump(exclude_none=True)
+    if pretrained is not None:
+        low = pretrained.lower()
+        section["pretrained"] = {"true": True, "false": False}.get(low, str(Path(pretrained).resolve()))
+    if num_classes is not None:
+        section["num_classes"] = num_classes
+    if img_size is not None:
+        section["img_size"] = img_size
+    return section
