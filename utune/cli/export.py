@@ -185,7 +185,10 @@ def import_peft_cmd(
     from utune.runs import import_peft
 
     result = import_peft(
-        folder, _model_section(model, like, num_classes, img_size, pretrained), output, force=force,
+        folder,
+        _model_section(model, like, num_classes, img_size, pretrained),
+        output,
+        force=force,
         verify=not no_verify,
     )
     check = result.pop("verify", None)
