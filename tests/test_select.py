@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import pytest
+import torch
 
 from tests.archs import ARCHS
 from utune.api import Traced, trace_model
@@ -113,11 +114,31 @@ def test_beit_qkv_read_through_f_linear_is_reported_not_skipped() -> None:
     assert [s.path for s in sel.sites] == ["blocks.0.attn.proj"] and sel.warnings
 
 
-def test_torchvision_multihead_attention_internals_are_reported() -> None:
+def test_torchvision_multihead_attention_is_traced_through() -> None:
     sites = traced("tv_vit").sites
-    out_proj = sites["encoder.layers.encoder_layer_0.self_attention.out_proj"]
+    mha = "encoder.layers.encoder_layer_0.self_attention"
+    assert sites[mha].op == "composite" and sites[mha].type == "MultiheadAttention"
+    assert sites[f"{mha}.in_proj"].op == "module" and sites[f"{mha}.in_proj"].type == "PackedLinear"
+    assert sites[f"{mha}.out_proj"].op == "module"
+    assert sites[f"{mha}::scaled_dot_product_attention"].op == "function"  # the attention prefix tuning extends
+
+
+class _CrossAttention(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Conv2d(3, 8, 4, 4)
+        self.mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x).flatten(2).transpose(1, 2)
+        return self.mha(t, t * 2, t * 2)[0].mean(1)  # not self-attention: one leaf call, as torch runs it
+
+
+def test_a_multihead_attention_utune_cannot_trace_through_reports_its_internals() -> None:
+    sites = trace_model(_CrossAttention(), "cross", 16).sites
+    out_proj = sites["mha.out_proj"]
     assert out_proj.op == "uncalled" and "MultiheadAttention" in out_proj.reason
-    assert sites["encoder.layers.encoder_layer_0.self_attention"].op == "module"
+    assert sites["mha"].op == "module"
 
 
 def test_selector_short_forms_normalise() -> None:

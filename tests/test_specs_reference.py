@@ -70,6 +70,22 @@ EXPECTED: dict[str, tuple[int, dict[str, int]]] = {
     "convnext_t_cifar100/ssf.yaml": (169_636, {"ssf": 92_736}),
     "resnet50_cifar100/lora.yaml": (720_996, {"lora": 516_096}),
     "resnet50_cifar100/adapter.yaml": (686_948, {"block": 482_048}),
+    # U-Tuning Table 8's other backbones: the same methods on MAE and CLIP ViT-B/16 (the same shapes) and ViT-L/14
+    "vit_b16_mae_cifar100/adapter.yaml": (270_556, {"adapter": 193_656}),
+    "vit_b16_mae_cifar100/prefix.yaml": (261_220, {"prefix": 184_320}),
+    "vit_b16_mae_cifar100/vpt_shallow.yaml": (84_580, {"prompt": 7_680}),
+    "vit_b16_mae_cifar100/vpt_deep.yaml": (169_060, {"prompt": 92_160}),
+    "vit_b16_mae_cifar100/utuning_dual.yaml": (482_644, {"mha": 202_872, "ffn": 202_872}),
+    "vit_b16_clip_cifar100/adapter.yaml": (270_556, {"adapter": 193_656}),
+    "vit_b16_clip_cifar100/prefix.yaml": (261_220, {"prefix": 184_320}),
+    "vit_b16_clip_cifar100/vpt_shallow.yaml": (84_580, {"prompt": 7_680}),
+    "vit_b16_clip_cifar100/vpt_deep.yaml": (169_060, {"prompt": 92_160}),
+    "vit_b16_clip_cifar100/utuning_dual.yaml": (482_644, {"mha": 202_872, "ffn": 202_872}),
+    "vit_l14_clip_cifar100/adapter.yaml": (618_836, {"adapter": 516_336}),
+    "vit_l14_clip_cifar100/prefix.yaml": (594_020, {"prefix": 491_520}),
+    "vit_l14_clip_cifar100/vpt_shallow.yaml": (112_740, {"prompt": 10_240}),
+    "vit_l14_clip_cifar100/vpt_deep.yaml": (348_260, {"prompt": 245_760}),
+    "vit_l14_clip_cifar100/utuning_dual.yaml": (1_184_324, {"mha": 540_912, "ffn": 540_912}),
 }
 # The sites a rule attaches to, where the count alone would not show a wrong selection.
 SITES = {
@@ -124,6 +140,8 @@ class Checked:
     out: torch.Tensor  # logits of a batch of 1
     base_out: torch.Tensor  # the untouched model's logits on the same batch, the same head
     graph: str  # the rewritten model's code
+    mean: tuple[float, ...]  # the data config's normalisation, from timm's config of the spec's model name
+    pre_norm: str  # the type of the model's norm before the blocks (timm's norm_pre), "" when it has none
 
 
 @functools.cache
@@ -151,7 +169,11 @@ def _check(rel: str, real_size: bool) -> Checked:
                     p.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
         out = b.model.eval()(x)
         base_out = b.base.eval()(x)
-    return Checked(b.report, b.spec.model.num_classes, b.input_size, small, trainable, out, base_out, b.model.code)
+    pre_norm = type(b.base.norm_pre).__name__ if hasattr(b.base, "norm_pre") else ""
+    mean = tuple(b.data_config["mean"])
+    return Checked(
+        b.report, b.spec.model.num_classes, b.input_size, small, trainable, out, base_out, b.model.code, mean, pre_norm
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -235,3 +257,23 @@ def test_dual_ffn_tuner_reads_the_residual_stream() -> None:
     tap = re.search(r"utune_ffn_blocks_0__add_1 = self\.utune\.ffn\.blocks_0__add_1\((\w+)\)", code)
     assert tap is not None, "no FFN tuner call for block 0 in the rewritten code"
     assert re.search(rf"\.norm2\({tap.group(1)}\)", code), f"the FFN tuner reads {tap.group(1)}, not norm2's input"
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+
+
+@pytest.mark.parametrize(
+    ("folder", "mean", "pre_norm"),
+    [
+        ("vit_b16_mae_cifar100", (0.485, 0.456, 0.406), "Identity"),  # MAE: ImageNet statistics, no pre-norm
+        ("vit_b16_clip_cifar100", CLIP_MEAN, "LayerNorm"),  # CLIP: its own statistics and ln_pre
+        ("vit_l14_clip_cifar100", CLIP_MEAN, "LayerNorm"),
+    ],
+)
+def test_other_backbones_bring_their_own_data_config(folder: str, mean: tuple[float, ...], pre_norm: str) -> None:
+    """U-Tuning Table 8's backbones: the transforms and the architecture come from timm's config of each model
+    name (weights tag included), nothing set by hand in the specs."""
+    rels = [r for r in IDS if r.startswith(folder + "/")]
+    assert sorted(Path(r).stem for r in rels) == ["adapter", "prefix", "utuning_dual", "vpt_deep", "vpt_shallow"]
+    c = checked(f"{folder}/utuning_dual.yaml")
+    assert c.mean == pytest.approx(mean) and c.pre_norm == pre_norm

@@ -95,7 +95,11 @@ def test_vpt_deep_count() -> None:
         ("resnet", {"name": "p", "kind": "prefix", "at": "layer1.0.conv1"}, "prefix cannot attach to layer1.0.conv1"),
         ("vit", {"name": "l", "kind": "lora", "at": "blocks.0.norm1"}, "needs a Linear or Conv2d"),
         ("vit", {"name": "l", "kind": "lora", "at": "blocks.*.mlp.fc1", "slices": ["q"]}, "fused qkv"),
-        ("tv_vit", {"name": "p", "kind": "prefix", "at": "encoder.layers.*.self_attention"}, "cannot see into"),
+        (
+            "tv_vit",
+            {"name": "p", "kind": "prefix", "at": "encoder.layers.*.self_attention.out_proj"},
+            "cannot see into",
+        ),
         ("resnet", {"name": "p", "kind": "prompt", "at": "layer1.*"}, "not a (B, N, C) token sequence"),
         ("resnet", {"name": "p", "kind": "prefix", "at": "layer1.0", "placement": "parallel"}, "query projection"),
         ("beit", {"name": "l", "kind": "lora", "at": "blocks.0.attn.qkv"}, "never called as modules"),

@@ -77,7 +77,7 @@ def _propagate_shapes(gm: fx.GraphModule, size: tuple[int, int, int], explicit: 
 
 
 def trace_model(model: nn.Module, name: str, img_size: int | None = None) -> Traced:
-    gm = trace(model, name)
+    gm = trace(model, name, img_size)
     size = input_size(model, img_size)
     _propagate_shapes(gm, size, explicit=img_size is not None)
     return Traced(name, model, gm, find_sites(gm, model), size)
@@ -284,16 +284,17 @@ def attach_rules(spec: Spec, rw: Rewriter) -> tuple[Manifest, list[dict[str, Any
         kind = get_kind(rule.kind)(rule)
         sel = select(rw.sites, rule.at, rule.name)
         warnings += sel.warnings
-        for site in sel.sites:
+        sites = sel.sites if rule.output is None and rule.input is None else _ports(rule, sel.sites)
+        for site in sites:
             kind.check(site, ctx)
-        entries = _attach(rw, kind, sel.sites, ctx, rule.share)
+        entries = _attach(rw, kind, sites, ctx, rule.share)
         manifest.entries += entries
         rows.append(
             {
                 "name": rule.name,
                 "kind": rule.kind,
                 "placement": kind.placement,
-                "sites": [s.path for s in sel.sites],
+                "sites": [s.path for s in sites],
                 "params": sum(e.params for e in entries),
                 "identity_at_init": kind.identity_at_init,
                 "mergeable": kind.mergeable,
@@ -301,6 +302,14 @@ def attach_rules(spec: Spec, rw: Rewriter) -> tuple[Manifest, list[dict[str, Any
             }
         )
     return manifest, rows, warnings
+
+
+def _ports(rule: Any, sites: list[Site]) -> list[Site]:
+    """The rule's ``output:``/``input:``: each site narrowed to that returned value and argument."""
+    try:
+        return [s.port(rule.output, rule.input) for s in sites]
+    except SelectionError as e:
+        raise SelectionError(f"rule {rule.name!r}: {e.message}", hint=e.hint) from None
 
 
 def _attach(rw: Rewriter, kind: TunerKind, sites: list[Site], ctx: PlanContext, share: Share | None) -> list[Entry]:

@@ -165,7 +165,7 @@ def create_model(
         try:
             model = factory(name, num_classes, {**args, key: img_size}, download)
         except ModelError as e:
-            if f"argument '{key}'" not in str(e):
+            if f"'{key}'" not in str(e) or "argument" not in str(e):  # "unexpected keyword argument(s): 'img_size'"
                 raise
             model = factory(name, num_classes, args, download)  # runs at any size: nothing to set
     else:

@@ -56,7 +56,8 @@ _HINT = "fix the lines above; `utune spec schema` prints the schema"
 _OVERRIDE_HINT = "write overrides as key.path=value, e.g. train.lr=1e-3, tuners.0.dim=16, trainable=[head]"
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 _STR_OR_LIST = {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
-_COMMON = ("name", "kind", "at", "placement", "tap", "share")  # rule keys that are not the kind's options
+# rule keys that are not the kind's options
+_COMMON = ("name", "kind", "at", "placement", "tap", "share", "output", "input")
 
 
 # --- field types ---------------------------------------------------------------------------------
@@ -124,6 +125,18 @@ class TunerRule(Section):
     placement: Literal["parallel", "sequential", "concat"] | None = None  # the kind says which it offers
     tap: Literal["input", "output", "parent.input", "parent.output"] | None = None
     share: Share | None = None  # tensors one for every selected site (utune.graph.share)
+    output: int | None = Field(
+        default=None,
+        ge=0,
+        description="sites returning several values: the one the tuner joins (and reads with tap: output), "
+        "by its position in what the module's forward returns, from 0",
+    )
+    input: int | None = Field(
+        default=None,
+        ge=0,
+        description="sites taking several tensors: the one the tuner reads with tap: input, by its position among "
+        "the forward's arguments, from 0; null: the same position as `output`, or the one input",
+    )
     options: SkipJsonSchema[SerializeAsAny[Section] | None] = None
 
     @field_validator("name")

@@ -38,6 +38,7 @@ from torch import fx, nn
 from utune.errors import ExportError
 from utune.export._sites import TunerSite, refusal, tuner_sites
 from utune.graph.manifest import Entry
+from utune.graph.mha import state_key
 from utune.tuners.fold import Layer, NotMergeable, f64, layer_kind
 
 if TYPE_CHECKING:
@@ -165,7 +166,8 @@ def _resolve_layer(g: _Graph, value: fx.Node, ts: TunerSite) -> fx.Node:
             f"{path} runs {len(g.calls[path])} times in one forward pass (shared weights); "
             "folding would change every use"
         )
-    if any(a.startswith(path + ".") for a in g.attrs):
+    keys = {state_key(mod, path, t) for t in ("weight", "bias")}  # where a view's tensors live
+    if any(a.startswith(path + ".") or a in keys for a in g.attrs):
         raise NotMergeable(f"the model also reads {path}'s weights directly, and that use would see the folded weights")
     inside = set(chain)
     for n in chain:
@@ -300,7 +302,7 @@ def merged_state_dict(built: Built) -> MergeResult:
             mod = gm.get_submodule(step.layer)
             meta = step.layer_node.meta.get("tensor_meta")
             ndim = len(meta.shape) if meta is not None and hasattr(meta, "shape") else None
-            w, b = f"{step.layer}.weight", f"{step.layer}.bias"
+            w, b = state_key(mod, step.layer, "weight"), state_key(mod, step.layer, "bias")  # views: where they live
             if (getattr(mod, "weight", None) is not None and w not in state) or (
                 getattr(mod, "bias", None) is not None and b not in state
             ):
@@ -321,7 +323,7 @@ def merged_state_dict(built: Built) -> MergeResult:
         raise refusal("cannot merge these tuners into the base weights", refused, TUNERS_ONLY_HINT)
     for path, layer in layers.items():
         for name, value in (("weight", layer.weight), ("bias", layer.bias)):
-            key = f"{path}.{name}"
+            key = state_key(gm.get_submodule(path), path, name)
             if value is not None and key in state:
                 state[key] = value.to(state[key].dtype).contiguous()
     return MergeResult(state, folds, len(layers))

@@ -34,6 +34,7 @@ from utune.errors import ExportError
 from utune.export._sites import TunerSite, refusal, tuner_sites
 from utune.export.io import publish_dir, safetensors_bytes
 from utune.export.merge import Verification, _Graph, forward_eval, plain_model, relative_tolerance
+from utune.graph.mha import PackedLinear
 from utune.graph.rewrite import TUNER_ROOT
 from utune.spec import spec_hash
 from utune.train.checkpoint import trainable_state
@@ -89,6 +90,9 @@ def _lora_layers(built: Built) -> tuple[dict[str, tuple[TunerSite, Lora]], list[
             refused.append((ts, "PEFT's LoRA format holds only LoRA tuners"))
         elif "@" in ts.site or len(g.calls.get(ts.site, [])) != 1:
             refused.append((ts, "the layer is called more than once; PEFT would change every call"))
+        elif isinstance(gm.get_submodule(ts.site), PackedLinear):
+            refused.append((ts, "PEFT puts LoRA on a MultiheadAttention as a whole (in_proj and out_proj), not on "
+                                "its packed in_proj alone"))  # fmt: skip
         elif ts.site in layers:
             refused.append((ts, f"rule {layers[ts.site][0].rule!r} already puts a LoRA on this layer"))
         else:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from utune.graph.mha import IN_PROJ
 from utune.graph.sites import Site
 
 _SOFTMAX: set[object] = {F.softmax, torch.softmax}
@@ -129,6 +130,9 @@ def find_projections(root: nn.Module, path: str) -> Projections | None:
             continue
         for name, sub in mod.named_modules():
             leaf = name.rpartition(".")[2]
+            if isinstance(sub, nn.MultiheadAttention) and sub._qkv_same_embed_dim:  # its packed view (graph.mha)
+                packed = f"{base}.{name}.{IN_PROJ}".strip(".").replace("..", ".")
+                return Projections(packed, packed, packed, True, int(sub.embed_dim), int(sub.num_heads))
             if leaf in _Q_NAMES and isinstance(sub, nn.Linear):
                 owner_path = name.rpartition(".")[0]
                 owner = mod.get_submodule(owner_path) if owner_path else mod

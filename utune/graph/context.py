@@ -49,8 +49,22 @@ class PlanContext:
         return self._rw.shape(self._rw.output(site))
 
     def channel_dim(self, site: Site, shape: tuple[int, ...], override: int | None = None) -> int:
-        """Which dim of ``site``'s output (of ``shape``) holds channels: -1 for tokens, 1 or -1 for maps."""
-        return channel_dim(site, shape, override)
+        """Which dim of ``site``'s output (of ``shape``) holds channels: -1 (last) or 1 (first), decided from
+        the layers that make and read it (:mod:`utune.graph.layout`); ``override`` is the rule's ``channel_dim``."""
+        return channel_dim(site, shape, override, self._rw.output(site))
+
+    def tap_channel_dim(self, site: Site, tap: Tap) -> int | None:
+        """The channel dim of the value ``tap`` reads (before its ``through`` layers), or None when the layers
+        around it do not tell."""
+        target, where = self._rw.tapped_site(self._rw.sites[tap.site] if tap.site else site, tap.where)
+        node = self._rw.tap(target, where)
+        shape = self._rw.shape(node)
+        if shape is None:
+            return None
+        try:
+            return channel_dim(target, shape, None, node)
+        except SelectionError:
+            return None
 
     def input_channel_dim(self, site: Site, shape: tuple[int, ...], override: int | None = None) -> int:
         """Which dim of ``site``'s input (of ``shape``) holds channels."""

@@ -26,6 +26,7 @@ from torch import fx, nn
 from utune.errors import RewriteError, SelectionError
 from utune.graph.attention import find_attention, pad_mask
 from utune.graph.manifest import Attachment, Entry, Frozen, Ref, Value
+from utune.graph.mha import state_key
 from utune.graph.shapes import NodeFailure, propagate_shapes
 from utune.graph.share import Share, has_tensor, tensor_names, tie
 from utune.graph.sites import Site
@@ -93,7 +94,10 @@ class Rewriter:
             what = "no input" if where == "input" else f"{len(target.outputs)} outputs"
             raise SelectionError(
                 f"rule {self.rule!r}: site {target.path} has {what}, so a tuner cannot read its {where}",
-                hint="select a module with one input and one output (`utune inspect` shows them)",
+                hint="say which with `output: N` in the rule (its position in what the module returns), or select "
+                "a module with one output (`utune inspect` shows them)"
+                if where == "output"
+                else "select a module that reads a tensor (`utune inspect` shows them)",
             )
         if where == "input" and target.path in self._site_input:  # what the site reads since a replace_input
             return self._site_input[target.path]
@@ -104,7 +108,8 @@ class Rewriter:
         if node is None:
             raise SelectionError(
                 f"rule {self.rule!r}: site {site.path} has {len(site.outputs)} outputs; a tuner joins one value",
-                hint="select a module or op with a single output",
+                hint="say which with `output: N` in the rule (N: its position in what the module's forward returns, "
+                "from 0), or select a module or op with a single output",
             )
         return self.current(node)
 
@@ -126,8 +131,10 @@ class Rewriter:
 
     def _frozen(self, path: str) -> fx.Node | None:
         owner, _, attr = path.rpartition(".")
-        if getattr(self.gm.get_submodule(owner), attr, None) is None:  # e.g. a Linear without bias
+        layer = self.gm.get_submodule(owner)
+        if getattr(layer, attr, None) is None:  # e.g. a Linear without bias
             return None
+        path = state_key(layer, owner, attr)  # a view's tensor (an MHA's in_proj.weight) is read where it lives
         first = next(n for n in self.graph.nodes if n.op != "placeholder")
         with self.graph.inserting_before(first):
             return self._new(self.graph.get_attr(path))

@@ -13,13 +13,14 @@
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import fx, nn
 
-from utune.graph.trace import LEAF_TYPES
+from utune.errors import SelectionError
+from utune.graph.trace import LEAF_TYPES, PORTS
 
 # plumbing and shape checks, not operations on activations: not sites
 _SKIP_FUNCTIONS: set[Any] = {
@@ -50,6 +51,9 @@ class Site:
     inputs: list[fx.Node] = field(default_factory=list)
     outputs: list[fx.Node] = field(default_factory=list)
     reason: str = ""  # for uncalled sites: why no tuner can attach as a module
+    # traced-through modules: the values ``forward`` took and returned, by position (None: not a graph value)
+    args: list[fx.Node | None] = field(default_factory=list)
+    returns: list[fx.Node | None] = field(default_factory=list)
 
     @property
     def enclosing(self) -> str:
@@ -86,6 +90,63 @@ class Site:
         node = self.output
         meta = node.meta.get("tensor_meta") if node is not None else None
         return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+    def port(self, output: int | None, input: int | None = None) -> Site:  # noqa: A002 (the rule's key)
+        """This site narrowed to one returned value (``output``: its position in what ``forward`` returns) and
+        one input (``input``: its position among ``forward``'s arguments; default: the same position as
+        ``output`` when ``forward`` takes several tensors, else its one input)."""
+        returns = self._returned()
+        outputs = self.outputs
+        if output is not None:
+            if output >= len(returns):
+                raise SelectionError(
+                    f"{self.path} returns {len(returns)} value(s); there is no output {output}",
+                    hint=f"use output: 0 to {len(returns) - 1}" if len(returns) > 1 else "drop `output` from the rule",
+                )
+            chosen = returns[output]
+            if chosen is None or "tensor_meta" not in chosen.meta:
+                raise SelectionError(f"output {output} of {self.path} is not a tensor", hint="pick another output")
+            if chosen not in self.outputs:
+                raise SelectionError(
+                    f"output {output} of {self.path} is one of its inputs, returned unchanged: a tuner cannot join it "
+                    "there",
+                    hint="pick an output the module computes, or attach to the module that makes this value",
+                )
+            outputs = [chosen]
+        if input is None and not self.inputs:  # nothing to read: a tuner that taps the output still can
+            return replace(self, outputs=outputs)
+        inputs = [self._input_at(input if input is not None else output, explicit=input is not None), *self.inputs]
+        return replace(self, outputs=outputs, inputs=list(dict.fromkeys(inputs)))
+
+    def _returned(self) -> list[fx.Node | None]:
+        """The returned values by position; a leaf module or op returning a tuple: its ``getitem`` readers."""
+        if self.returns:
+            return self.returns
+        if len(self.outputs) == 1 and "tensor_meta" not in self.outputs[0].meta:
+            items = {u.args[1]: u for u in self.outputs[0].users if u.target is operator.getitem}
+            index = {i: u for i, u in items.items() if isinstance(i, int)}
+            if index and len(index) == len(items):
+                return [index.get(i) for i in range(max(index) + 1)]
+        return list(self.outputs)
+
+    def _input_at(self, position: int | None, explicit: bool) -> fx.Node:
+        """The input that goes with a port: argument ``position`` of ``forward``, or its one tensor input."""
+        tensors = [a for a in (self.args or self.inputs) if a is not None and a in self.inputs]
+        if not explicit and (position is None or len(tensors) == 1) and tensors:
+            return tensors[0]
+        chosen = self.args[position] if position is not None and position < len(self.args) else None
+        if chosen is not None and chosen in self.inputs:
+            return chosen
+        if explicit:
+            raise SelectionError(
+                f"argument {position} of {self.path}'s forward is not a tensor it reads",
+                hint=f"it reads {len(tensors)} tensor input(s); count the arguments of its forward from 0",
+            )
+        raise SelectionError(
+            f"{self.path} takes {len(tensors)} tensors and its argument {position} is not one of them: which input "
+            f"goes with output {position}?",
+            hint="say it with `input: N` in the rule (N counts the arguments of its forward from 0)",
+        )
 
     def mro_names(self) -> set[str]:
         if self.module is None:
@@ -181,6 +242,7 @@ def find_sites(gm: fx.GraphModule, model: nn.Module | None = None) -> dict[str, 
         sites[path] = Site(
             path, "composite", type(owner).__name__ if owner is not None else "?", owner, nodes, inputs, outputs
         )
+    _add_ports(gm, sites)
     read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
     _add_uncalled(root, sites, called, read)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
@@ -190,6 +252,19 @@ def find_sites(gm: fx.GraphModule, model: nn.Module | None = None) -> dict[str, 
         return (order[site.nodes[0]] if site.nodes else 1 << 30, site.path.count("."))
 
     return dict(sorted(sites.items(), key=key))
+
+
+def _add_ports(gm: fx.GraphModule, sites: dict[str, Site]) -> None:
+    """Traced-through modules: what ``forward`` took and returned, by position; inputs in argument order."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for path, (args, returns) in gm.meta.get(PORTS, {}).items():
+        site = sites.get(path)
+        if site is None or site.op != "composite":
+            continue
+        site.args = [nodes.get(a) if a else None for a in args]
+        site.returns = [nodes.get(r) if r else None for r in returns]
+        first = [a for a in site.args if a is not None and a in site.inputs]
+        site.inputs = list(dict.fromkeys([*first, *site.inputs]))
 
 
 def _add_uncalled(root: nn.Module, sites: dict[str, Site], called: set[str], read: set[str]) -> None:

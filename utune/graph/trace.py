@@ -20,6 +20,7 @@ import torch
 from torch import fx, nn
 
 from utune.errors import TraceError
+from utune.graph.mha import expand_in_proj, install_views, traced_forward, why_leaf
 
 LEAF_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear,
@@ -30,9 +31,8 @@ LEAF_TYPES: tuple[type[nn.Module], ...] = (
     nn.LayerNorm,
     nn.GroupNorm,
     nn.modules.batchnorm._BatchNorm,
-    nn.MultiheadAttention,  # traced into, F.multi_head_attention_forward is untraceable control flow
     nn.Dropout,
-)
+)  # nn.MultiheadAttention: traced through where utune.graph.mha can, else a leaf (its forward is untraceable)
 
 
 def _timm_leaves() -> tuple[set[type[nn.Module]], tuple[Any, ...]]:
@@ -42,18 +42,55 @@ def _timm_leaves() -> tuple[set[type[nn.Module]], tuple[Any, ...]]:
     return set(get_notrace_modules()) | {DropPath}, tuple(get_notrace_functions())
 
 
+PORTS = "utune_ports"  # GraphModule.meta key: module path -> (argument node names, returned node names)
+Ports = dict[str, tuple[list[str | None], list[str | None]]]
+
+
+def _node_names(values: Any) -> list[str | None]:
+    """The graph value at each position of a tuple of arguments or of a return value (None: not a graph
+    value, e.g. a size or a nested tuple)."""
+    if isinstance(values, dict):
+        values = list(values.values())
+    elif not isinstance(values, tuple | list):
+        values = [values]
+    return [v.node.name if isinstance(v, fx.Proxy) else None for v in values]
+
+
 class UtuneTracer(fx.Tracer):
-    """fx tracer whose leaves are utune's addressable layers plus timm's no-trace modules."""
+    """fx tracer whose leaves are utune's addressable layers plus timm's no-trace modules.
+
+    It records, for every traced-through module, the values its ``forward`` took and returned in order
+    (``ports``): the graph itself inlines the call and keeps no trace of which returned value was first.
+    """
 
     def __init__(self) -> None:
         leaves, functions = _timm_leaves()
         super().__init__(autowrap_functions=functions, param_shapes_constant=True)
         self._leaf_types = tuple(leaves)
+        self.ports: Ports = {}
+        self.expanded: list[str] = []  # paths of the MultiheadAttention modules traced through
+        self._through: set[int] = set()
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, nn.MultiheadAttention):
+            return id(m) not in self._through
         if isinstance(m, LEAF_TYPES) or isinstance(m, self._leaf_types):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if isinstance(m, nn.MultiheadAttention) and id(m) not in self._through and why_leaf(m, args, kwargs) is None:
+            self._through.add(id(m))  # the first call decides; a model calls its MHA once
+            self.expanded.append(self.path_of_module(m))
+            forward = traced_forward(m)
+        out = super().call_module(m, forward, args, kwargs)
+        try:
+            path = self.path_of_module(m)
+        except NameError:  # a module that is not a submodule of the root (created in forward)
+            return out
+        if path not in self.ports and not self.is_leaf_module(m, path):  # the first call names the site
+            self.ports[path] = (_node_names([*args, *kwargs.values()]), _node_names(out))
+        return out
 
 
 def pin_attention(model: nn.Module) -> int:
@@ -123,7 +160,9 @@ def trace_calls(model: nn.Module, methods: tuple[str, ...]) -> tuple[fx.Graph, d
             model.__dict__[name] = watch(name)
         with modes_kept(model):
             model.train()
-            graph = UtuneTracer().trace(model, concrete_args=_concrete_args(model))
+            tracer = UtuneTracer()
+            graph = tracer.trace(model, concrete_args=_concrete_args(model))
+            expand_in_proj(graph, tracer.expanded)
     finally:
         for name, old in saved.items():
             if old is missing:
@@ -136,7 +175,13 @@ def trace_calls(model: nn.Module, methods: tuple[str, ...]) -> tuple[fx.Graph, d
 def _trace_once(model: nn.Module, name: str) -> fx.GraphModule:
     tracer = UtuneTracer()
     graph = tracer.trace(model, concrete_args=_concrete_args(model))
-    return fx.GraphModule(tracer.root, graph, name)
+    gm = fx.GraphModule(tracer.root, graph, name)
+    gm.meta[PORTS] = tracer.ports
+    if tracer.expanded:  # the in_proj views exist only in gm: add them, then call them
+        install_views(gm, tracer.expanded)
+        expand_in_proj(gm.graph, tracer.expanded)
+        gm.recompile()
+    return gm
 
 
 def _signature(gm: fx.GraphModule) -> list[tuple[str, str]]:
@@ -145,14 +190,14 @@ def _signature(gm: fx.GraphModule) -> list[tuple[str, str]]:
 
 
 @torch.no_grad()
-def _same_in_eval(model: nn.Module, gm: fx.GraphModule) -> bool:
+def _same_in_eval(model: nn.Module, gm: fx.GraphModule, img_size: int | None = None) -> bool:
     from utune.models import input_size
 
     was = model.training
     model.eval()
     gm.eval()
     try:
-        x = torch.randn(2, *input_size(model), generator=torch.Generator().manual_seed(0))
+        x = torch.randn(2, *input_size(model, img_size), generator=torch.Generator().manual_seed(0))
         a, b = model(x), gm(x)
         return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
     except Exception:
@@ -161,8 +206,10 @@ def _same_in_eval(model: nn.Module, gm: fx.GraphModule) -> bool:
         model.train(was)
 
 
-def trace(model: nn.Module, name: str = "model") -> fx.GraphModule:
-    """Trace ``model`` to a GraphModule sharing its parameters; TraceError names the model and cause."""
+def trace(model: nn.Module, name: str = "model", img_size: int | None = None) -> fx.GraphModule:
+    """Trace ``model`` to a GraphModule sharing its parameters; TraceError names the model and cause.
+
+    ``img_size``: the size the model was built at (the eval-mode check below runs it at that size)."""
     was_training = model.training
     try:
         pin_attention(model)
@@ -184,7 +231,7 @@ def trace(model: nn.Module, name: str = "model") -> fx.GraphModule:
     if _signature(gm_train) != _signature(gm_eval):
         # Some models only cache in eval mode (LeViT's attention biases): the train-mode graph is then
         # right in both modes. Accept it when, in eval mode, it computes exactly what the model computes.
-        if _same_in_eval(model, gm_train):
+        if _same_in_eval(model, gm_train, img_size):
             gm_train.train(was_training)
             return gm_train
         diff = next(

@@ -5,7 +5,10 @@ scale 0.1), U-Tuning's P-Adapter (Jiang et al. 2023, parallel, per-channel scale
 ``W_up`` starts at zero (``init: xavier`` gives the papers' code init instead, not the identity).
 On token tensors ``(B, N, C)`` it maps the last dim; on feature maps ``(B, C, H, W)`` it is a
 channel bottleneck of 1x1 convolutions. A parallel adapter beside a CNN stage that downsamples by an
-integer factor average-pools its input by that factor first (as ResNet-D's shortcut does).
+integer factor average-pools its input by that factor first (as ResNet-D's shortcut does); by another factor
+(an unpadded stride-2 conv: 112 -> 55), adaptively to the stage's output size. The channel dim of the tap and
+of the output are each read from the graph (:mod:`utune.graph.layout`); a tap laid out otherwise than the
+output (an NCHW image beside an NHWC stage) is refused.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class AdapterOptions(TunerOptions):
 
 
 class Adapter(nn.Module):
-    def __init__(self, c_in: int, c_out: int, opts: AdapterOptions, dim: int, pool: int = 1) -> None:
+    def __init__(self, c_in: int, c_out: int, opts: AdapterOptions, dim: int, pool: int | tuple[int, int] = 1) -> None:
         super().__init__()
         self.channel_dim = dim
         self.pool = pool
@@ -98,8 +101,8 @@ class Adapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = self.channel_dim
-        if self.pool > 1:  # NCHW: pool H, W; NHWC: move channels first, pool, move back
-            x = F.avg_pool2d(x, self.pool) if d == 1 else F.avg_pool2d(x.movedim(-1, 1), self.pool).movedim(1, -1)
+        if self.pool != 1:  # NCHW: pool H, W; NHWC: move channels first, pool, move back
+            x = _pool(x, self.pool) if d == 1 else _pool(x.movedim(-1, 1), self.pool).movedim(1, -1)
         y = channel_linear(self.act(channel_linear(x, self.down, d)), self.up, d)
         if self.scale.mode in ("none", "const"):
             return self.scale(y)
@@ -124,11 +127,18 @@ class AdapterKind(TunerKind):
         if len(tap_shape) != len(out_shape) or len(out_shape) not in (2, 3, 4):
             raise self.fail(site, f"tap shape {list(tap_shape)} and output shape {list(out_shape)} do not fit")
         dim = ctx.channel_dim(site, out_shape, opts.channel_dim)
+        if opts.channel_dim is None and (found := ctx.tap_channel_dim(site, Tap(self.where))) is not None:
+            if found % len(tap_shape) != dim % len(out_shape):
+                raise self.fail(
+                    site,
+                    f"its tap {list(tap_shape)} has channels on dim {found}, its output {list(out_shape)} on dim {dim}",
+                    hint="tap a value laid out like the output, or select another site",
+                )
         c_out = out_shape[dim]
         c_in = tap_shape[dim]
         spatial_in = [s for i, s in enumerate(tap_shape[1:], 1) if i != dim % len(tap_shape)]
         spatial_out = [s for i, s in enumerate(out_shape[1:], 1) if i != dim % len(out_shape)]
-        pool = _pool_factor(spatial_in, spatial_out) if len(out_shape) == 4 else None
+        pool = _pooling(spatial_in, spatial_out) if len(out_shape) == 4 else None
         if spatial_in != spatial_out and pool is None:
             raise self.fail(
                 site,
@@ -145,3 +155,17 @@ def _pool_factor(spatial_in: list[int], spatial_out: list[int]) -> int | None:
     ratios = {a // b for a, b in zip(spatial_in, spatial_out, strict=True) if b and a % b == 0}
     ok = len(ratios) == 1 and all(b and a % b == 0 for a, b in zip(spatial_in, spatial_out, strict=True))
     return ratios.pop() if ok else None
+
+
+def _pooling(spatial_in: list[int], spatial_out: list[int]) -> int | tuple[int, int] | None:
+    """How the tap is pooled to the output's (H, W): an integer factor, else adaptively to the output size
+    (a stage that shrinks by another factor); None when the output is not smaller in both."""
+    factor = _pool_factor(spatial_in, spatial_out)
+    if factor is not None:
+        return factor
+    pairs = list(zip(spatial_in, spatial_out, strict=True))
+    return (spatial_out[0], spatial_out[1]) if len(pairs) == 2 and all(0 < b <= a for a, b in pairs) else None
+
+
+def _pool(x: torch.Tensor, pool: int | tuple[int, int]) -> torch.Tensor:
+    return F.avg_pool2d(x, pool) if isinstance(pool, int) else F.adaptive_avg_pool2d(x, pool)

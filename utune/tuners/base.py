@@ -88,7 +88,9 @@ class TunerKind:
 
 
 def is_fused_qkv(site: Site) -> bool:
-    """A fused q/k/v projection: a Linear named like ``qkv`` whose output is three times its input."""
+    """A fused q/k/v projection: a Linear named like ``qkv`` (or a packed MHA ``in_proj``, which says it is
+    one) whose output is three times its input."""
     mod = site.module
     leaf = site.path.rpartition(".")[2].lower()
-    return isinstance(mod, nn.Linear) and mod.out_features == 3 * mod.in_features and "qkv" in leaf
+    fused = "qkv" in leaf or getattr(mod, "fused_qkv", False) is True
+    return isinstance(mod, nn.Linear) and mod.out_features == 3 * mod.in_features and fused
