@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     ev = eval_run(args.run, split="test", which=args.checkpoint)
     classes = built_classes(args.run)
     print(
-        f"Fashion-MNIST test accuracy (classes {classes}) of {ev['checkpoint']}: {100 * ev['acc']:.2f} % on {ev['n']} images"
+        f"Fashion-MNIST test accuracy (classes {classes}) of {ev['checkpoint']}: "
+        f"{100 * ev['acc']:.2f} % on {ev['n']} images"
     )
     built = load_run(args.run, which=args.checkpoint)
     state = {k: v.detach().clone().contiguous() for k, v in merged_state_dict(built).state.items()}
