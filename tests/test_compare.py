@@ -6,8 +6,10 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,10 +65,12 @@ def test_cli_compare_selects_on_val_runs_seeds_and_reuses(tmp_path: Path) -> Non
     assert rows["linear"]["step_time_rel"] == 1.0 and rows["lora"]["peak_mem_rel"] > 1.0  # vs the first method
     for png in doc["plots"].values():
         assert Path(png).read_bytes()[:4] == b"\x89PNG"
+    # repeated: finished runs are reused; one whose result was lost after its last checkpoint is resumed
+    (Path(rows["lora"]["seeds"][1]["run_dir"]) / "result.json").unlink()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
     assert again.returncode == 0, again.stderr
     redo = json.loads(again.stdout)
-    assert redo["runs"]["reused"] == 8 and redo["methods"][1]["acc"] == rows["lora"]["acc"]
+    assert redo["runs"]["reused"] == 7 and redo["methods"][1]["acc"] == rows["lora"]["acc"]
 
 
 def _noisy_test_labels(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -117,3 +121,32 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path: Path) -> None:
             timeout=120,
         )
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_ctrl_c_stops_with_a_checkpoint_and_the_rerun_continues(tmp_path: Path) -> None:
+    spec = _specs(tmp_path)[1]
+    # long enough to be caught mid-run
+    slow = spec.read_text().replace("epochs: 1, max_steps: 6", "epochs: 10, max_steps: 150")
+    spec.write_text(slow)
+    cmd = [sys.executable, "-m", "utune", "compare", str(spec), "--seeds", "1", "--out", str(tmp_path / "o")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "UTUNE_QUIET": "0"}
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "run 1/1" in line:
+            break
+    run_dir = next(iter((tmp_path / "o" / "lora").glob("seed-0-*")), None)
+    deadline = time.monotonic() + 120
+    while (run_dir is None or not list((run_dir / "metrics.jsonl").parent.glob("metrics.jsonl"))) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.2)
+        run_dir = next(iter((tmp_path / "o" / "lora").glob("seed-0-*")), None)
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, rest
+    assert "interrupted during lora" in rest and "Traceback" not in rest
+    assert run_dir is not None and not (run_dir / "result.json").exists()
+    again = subprocess.run([*cmd, "--format", "json"], capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["methods"][0]["seeds"][0]["run_dir"] == str(run_dir)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, WithJsonSchema, field_validator, model_validator
 
 from utune._schema import Section
 
@@ -12,7 +12,10 @@ from utune._schema import Section
 # (for natural images of 100+ px); crop: pad by 1/8 of the size and crop back at random (CIFAR's recipe,
 # suited to small images); crop-flip: crop plus a horizontal flip (not for glyphs, nor for the rotation task)
 AUGMENT_MODES = ("none", "timm", "crop", "crop-flip")
-Augment = Literal["none", "timm", "crop", "crop-flip"]
+Augment = Annotated[
+    Literal["none", "timm", "crop", "crop-flip"],
+    WithJsonSchema({"anyOf": [{"enum": list(AUGMENT_MODES)}, {"type": "boolean"}], "default": "timm"}),
+]
 
 
 class DataConfig(Section):
@@ -23,18 +26,26 @@ class DataConfig(Section):
     img_size: int | None = Field(default=None, gt=0)  # default: the model's own input size
     num_workers: int = Field(default=2, ge=0)
     # training augmentation, one of AUGMENT_MODES above; true = timm, false = none (the spec format before 0.2)
-    augment: Augment = "timm"
+    augment: Augment = Field(default="timm", description="training augmentation: none | timm | crop | crop-flip")
     # keep only these classes of the dataset, relabelled 0..len-1 in the order given (held-out-class tasks)
-    classes: list[int] | None = Field(default=None, min_length=2)
+    classes: list[int] | None = Field(
+        default=None, min_length=2, description="keep these classes only, relabelled 0..len-1 in this order"
+    )
     # classify: the dataset's labels; rotation: each image is turned by k*90 degrees (k fixed per image by
     # split_seed) and the label is k (4 classes): a structured task made from real images
-    task: Literal["classify", "rotation"] = "classify"
+    task: Literal["classify", "rotation"] = Field(
+        default="classify", description="classify: the labels; rotation: predict the k*90 degree turn of each image"
+    )
     # a class-stratified random subset of this many training images (VTAB-1k: 1000), drawn with split_seed
-    train_size: int | None = Field(default=None, gt=0)
+    train_size: int | None = Field(default=None, gt=0, description="a class-stratified subset of the training split")
     # carve a validation split from the training data: a count, or a fraction in (0, 1); `val` is then this
     # part (never the dataset's own val or test) and `train` the rest. VTAB-1k: train_size 1000, val_size 200
-    val_size: int | float | None = Field(default=None, gt=0)
-    split_seed: int = 0  # draws train_size, val_size and the rotations; not the training seed
+    val_size: int | float | None = Field(
+        default=None, gt=0, description="carve val from the training data: a count, or a fraction in (0, 1)"
+    )
+    split_seed: int = Field(
+        default=0, description="seed of train_size, val_size and the rotations"
+    )  # draws train_size, val_size and the rotations; not the training seed
 
     @field_validator("augment", mode="before")
     @classmethod

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from utune.errors import UserInputError
+from utune._signals import stop_requested
+from utune.errors import Interrupted, UserInputError
 
 from . import grid as gridlib
 from .runner import RunTask, cached, execute, init_worker, load_task_spec
@@ -144,9 +145,21 @@ class _Runner:
                 todo.append(task)
         if self.jobs <= 1:
             for task in todo:
+                self._check_stop()
                 results[task.run_dir] = self._one(task, lambda t=task: execute(t))
             return results
-        return {**results, **self._pooled(todo)}
+        results.update(self._pooled(todo))
+        self._check_stop()  # a SIGTERM to this process alone: the runs under way finished first
+        return results
+
+    def _check_stop(self) -> None:
+        signum = stop_requested()
+        if signum is not None:
+            raise Interrupted(
+                f"stopped after {self.index} of {self.total} runs; finished runs are kept",
+                hint="run the same command again: finished runs are reused",
+                signal_number=signum,
+            )
 
     def _one(self, task: RunTask, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         self.reporter.started(self.index + 1, self.total, task, self.eta(self.total - self.index))
@@ -155,6 +168,12 @@ class _Runner:
         return result
 
     def _account(self, task: RunTask, result: dict[str, Any]) -> None:
+        if "interrupted" in result:
+            raise Interrupted(
+                f"interrupted during {task.method} ({task.kind}, {Path(task.run_dir).name}); finished runs are kept",
+                hint="run the same command again: finished runs are reused, interrupted ones resume exactly",
+                signal_number=int(result["interrupted"]),
+            )
         self.index += 1
         if not result.get("reused"):
             self.spent += float(result.get("wall_s") or 0.0)
@@ -178,7 +197,9 @@ class _Runner:
                 started += 1
                 self.reporter.started(started, self.total, task, self.eta(self.total - self.index))
                 running[self.pool.submit(execute, task)] = task
-            done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            done, _ = cf.wait(running, timeout=0.5, return_when=cf.FIRST_COMPLETED)
+            if stop_requested() is not None:
+                queue.clear()  # the running ones got the signal too: they checkpoint and report back
             for future in done:
                 task = running.pop(future)
                 results[task.run_dir] = future.result()

@@ -50,14 +50,15 @@ def cached(task: RunTask, spec_hash: str) -> dict[str, Any] | None:
 
 
 def execute(task: RunTask) -> dict[str, Any]:
-    """Train and score one run; every failure comes back as ``{"error": ...}`` (a stop request raises)."""
+    """Train and score one run; every failure comes back as ``{"error": ...}``, a stop request (SIGINT,
+    SIGTERM: a checkpoint was written at the step it came) as ``{"interrupted": signal, ...}``."""
     from utune.errors import Interrupted, UtuneError
 
     t0 = time.perf_counter()
     try:
         result = _train_and_score(task)
-    except Interrupted:
-        raise
+    except Interrupted as e:
+        result = {"interrupted": e.exit_code - 128, "error": e.message}
     except UtuneError as e:
         result = {"error": e.message + (f" ({e.hint})" if e.hint else "")}
     except Exception as e:  # a method that crashes must not stop the others
@@ -163,12 +164,16 @@ def probe_memory(built: Any, dataset: Any) -> int:
 
 
 def init_worker(threads: int | None) -> None:
-    """A pool worker: its own torch thread count, no progress output, Ctrl-C left to the parent."""
+    """A pool worker: its own torch thread count, no progress output; Ctrl-C (which reaches the whole
+    process group) and SIGTERM stop its training at the next step, with a checkpoint there."""
     import os
     import signal
 
+    from utune import _signals
+
     os.environ["UTUNE_QUIET"] = "1"
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _signals._graceful)
     if threads:
         import torch
 
