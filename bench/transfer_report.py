@@ -106,14 +106,19 @@ def markdown(result: dict[str, Any], png: str) -> str:
         for t in result["tasks"]
     )
     runs = sum(t["runs"]["total"] for t in result["tasks"])
-    reused = sum(t["runs"]["reused"] for t in result["tasks"])
+    reused = sum(t["runs"]["reused"] for t in result["tasks"] if t.get("timing") != "kept")
+    kept = (
+        " (the times are those of the run that trained them; this table was re-rendered)"
+        if all(t.get("timing") == "kept" for t in result["tasks"])
+        else ""
+    )
     out = [
         f"Machine: {m['summary']}",
         "",
         f"Transfer benchmark (`python bench/transfer.py`): {len(s['methods'])} methods x {len(result['tasks'])} tasks, "
         f"lr chosen from {'/'.join(s['lr_grid']['train.lr'])} of each spec's on 200 validation images carved from "
         f"the 1,000 training images, then {s['seeds']} seeds on all 1,000, scored on the full test split. "
-        f"{runs} runs ({reused} reused), {s['jobs']} at a time, {s['threads']} torch thread each: "
+        f"{runs} runs ({reused} reused{kept}), {s['jobs']} at a time, {s['threads']} torch thread each: "
         f"**{result['wall_s'] / 60:.1f} min** in all ({timing}).",
         "",
         "Test accuracy (%), mean ± 95 % CI over seeds (Student-t, 2 degrees of freedom: t = 4.303); bold: the best "
@@ -165,3 +170,22 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Re-render ``NAME.md`` and ``NAME.png`` from ``NAME.json`` (no run is touched)."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("result", type=Path, help="e.g. bench/results/transfer_cpu.json")
+    args = p.parse_args(argv)
+    result = json.loads(args.result.read_text())
+    png = args.result.with_suffix(".png")
+    plot(result, png)
+    args.result.with_suffix(".md").write_text(markdown(result, png.name))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
