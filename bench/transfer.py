@@ -143,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)  # what each run gets (this process itself only plans and collects)
     machine = describe_machine("cpu")
+    threads = f"({args.threads} torch threads)"
+    machine["summary"] = machine["summary"].replace(
+        threads, f"({args.threads} torch thread a run, {args.jobs} at a time)"
+    )
     t0 = time.perf_counter()
     docs = [run_task(key, args, methods) for key in tasks]
     trained_s = _keep_timings(docs, args.out / f"{args.name}.json")

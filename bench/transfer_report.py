@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from utune.compare.stats import welch
+from utune.compare.stats import t_quantile, welch
 
 ALPHA = 0.05
 
@@ -121,7 +121,8 @@ def markdown(result: dict[str, Any], png: str) -> str:
         f"{runs} runs ({reused} reused{kept}), {s['jobs']} at a time, {s['threads']} torch thread each: "
         f"**{result['wall_s'] / 60:.1f} min** in all ({timing}).",
         "",
-        "Test accuracy (%), mean ± 95 % CI over seeds (Student-t, 2 degrees of freedom: t = 4.303); bold: the best "
+        f"Test accuracy (%), mean ± 95 % CI over seeds (Student-t, {s['seeds'] - 1} degrees of freedom: "
+        f"t = {t_quantile(s['seeds'] - 1):.3f}); bold: the best "
         "mean. Step time (training steps only, from the runs' metrics; the machine was shared, compare within "
         "the column) and peak tensor memory (parameters, saved activations, gradients, optimizer state; "
         "`utune.compare.memory`) relative to full fine-tuning on the held-out-class task.",
@@ -132,7 +133,8 @@ def markdown(result: dict[str, Any], png: str) -> str:
         "",
         *_lr_table(result),
         "",
-        "Which differences are significant (Welch's t-test over the 3 seeds, p < 0.05; with 3 seeds a test "
+        f"Which differences are significant (Welch's t-test over the {s['seeds']} seeds, p < 0.05; "
+        "with so few seeds a test "
         "finds only large, consistent gaps, and 16 methods make many comparisons: read these as indications):",
         "",
         *_significance(result),
