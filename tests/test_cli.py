@@ -58,8 +58,6 @@ BAD_SPECS = {
     + TINY
     + "tuners:\n  - {name: a, kind: lora, at: {path: blocks.*.attn.qkv, layers: 5-2}}\n",
     "weights_missing": "version: 1\nmodel: {name: test_vit, pretrained: /nonexistent/w.safetensors}\n",
-    "mha_prefix": "version: 1\nmodel: {name: 'torchvision:vit_b_16', kwargs: {image_size: 32}}\n"
-    "tuners:\n  - {name: p, kind: prefix, at: encoder.layers.*.self_attention}\n",
 }
 
 

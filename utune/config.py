@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, WithJsonSchema, field_validator, model_validator
 
 from utune._schema import Section
+
+# none: the evaluation transform for training too; timm: timm's random-resized crop, flip and colour jitter
+# (for natural images of 100+ px); crop: pad by 1/8 of the size and crop back at random (CIFAR's recipe,
+# suited to small images); crop-flip: crop plus a horizontal flip (not for glyphs, nor for the rotation task)
+AUGMENT_MODES = ("none", "timm", "crop", "crop-flip")
+Augment = Annotated[
+    Literal["none", "timm", "crop", "crop-flip"],
+    WithJsonSchema({"anyOf": [{"enum": list(AUGMENT_MODES)}, {"type": "boolean"}], "default": "timm"}),
+]
 
 
 class DataConfig(Section):
@@ -16,9 +25,62 @@ class DataConfig(Section):
     root: str | None = None  # where the data lives; default: ~/.cache/utune/data/<dataset>
     img_size: int | None = Field(default=None, gt=0)  # default: the model's own input size
     num_workers: int = Field(default=2, ge=0)
-    # training augmentation (timm's random-resized crop, flip, colour jitter); false: the evaluation
-    # transform for every split, better for tiny images (8x8 digits) that a crop destroys
-    augment: bool = True
+    # training augmentation, one of AUGMENT_MODES above; true = timm, false = none (the spec format before 0.2)
+    augment: Augment = Field(default="timm", description="training augmentation: none | timm | crop | crop-flip")
+    # keep only these classes of the dataset, relabelled 0..len-1 in the order given (held-out-class tasks)
+    classes: list[int] | None = Field(
+        default=None, min_length=2, description="keep these classes only, relabelled 0..len-1 in this order"
+    )
+    # classify: the dataset's labels; rotation: each image is turned by k*90 degrees (k fixed per image by
+    # split_seed) and the label is k (4 classes): a structured task made from real images
+    task: Literal["classify", "rotation"] = Field(
+        default="classify", description="classify: the labels; rotation: predict the k*90 degree turn of each image"
+    )
+    # a class-stratified random subset of this many training images (VTAB-1k: 1000), drawn with split_seed
+    train_size: int | None = Field(default=None, gt=0, description="a class-stratified subset of the training split")
+    # carve a validation split from the training data: a count, or a fraction in (0, 1); `val` is then this
+    # part (never the dataset's own val or test) and `train` the rest. VTAB-1k: train_size 1000, val_size 200
+    val_size: int | float | None = Field(
+        default=None, gt=0, description="carve val from the training data: a count, or a fraction in (0, 1)"
+    )
+    split_seed: int = Field(
+        default=0, description="seed of train_size, val_size and the rotations"
+    )  # draws train_size, val_size and the rotations; not the training seed
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_bool(cls, value: Any) -> Any:
+        if value is True:
+            return "timm"
+        if value is False:
+            return "none"
+        return value
+
+    @field_validator("classes")
+    @classmethod
+    def _distinct(cls, classes: list[int] | None) -> list[int] | None:
+        if classes is not None:
+            if any(c < 0 for c in classes):
+                raise ValueError(f"class indices must be >= 0, got {classes}")
+            if len(set(classes)) != len(classes):
+                raise ValueError(f"classes must be distinct, got {classes}")
+        return classes
+
+    @field_validator("val_size")
+    @classmethod
+    def _fraction_or_count(cls, value: int | float | None) -> int | float | None:
+        if isinstance(value, float) and not value.is_integer() and not 0 < value < 1:
+            raise ValueError(f"val_size is a count (an integer) or a fraction in (0, 1), got {value}")
+        return int(value) if isinstance(value, float) and value.is_integer() and value >= 1 else value
+
+    @model_validator(mode="after")
+    def _val_inside_train(self) -> DataConfig:
+        if isinstance(self.val_size, int) and self.train_size is not None and self.val_size >= self.train_size:
+            raise ValueError(
+                f"val_size ({self.val_size}) must be smaller than train_size ({self.train_size}): "
+                "the validation split is carved from the training subset"
+            )
+        return self
 
 
 class TrainConfig(Section):

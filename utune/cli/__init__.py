@@ -20,6 +20,7 @@ import typer
 from utune import __version__, _signals
 from utune import _output as out
 from utune.cli import apply as _apply
+from utune.cli import compare as _compare
 from utune.cli import export as _export
 from utune.cli import inspect as _inspect
 from utune.errors import Interrupted, UtuneError
@@ -54,10 +55,11 @@ def _root(
 _inspect.register(app, spec_app)
 _apply.register(app)
 _export.register(app)
+_compare.register(app)
 
 
 def _is_training(argv: list[str]) -> bool:
-    return bool(argv) and argv[0] == "apply" and "--train" in argv
+    return bool(argv) and ((argv[0] == "apply" and "--train" in argv) or argv[0] == "compare")
 
 
 def _interrupted(code: int) -> int:

@@ -30,6 +30,11 @@ fashion-mnist       ``FashionMNIST/raw/*-ubyte[.gz]``, the files in the root,   
 ==================  =========================================================  ======================
 
 Each family's module under :mod:`utune.data.datasets` documents its layout in full.
+
+Tasks derived from any of them (:mod:`utune.data.derive`): ``data.classes`` (a class subset, relabelled),
+``data.task: rotation`` (predict the 0/90/180/270-degree turn of an image), ``data.train_size`` (a
+stratified training subset, e.g. VTAB-1k's 1,000) and ``data.val_size`` (a validation split carved from
+the training data, for choosing hyper-parameters without the test split).
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from utune._signals import ignore_sigint_in_worker
 from utune.config import DataConfig
+from utune.data import derive
 from utune.data.datasets._common import Source, data_base, resolve_root
 from utune.data.datasets.registry import ENTRIES, TRAIN_SPLITS, Entry, lookup, names
 from utune.data.datasets.transforms import build_transform
@@ -78,9 +84,11 @@ def _source(cfg: DataConfig, entry: Entry, download: bool) -> Source:
 
 
 def num_classes(cfg: DataConfig) -> int:
-    """The number of classes of ``cfg.dataset`` (read from disk for VTAB and imagefolder)."""
+    """The number of classes of the task ``cfg`` describes (read from disk for VTAB and imagefolder;
+    ``data.classes`` and ``data.task`` change it)."""
     entry = lookup(cfg.dataset)
-    return entry.classes(_source(cfg, entry, download=False))
+    count = entry.classes(_source(cfg, entry, download=False))
+    return derive.derived_classes(cfg, count) if derive.active(cfg) else count
 
 
 class DeferredTransform:
@@ -109,8 +117,10 @@ class OpenedData:
     def attach(self, data_config: Mapping[str, Any], *, augment_training: bool = True) -> dict[str, Dataset]:
         """Set each split's transform for the model; ``augment_training=False``: evaluation transform for all."""
         for split, deferred in self.transforms.items():
-            training = augment_training and split in TRAIN_SPLITS and self.cfg.augment
-            deferred.fn = build_transform(data_config, self.cfg.img_size, training=training, augment=self.entry.augment)
+            training = augment_training and split in TRAIN_SPLITS and self.cfg.augment != "none"
+            deferred.fn = build_transform(
+                data_config, self.cfg.img_size, training=training, augment=self.entry.augment, mode=self.cfg.augment
+            )
         return self.datasets
 
 
@@ -133,8 +143,17 @@ def open_datasets(cfg: DataConfig, *, splits: Iterable[str] = ("train", "val"), 
             f"dataset {entry.name!r} has no split {unknown[0]!r}", hint=f"use one of: {', '.join(entry.splits)}"
         )
     transforms = {split: DeferredTransform() for split in wanted}
-    datasets = {split: entry.load(source, split, transforms[split]) for split in wanted}
-    return OpenedData(cfg, entry, datasets, transforms, entry.classes(source))
+    if not derive.active(cfg):
+        datasets = {split: entry.load(source, split, transforms[split]) for split in wanted}
+        return OpenedData(cfg, entry, datasets, transforms, entry.classes(source))
+    classes = derive.derived_classes(cfg, entry.classes(source))  # checked before any image is read
+    bases: dict[str, Dataset] = {}
+    for split in wanted:
+        name = derive.base_split(cfg, split)
+        if name not in bases:
+            bases[name] = entry.load(source, name, None)  # type: ignore[arg-type]
+    datasets = {s: derive.derive(cfg, s, bases[derive.base_split(cfg, s)], transforms[s]) for s in wanted}
+    return OpenedData(cfg, entry, datasets, transforms, classes)
 
 
 def build_datasets(

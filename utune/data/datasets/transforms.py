@@ -4,10 +4,14 @@ Every image goes through the same four steps:
 
 1. convert the PIL image to RGB (3-channel models) or L (any other channel count), so grayscale
    datasets feed RGB models and vice versa;
-2. timm's standard transform (:func:`timm.data.create_transform`): for training its random-resized
-   crop, horizontal flip and colour jitter (no auto-augment, no random erasing); for evaluation its
-   resize + centre crop at the model's ``crop_pct``. Datasets with ``augment=False`` (VTAB) get a plain
-   resize to the square input size for both, the NOAH/SSF convention;
+2. timm's standard transform (:func:`timm.data.create_transform`): for evaluation its resize + centre
+   crop at the model's ``crop_pct``; for training, by ``data.augment``: ``timm``, its random-resized crop,
+   horizontal flip and colour jitter (no auto-augment, no random erasing); ``none``, the evaluation
+   transform; ``crop`` / ``crop-flip``, the evaluation transform then a random crop of the input size
+   from the image zero-padded by 1/8 of its size (CIFAR's 4 px of 32; 28 px: 4 px), plus a horizontal flip
+   for ``crop-flip``: for small images, where a random-resized crop down to 8 % of the area leaves
+   nothing of the object. Datasets with ``augment=False`` (VTAB) get a plain resize to the square input
+   size instead of timm's transforms, the NOAH/SSF convention (``crop``/``crop-flip`` still apply);
 3. scale to float in [0, 1] and repeat a single channel to the model's channel count;
 4. normalise with the model's mean and std.
 """
@@ -20,7 +24,7 @@ from typing import Any
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
-from torchvision.transforms import Compose, Normalize
+from torchvision.transforms import Compose, Normalize, RandomCrop, RandomHorizontalFlip
 
 from utune.errors import DataError
 
@@ -81,21 +85,42 @@ def _stats(data_config: Mapping[str, Any], key: str, default: Sequence[float], c
     )
 
 
+def _small_image_steps(mode: str, height: int, width: int) -> list[Callable[[Any], Any]]:
+    """``crop``/``crop-flip``: a random crop of the input size from the image zero-padded by 1/8 of it."""
+    pad = max(1, round(min(height, width) / 8))
+    steps: list[Callable[[Any], Any]] = [RandomCrop((height, width), padding=pad, fill=0)]
+    if mode == "crop-flip":
+        steps.append(RandomHorizontalFlip())
+    return steps
+
+
 def build_transform(
-    data_config: Mapping[str, Any], img_size: int | None, *, training: bool, augment: bool = True
+    data_config: Mapping[str, Any],
+    img_size: int | None,
+    *,
+    training: bool,
+    augment: bool = True,
+    mode: str = "timm",
 ) -> Callable[[Image.Image], torch.Tensor]:
-    """The transform for one split: PIL image in, normalised ``(C, S, S)`` float tensor out."""
+    """The transform for one split: PIL image in, normalised ``(C, S, S)`` float tensor out.
+
+    ``training`` with ``mode`` (``data.augment``: none | timm | crop | crop-flip) picks the training
+    augmentation; ``augment=False`` is the dataset's plain-resize convention (VTAB)."""
+    if mode not in ("none", "timm", "crop", "crop-flip"):
+        raise DataError(f"unknown augmentation {mode!r}", hint="data.augment is one of: none, timm, crop, crop-flip")
     channels, height, width = input_shape(data_config, img_size)
     options = {key: data_config[key] for key in _PASSED_ON if data_config.get(key) is not None}
     if not augment:
         options.update(crop_pct=1.0, crop_mode="squash")
     timm_transform = create_transform(
         input_size=(channels, height, width),
-        is_training=training and augment,
+        is_training=training and augment and mode == "timm",
         normalize=False,
         **options,
     )
     steps = timm_transform.transforms if isinstance(timm_transform, Compose) else [timm_transform]
+    if training and mode in ("crop", "crop-flip"):
+        steps = [*steps, *_small_image_steps(mode, height, width)]
     return Compose(
         [
             ToMode("RGB" if channels == 3 else "L"),
