@@ -55,6 +55,11 @@ MATRIX: dict[str, dict[str, Any]] = {
         "tv_resnet": {"at": {"path": "layer1.**", "type": "Conv2d"}},
         "tv_vit": "encoder.layers.*.mlp.0",
     },
+    "lora-grouped": {  # one low-rank pair per group of a grouped / depthwise conv (LoRA's per-group form)
+        "convnext": "stages.*.blocks.*.conv_dw",
+        "efficientnet": {"at": {"path": "blocks.**", "type": "Conv2d"}, "rank": 2},
+        "tv_shufflenet": {"at": {"path": "stage2.**", "type": "Conv2d"}, "rank": 2},
+    },
     "ssf": {
         "vit": {"at": {"type": "LayerNorm"}},
         "swin": {"at": {"type": "Linear", "exclude": "head.**"}, "merge_refused": "reduction .Linear. has no bias"},
