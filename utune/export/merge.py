@@ -10,7 +10,11 @@ Every foldable tuner is an affine map on the layer's input or output channels, a
 - per-channel ``y <- s ⊙ y + t`` (SSF, IA³, BitFit ``bias``):    ``W' = s[:, None] W``, ``b' = s ⊙ b + t``;
   on a norm layer the same on its affine weight and bias;
 - ``y <- y + ΔW x + c`` (LoRA ``ΔW = (alpha/r) B A``, a linear adapter beside the layer): ``W' = W + ΔW``;
-- ``y <- A y + c`` (a linear adapter after the layer, ``A = I + s ⊙ W_up W_down``): ``W' = A W``, ``b' = A b + c``.
+- ``y <- A y + c`` (a linear adapter after the layer, ``A = I + s ⊙ W_up W_down``): ``W' = A W``, ``b' = A b + c``;
+- ``x <- M x`` (a ``replace_input`` tuner the layer reads instead of its input, OFT's rotation): ``W' = W M``.
+
+A tuner may read its own layer's frozen tensors (DoRA's weight norm, GLoRA's ``W ⊙ A``): those reads are the
+original tensors, so such a tuner folds with them (``layer.module``), not with what earlier folds made.
 
 How each tuner joins (``y <- T(y)`` or ``y <- y + T(tap)``) and which value it changes are read from the
 build's manifest (``Built.manifest``), never guessed from the graph's shape (a residual ``out + shortcut``
@@ -56,12 +60,12 @@ class _Graph:
         self.gm = gm
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.calls: dict[str, list[fx.Node]] = {}
-        self.attrs: list[str] = []
+        self.attrs: list[fx.Node] = []  # direct reads of tensors (get_attr)
         for n in gm.graph.nodes:
             if n.op == "call_module":
                 self.calls.setdefault(str(n.target), []).append(n)
             elif n.op == "get_attr":
-                self.attrs.append(str(n.target))
+                self.attrs.append(n)
         self.attached = {e.module: e for e in entries if e.module}
         # the value each add/replace join stands for now -> the value it changed (walking back to the layer)
         self.replaced: dict[fx.Node, fx.Node] = {
@@ -160,13 +164,7 @@ def _resolve_layer(g: _Graph, value: fx.Node, ts: TunerSite) -> fx.Node:
     site = ts.site.split("@")[0]
     if path != site and not path.startswith(site + "."):
         raise NotMergeable(f"the value it changes is made by {path}, outside its site; folding would change that layer")
-    if len(g.calls.get(path, [])) != 1:
-        raise NotMergeable(
-            f"{path} runs {len(g.calls[path])} times in one forward pass (shared weights); "
-            "folding would change every use"
-        )
-    if any(a.startswith(path + ".") for a in g.attrs):
-        raise NotMergeable(f"the model also reads {path}'s weights directly, and that use would see the folded weights")
+    _alone(g, path)
     inside = set(chain)
     for n in chain:
         for u in n.users:  # besides the chain itself: tuners reading the value, and the joins onto it
@@ -177,6 +175,42 @@ def _resolve_layer(g: _Graph, value: fx.Node, ts: TunerSite) -> fx.Node:
                 f"{path}'s weights"
             )
     return node
+
+
+def _alone(g: _Graph, path: str) -> None:
+    """The layer runs once and nothing but the tuners on it reads its tensors directly (they fold with them)."""
+    if len(g.calls.get(path, [])) != 1:
+        raise NotMergeable(
+            f"{path} runs {len(g.calls.get(path, []))} times in one forward pass (shared weights); "
+            "folding would change every use"
+        )
+    own = {e.nodes.get("call") for e in g.attached.values() if e.site.split("@")[0] == path}
+    if any(str(a.target).startswith(path + ".") and not set(a.users) <= own for a in g.attrs):
+        raise NotMergeable(f"the model also reads {path}'s weights directly, and that use would see the folded weights")
+
+
+def _own_tensor(value: object, layer: str) -> bool:
+    """A frozen tensor of ``layer`` itself (or the None of a missing bias) that a tuner reads beside its tap."""
+    if value is None:
+        return True
+    return isinstance(value, fx.Node) and value.op == "get_attr" and str(value.target).startswith(layer + ".")
+
+
+def _input_map(g: _Graph, att: Entry) -> fx.Node:
+    """The call of the Linear/Conv at ``att``'s site that reads ``T(x)`` instead of its input ``x``."""
+    call, onto = att.nodes.get("call"), att.nodes["onto"]
+    layer = att.site.split("@")[0]
+    users = list(call.users) if call is not None else []
+    if len(users) != 1 or users[0].op != "call_module" or str(users[0].target) != layer:
+        raise NotMergeable(_JOIN_WHY["replace_input"].format(site=att.site))
+    if layer_kind(g.gm.get_submodule(layer)) not in ("linear", "conv"):
+        raise NotMergeable(f"it changes what {att.site} reads, and {att.site} is no Linear or Conv to fold it into")
+    assert call is not None  # users came from it
+    args = [a for a in [*call.args, *call.kwargs.values()] if not _own_tensor(a, layer)]
+    if args != [onto]:
+        raise NotMergeable(f"it reads {att.reads()}, not just the input of {layer}")
+    _alone(g, layer)
+    return users[0]
 
 
 # ---- where a tuner joins, and the per-kind math ------------------------------------------------------------
@@ -191,7 +225,7 @@ _JOIN_WHY = {
 def _add_tap(att: Entry, leaf: fx.Node) -> str:
     """``input`` (``y + T(x)``, x the layer's own input) or ``output`` (``y + T(y)``): what T reads now."""
     call = att.nodes["call"]
-    args = list(call.args) + list(call.kwargs.values())
+    args = [a for a in [*call.args, *call.kwargs.values()] if not _own_tensor(a, str(leaf.target))]
     if len(args) != 1:
         raise NotMergeable(f"it reads {len(args)} values ({att.reads()}), not just {leaf.target}'s input or output")
     if leaf.args and args[0] is leaf.args[0]:
@@ -208,10 +242,13 @@ def locate(g: _Graph, ts: Entry) -> tuple[fx.Node, int, str]:
     """``(layer call, graph position of the join, tap)`` for one tuner, from the manifest.
 
     ``tap`` says how the tuner joins the layer's output ``y``: ``replace`` (``y <- T(y)``), ``input``
-    (``y <- y + T(x)`` with ``x`` the layer's own input) or ``output`` (``y <- y + T(y)``).
+    (``y <- y + T(x)`` with ``x`` the layer's own input) or ``output`` (``y <- y + T(y)``); or, for a tuner
+    the layer reads instead of its input, ``input_map`` (``y = layer(T(x))``: it folds before any other).
     """
     att = g.attachment(ts)
     onto, joined = att.nodes.get("onto"), att.nodes.get("joined")
+    if att.join == "replace_input" and onto is not None and joined is not None:
+        return _input_map(g, att), g.order[joined], "input_map"
     if att.join not in ("add", "replace") or onto is None or joined is None:
         raise NotMergeable(_JOIN_WHY.get(att.join, _JOIN_WHY["side"]).format(site=att.site))
     leaf = _resolve_layer(g, onto, ts)
