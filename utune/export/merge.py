@@ -74,6 +74,12 @@ class _Graph:
             if e.join in ("add", "replace") and "joined" in e.nodes and "onto" in e.nodes
         }
         self.tuner_calls = {e.nodes["call"] for e in self.attached.values() if "call" in e.nodes}
+        # a replace_input tuner's output -> the input the layer read before it (what other tuners there read)
+        self.read_instead = {
+            e.nodes["call"]: e.nodes["onto"]
+            for e in self.attached.values()
+            if e.join == "replace_input" and "call" in e.nodes
+        }
 
     def attachment(self, ts: Entry) -> Entry:
         """The manifest entry of ``ts``'s module; refused when it has no nodes or they are stale."""
@@ -222,13 +228,15 @@ _JOIN_WHY = {
 }
 
 
-def _add_tap(att: Entry, leaf: fx.Node) -> str:
-    """``input`` (``y + T(x)``, x the layer's own input) or ``output`` (``y + T(y)``): what T reads now."""
+def _add_tap(g: _Graph, att: Entry, leaf: fx.Node) -> str:
+    """``input`` (``y + T(x)``, x the layer's own input, before any ``replace_input`` tuner changed what the
+    layer reads: such a tuner folds first) or ``output`` (``y + T(y)``): what T reads now."""
     call = att.nodes["call"]
     args = [a for a in [*call.args, *call.kwargs.values()] if not _own_tensor(a, str(leaf.target))]
     if len(args) != 1:
         raise NotMergeable(f"it reads {len(args)} values ({att.reads()}), not just {leaf.target}'s input or output")
-    if leaf.args and args[0] is leaf.args[0]:
+    x = leaf.args[0] if leaf.args and isinstance(leaf.args[0], fx.Node) else None
+    if x is not None and args[0] is g.read_instead.get(x, x):
         return "input"
     if args[0] is att.nodes["onto"]:
         return "output"
@@ -252,7 +260,7 @@ def locate(g: _Graph, ts: Entry) -> tuple[fx.Node, int, str]:
     if att.join not in ("add", "replace") or onto is None or joined is None:
         raise NotMergeable(_JOIN_WHY.get(att.join, _JOIN_WHY["side"]).format(site=att.site))
     leaf = _resolve_layer(g, onto, ts)
-    tap = "replace" if att.join == "replace" else _add_tap(att, leaf)
+    tap = "replace" if att.join == "replace" else _add_tap(g, att, leaf)
     return leaf, g.order[joined], tap
 
 
