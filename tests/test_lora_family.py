@@ -102,6 +102,22 @@ def test_vera_frozen_projections_are_stored_once_and_load_back(tmp_path: Path) -
     assert tuple(mods[0].vera_A.shape) == (8, 768) and tuple(mods[0].vera_B.shape) == (768, 8)
 
 
+def test_boft_rotation_and_scale_round_trip_through_a_tuner_file(tmp_path: Path) -> None:
+    """BOFT attaches two modules per layer (the rotation, and the scale under role ``scale``)."""
+    rule = {"kind": "boft", "at": "blocks.*.mlp.fc1", "block_size": 4, "butterfly_factor": 2}
+    built = build(spec("vit", rule))
+    train(built)
+    path = tmp_path / "boft.safetensors"
+    export_tuners(built, path)
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+    assert "r0/blocks.0.mlp.fc1/boft_R" in keys and "r0/blocks.0.mlp.fc1#scale/boft_s" in keys
+    fresh = build(spec("vit", rule))
+    load_tuners(fresh, path)
+    x = torch.randn(2, *built.input_size, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(forward_eval(fresh.model, x), forward_eval(built.model, x))
+
+
 def test_dora_on_q_and_v_leaves_the_k_rows_exactly_frozen() -> None:
     built = build(spec("vit", {"kind": "dora", "at": "blocks.*.attn.qkv", "slices": ["q", "v"]}))
     train(built)

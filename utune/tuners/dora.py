@@ -82,7 +82,7 @@ class Dora(nn.Module):
 class DoraKind(TunerKind):
     kind = "dora"
     Options = DoraOptions
-    summary = "W' = m (W + (alpha/r) B A) / ||W + (alpha/r) B A|| per output row; Liu et al. 2024 (DoRA)"
+    summary = "W' = m (W + dW) / norm(W + dW) per output row, dW = (alpha/r) B A; Liu et al. 2024 (DoRA)"
     placements = ("parallel",)
     taps = {"parallel": ("input",)}  # LoRA reads the layer's own input; the magnitude rescales its output
     mergeable = True
