@@ -18,6 +18,7 @@ ARCHS: dict[str, tuple[str, dict[str, Any], int]] = {
     "convnext": ("test_convnext", {}, 64),
     "resnet": ("test_resnet", {}, 64),
     "efficientnet": ("test_efficientnet", {}, 64),
+    "tv_shufflenet": ("torchvision:shufflenet_v2_x0_5", {}, 32),  # depthwise 3x3 convs in every unit
     "beit": ("beit_base_patch16_224", {"img_size": 32, "depth": 2, "embed_dim": 32, "num_heads": 2}, 32),
     "levit": ("levit_128s", {}, 224),  # caches attention biases in eval mode only: the train graph serves both
     "tv_vit": (
@@ -39,6 +40,7 @@ HEADS = {
     "convnext": "head",
     "resnet": "fc",
     "efficientnet": "classifier",
+    "tv_shufflenet": "fc",
     "beit": "head",
     "tv_vit": "heads",
     "tv_resnet": "fc",

@@ -63,6 +63,13 @@ EXPECTED: dict[str, tuple[int, dict[str, int]]] = {
     "vit_b16_cifar100/utuning_1.yaml": (110_712, {"mha": 16_906, "ffn": 16_906}),
     "vit_b16_cifar100/restuning_dual.yaml": (482_644, {"mha": 202_872, "ffn": 202_872}),
     "vit_b16_cifar100/restuning_bypass.yaml": (464_212, {"bypass": 387_312}),
+    "vit_b16_cifar100/dora.yaml": (390_244, {"dora": 313_344}),
+    "vit_b16_cifar100/loha.yaml": (371_812, {"loha": 294_912}),
+    "vit_b16_cifar100/lokr.yaml": (157_540, {"lokr": 80_640}),
+    "vit_b16_cifar100/oft.yaml": (560_740, {"oft": 483_840}),
+    "vit_b16_cifar100/boft.yaml": (1_192_036, {"boft": 1_115_136}),
+    "vit_b16_cifar100/vera.yaml": (101_476, {"vera": 24_576}),  # the VeRA paper's 24.6 K without the head
+    "vit_b16_cifar100/glora.yaml": (1_514_884, {"glora": 1_437_984}),
     "resnet50_cifar100/bypass.yaml": (3_199_460, {"bypass": 2_994_560}),
     "tv_vit_b16_cifar100/utuning_dual.yaml": (482_644, {"mha": 202_872, "ffn": 202_872}),
     "swin_t_cifar100/lora_adapter.yaml": (315_484, {"lora": 141_312, "ffn": 97_272}),

@@ -57,6 +57,63 @@ MATRIX: dict[str, dict[str, Any]] = {
         # nn.MultiheadAttention's packed in_proj_weight, seen as a fused qkv Linear (utune.graph.mha)
         "tv_vit": {"at": "encoder.layers.*.self_attention.in_proj", "slices": ["q", "v"], "rank": 4},
     },
+    "lora-grouped": {  # one low-rank pair per group of a grouped / depthwise conv (LoRA's per-group form)
+        "convnext": "stages.*.blocks.*.conv_dw",
+        "efficientnet": {"at": {"path": "blocks.**", "type": "Conv2d"}, "rank": 2},
+        "tv_shufflenet": {"at": {"path": "stage2.**", "type": "Conv2d"}, "rank": 2},
+    },
+    "dora": {
+        "vit": "blocks.*.attn.qkv",
+        "deit": {"at": "blocks.*.attn.qkv", "slices": ["q", "v"], "rank": 4, "alpha": 8},
+        "swin": "layers.*.blocks.*.attn.qkv",
+        "convnext": "stages.*.blocks.*.mlp.fc1",
+        "resnet": {"at": {"path": "layer*.**", "type": "Conv2d"}, "rank": 2},  # downsample convs: not zero-gamma'd
+        "efficientnet": {"at": "blocks.3.*.conv_dw", "rank": 2},  # depthwise: LoRA's per-group form
+        "tv_vit": "encoder.layers.*.mlp.0",
+    },
+    "loha": {
+        "vit": {"at": "blocks.*.attn.qkv", "rank": 4},
+        "swin": "layers.*.blocks.*.mlp.fc1",
+        "convnext": {"at": "stages.*.blocks.*.conv_dw", "rank": 2},  # depthwise: ΔW has the grouped shape
+        "resnet": {"at": {"path": "layer*.**", "type": "Conv2d"}, "rank": 2, "alpha": 4},
+        "tv_vit": "encoder.layers.*.mlp.0",
+    },
+    "lokr": {
+        "vit": {"at": {"path": "blocks.**", "type": "Linear"}},
+        "swin": "layers.*.blocks.*.attn.qkv",
+        "convnext": {"at": "stages.*.blocks.*.mlp.fc1", "decompose_both": True, "rank": 2},
+        "resnet": {"at": {"path": "layer*.**", "type": "Conv2d"}, "rank": 2},
+        "efficientnet": {"at": {"path": "blocks.**", "type": "Conv2d"}},
+        "tv_vit": "encoder.layers.*.mlp.3",
+    },
+    "oft": {  # Linear layers only (see the kind)
+        "vit": {"at": "blocks.*.attn.qkv", "block_size": 16},
+        "deit": {"at": "blocks.*.mlp.fc2", "block_size": 32, "neumann_terms": 5},
+        "swin": {"at": "layers.*.blocks.*.attn.qkv", "block_size": 4},
+        "convnext": {"at": "stages.*.blocks.*.mlp.fc1", "blocks": 4, "block_share": True},
+        "tv_vit": {"at": "encoder.layers.*.mlp.0", "block_size": 32},
+    },
+    "boft": {  # Linear layers only (see the kind)
+        "vit": {"at": "blocks.*.attn.qkv", "block_size": 4, "butterfly_factor": 2},
+        "deit": {"at": "blocks.*.mlp.fc1", "block_size": 8},
+        "swin": {"at": "layers.*.blocks.*.mlp.fc1", "block_size": 4, "butterfly_factor": 2},
+        "convnext": {"at": "stages.*.blocks.*.mlp.fc2", "blocks": 8, "butterfly_factor": 3},
+        "tv_vit": {"at": "encoder.layers.*.mlp.0", "block_size": 16, "butterfly_factor": 2},
+    },
+    "vera": {  # Linear layers only; A, B sized for the rule's largest layer, shared
+        "vit": {"at": "blocks.*.attn.qkv", "slices": ["q", "v"], "rank": 16},
+        "deit": {"at": "blocks.*.mlp.fc*", "rank": 16},
+        "swin": {"at": {"type": "Linear", "exclude": "head.**"}, "rank": 8},
+        "convnext": {"at": "stages.*.blocks.*.mlp.fc1", "rank": 8},
+        "tv_vit": {"at": "encoder.layers.*.mlp.0", "rank": 8},
+    },
+    "glora": {  # Linear layers only (see the kind)
+        "vit": {"at": {"path": "blocks.**", "type": "Linear"}},
+        "deit": {"at": "blocks.*.attn.qkv", "a_b": "vector", "c": "vector", "d_e": "vector"},
+        "swin": {"at": {"type": "Linear", "exclude": "head.**"}},  # `reduction` has no bias: no C, D, E there
+        "convnext": {"at": "stages.*.blocks.*.mlp.fc1", "a_b": "constant", "c": "none"},
+        "tv_vit": "encoder.layers.*.mlp.0",
+    },
     "ssf": {
         "vit": {"at": {"type": "LayerNorm"}},
         "swin": {"at": {"type": "Linear", "exclude": "head.**"}, "merge_refused": "reduction .Linear. has no bias"},

@@ -10,7 +10,11 @@ Every foldable tuner is an affine map on the layer's input or output channels, a
 - per-channel ``y <- s ⊙ y + t`` (SSF, IA³, BitFit ``bias``):    ``W' = s[:, None] W``, ``b' = s ⊙ b + t``;
   on a norm layer the same on its affine weight and bias;
 - ``y <- y + ΔW x + c`` (LoRA ``ΔW = (alpha/r) B A``, a linear adapter beside the layer): ``W' = W + ΔW``;
-- ``y <- A y + c`` (a linear adapter after the layer, ``A = I + s ⊙ W_up W_down``): ``W' = A W``, ``b' = A b + c``.
+- ``y <- A y + c`` (a linear adapter after the layer, ``A = I + s ⊙ W_up W_down``): ``W' = A W``, ``b' = A b + c``;
+- ``x <- M x`` (a ``replace_input`` tuner the layer reads instead of its input, OFT's rotation): ``W' = W M``.
+
+A tuner may read its own layer's frozen tensors (DoRA's weight norm, GLoRA's ``W ⊙ A``): those reads are the
+original tensors, so such a tuner folds with them (``layer.module``), not with what earlier folds made.
 
 How each tuner joins (``y <- T(y)`` or ``y <- y + T(tap)``) and which value it changes are read from the
 build's manifest (``Built.manifest``), never guessed from the graph's shape (a residual ``out + shortcut``
@@ -57,12 +61,12 @@ class _Graph:
         self.gm = gm
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         self.calls: dict[str, list[fx.Node]] = {}
-        self.attrs: list[str] = []
+        self.attrs: list[fx.Node] = []  # direct reads of tensors (get_attr)
         for n in gm.graph.nodes:
             if n.op == "call_module":
                 self.calls.setdefault(str(n.target), []).append(n)
             elif n.op == "get_attr":
-                self.attrs.append(str(n.target))
+                self.attrs.append(n)
         self.attached = {e.module: e for e in entries if e.module}
         # the value each add/replace join stands for now -> the value it changed (walking back to the layer)
         self.replaced: dict[fx.Node, fx.Node] = {
@@ -71,6 +75,12 @@ class _Graph:
             if e.join in ("add", "replace") and "joined" in e.nodes and "onto" in e.nodes
         }
         self.tuner_calls = {e.nodes["call"] for e in self.attached.values() if "call" in e.nodes}
+        # a replace_input tuner's output -> the input the layer read before it (what other tuners there read)
+        self.read_instead = {
+            e.nodes["call"]: e.nodes["onto"]
+            for e in self.attached.values()
+            if e.join == "replace_input" and "call" in e.nodes
+        }
 
     def attachment(self, ts: Entry) -> Entry:
         """The manifest entry of ``ts``'s module; refused when it has no nodes or they are stale."""
@@ -161,14 +171,7 @@ def _resolve_layer(g: _Graph, value: fx.Node, ts: TunerSite) -> fx.Node:
     site = ts.site.split("@")[0]
     if path != site and not path.startswith(site + "."):
         raise NotMergeable(f"the value it changes is made by {path}, outside its site; folding would change that layer")
-    if len(g.calls.get(path, [])) != 1:
-        raise NotMergeable(
-            f"{path} runs {len(g.calls[path])} times in one forward pass (shared weights); "
-            "folding would change every use"
-        )
-    keys = {state_key(mod, path, t) for t in ("weight", "bias")}  # where a view's tensors live
-    if any(a.startswith(path + ".") or a in keys for a in g.attrs):
-        raise NotMergeable(f"the model also reads {path}'s weights directly, and that use would see the folded weights")
+    _alone(g, path)
     inside = set(chain)
     for n in chain:
         for u in n.users:  # besides the chain itself: tuners reading the value, and the joins onto it
@@ -181,6 +184,45 @@ def _resolve_layer(g: _Graph, value: fx.Node, ts: TunerSite) -> fx.Node:
     return node
 
 
+def _alone(g: _Graph, path: str) -> None:
+    """The layer runs once and nothing but the tuners on it reads its tensors directly (they fold with them)."""
+    if len(g.calls.get(path, [])) != 1:
+        raise NotMergeable(
+            f"{path} runs {len(g.calls.get(path, []))} times in one forward pass (shared weights); "
+            "folding would change every use"
+        )
+    own = {e.nodes.get("call") for e in g.attached.values() if e.site.split("@")[0] == path}
+    mod = g.gm.get_submodule(path)
+    keys = {state_key(mod, path, t) for t in ("weight", "bias")}  # where a view's tensors live (MHA's in_proj)
+    direct = [a for a in g.attrs if str(a.target).startswith(path + ".") or str(a.target) in keys]
+    if any(not set(a.users) <= own for a in direct):
+        raise NotMergeable(f"the model also reads {path}'s weights directly, and that use would see the folded weights")
+
+
+def _own_tensor(value: object, layer: str) -> bool:
+    """A frozen tensor of ``layer`` itself (or the None of a missing bias) that a tuner reads beside its tap."""
+    if value is None:
+        return True
+    return isinstance(value, fx.Node) and value.op == "get_attr" and str(value.target).startswith(layer + ".")
+
+
+def _input_map(g: _Graph, att: Entry) -> fx.Node:
+    """The call of the Linear/Conv at ``att``'s site that reads ``T(x)`` instead of its input ``x``."""
+    call, onto = att.nodes.get("call"), att.nodes["onto"]
+    layer = att.site.split("@")[0]
+    users = list(call.users) if call is not None else []
+    if len(users) != 1 or users[0].op != "call_module" or str(users[0].target) != layer:
+        raise NotMergeable(_JOIN_WHY["replace_input"].format(site=att.site))
+    if layer_kind(g.gm.get_submodule(layer)) not in ("linear", "conv"):
+        raise NotMergeable(f"it changes what {att.site} reads, and {att.site} is no Linear or Conv to fold it into")
+    assert call is not None  # users came from it
+    args = [a for a in [*call.args, *call.kwargs.values()] if not _own_tensor(a, layer)]
+    if args != [onto]:
+        raise NotMergeable(f"it reads {att.reads()}, not just the input of {layer}")
+    _alone(g, layer)
+    return users[0]
+
+
 # ---- where a tuner joins, and the per-kind math ------------------------------------------------------------
 
 _JOIN_WHY = {
@@ -190,13 +232,15 @@ _JOIN_WHY = {
 }
 
 
-def _add_tap(att: Entry, leaf: fx.Node) -> str:
-    """``input`` (``y + T(x)``, x the layer's own input) or ``output`` (``y + T(y)``): what T reads now."""
+def _add_tap(g: _Graph, att: Entry, leaf: fx.Node) -> str:
+    """``input`` (``y + T(x)``, x the layer's own input, before any ``replace_input`` tuner changed what the
+    layer reads: such a tuner folds first) or ``output`` (``y + T(y)``): what T reads now."""
     call = att.nodes["call"]
-    args = list(call.args) + list(call.kwargs.values())
+    args = [a for a in [*call.args, *call.kwargs.values()] if not _own_tensor(a, str(leaf.target))]
     if len(args) != 1:
         raise NotMergeable(f"it reads {len(args)} values ({att.reads()}), not just {leaf.target}'s input or output")
-    if leaf.args and args[0] is leaf.args[0]:
+    x = leaf.args[0] if leaf.args and isinstance(leaf.args[0], fx.Node) else None
+    if x is not None and args[0] is g.read_instead.get(x, x):
         return "input"
     if args[0] is att.nodes["onto"]:
         return "output"
@@ -206,33 +250,21 @@ def _add_tap(att: Entry, leaf: fx.Node) -> str:
     )
 
 
-def _input_layer(g: _Graph, att: Entry, joined: fx.Node) -> fx.Node:
-    """The layer whose input a ``replace_input`` tuner rescales: the site itself, reading the tuner's value."""
-    calls = g.calls.get(att.site, [])
-    mod = g.gm.get_submodule(att.site) if len(calls) == 1 else None
-    if mod is None or layer_kind(mod) is None:
-        raise NotMergeable(_JOIN_WHY["replace_input"].format(site=att.site))
-    if not calls[0].args or calls[0].args[0] is not joined:
-        raise NotMergeable(f"{att.site} does not read the tuner's value directly (another tuner sits between them)")
-    if any(a.startswith(att.site + ".") for a in g.attrs):
-        raise NotMergeable(f"the model also reads {att.site}'s weights directly, and that use would see the fold")
-    return calls[0]
-
-
 def locate(g: _Graph, ts: Entry) -> tuple[fx.Node, int, str]:
     """``(layer call, graph position of the join, tap)`` for one tuner, from the manifest.
 
     ``tap`` says how the tuner joins the layer's output ``y``: ``replace`` (``y <- T(y)``), ``input``
-    (``y <- y + T(x)`` with ``x`` the layer's own input) or ``output`` (``y <- y + T(y)``).
+    (``y <- y + T(x)`` with ``x`` the layer's own input) or ``output`` (``y <- y + T(y)``); or, for a tuner
+    the layer reads instead of its input, ``input_map`` (``y = layer(T(x))``: it folds before any other).
     """
     att = g.attachment(ts)
     onto, joined = att.nodes.get("onto"), att.nodes.get("joined")
-    if att.join == "replace_input" and joined is not None:
-        return _input_layer(g, att, joined), g.order[att.nodes["call"]], "replace_input"
+    if att.join == "replace_input" and onto is not None and joined is not None:
+        return _input_map(g, att), g.order[joined], "input_map"
     if att.join not in ("add", "replace") or onto is None or joined is None:
         raise NotMergeable(_JOIN_WHY.get(att.join, _JOIN_WHY["side"]).format(site=att.site))
     leaf = _resolve_layer(g, onto, ts)
-    tap = "replace" if att.join == "replace" else _add_tap(att, leaf)
+    tap = "replace" if att.join == "replace" else _add_tap(g, att, leaf)
     return leaf, g.order[joined], tap
 
 

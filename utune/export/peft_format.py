@@ -13,7 +13,8 @@ model computes (same scaling ``alpha / r``, same A/B shapes for Linear and Conv2
 fused qkv becomes one PEFT LoRA on the whole layer: rank ``R = Σ r_s``, ``A`` the slices' A stacked, ``B`` a
 block matrix holding each slice's B in its output third (zero rows for the frozen thirds), alpha ``s · R``
 so that PEFT's ``(alpha / R) B A`` is utune's delta. Refused, with the reason: any tuner that is not LoRA; a
-dilated Conv2d (PEFT's conv ``lora_A`` has no dilation); a layer called more than once; a trainable parameter
+dilated Conv2d (PEFT's conv ``lora_A`` has no dilation); a grouped Conv2d (PEFT's grouped LoRA has a dense
+``lora_A``, utune's one pair per group); a layer called more than once; a trainable parameter
 on the model itself; and names PEFT would match ambiguously (it picks ``target_modules`` by ``.``-suffix and
 ``modules_to_save`` by plain suffix, so ``norm`` would also pick ``fc_norm``).
 """
@@ -99,6 +100,8 @@ def _lora_layers(built: Built) -> tuple[dict[str, tuple[TunerSite, Lora]], list[
             base = gm.get_submodule(ts.site)
             if isinstance(base, nn.Conv2d) and tuple(base.dilation) != (1, 1):
                 refused.append((ts, f"the conv is dilated {tuple(base.dilation)}; PEFT's conv lora_A is not"))
+            elif isinstance(base, nn.Conv2d) and base.groups != 1:  # PEFT's lora_A is dense, utune's per group
+                refused.append((ts, f"the conv is grouped (groups={base.groups}); PEFT's grouped LoRA is another form"))
             else:
                 layers[ts.site] = (ts, mod)
     return layers, refused

@@ -63,6 +63,7 @@ class Rewriter:
         self._ties: dict[str, dict[str, torch.Tensor]] = {}  # rule -> shared tensor name -> the tensor
         self._counted: dict[str, set[int]] = {}  # rule -> ids of the parameters already counted
         self._site_input: dict[str, fx.Node] = {}  # site -> the value it reads after a replace_input
+        self._stacking = False  # planning a replace_input: its tap of the site's input is what the site reads now
         self.rule = ""
         self.site: Site | None = None
         if not hasattr(gm, TUNER_ROOT):
@@ -99,7 +100,7 @@ class Rewriter:
                 if where == "output"
                 else "select a module that reads a tensor (`utune inspect` shows them)",
             )
-        if where == "input" and target.path in self._site_input:  # what the site reads since a replace_input
+        if where == "input" and self._stacking and target.path in self._site_input:  # replace_inputs stack
             return self._site_input[target.path]
         return self.current(node)
 
@@ -184,8 +185,14 @@ class Rewriter:
             with self.pass_for(rule, att.site):
                 name = self._add_module(rule, att) if att.module is not None else ""
                 shared = self._tie(rule, att, share) if att.module is not None else ()
-                values = [self.value(v, att.site, made) for v in att.inputs]
-                nodes = _JOINS[att.join](self, att, name, values)
+                # a replace_input stacks on an earlier one (it reads what the site reads now); any other tuner
+                # reading the site's input reads the original value (it folds beside the input maps)
+                self._stacking = att.join == "replace_input"
+                try:
+                    values = [self.value(v, att.site, made) for v in att.inputs]
+                    nodes = _JOINS[att.join](self, att, name, values)
+                finally:
+                    self._stacking = False
             made.append(nodes.get("call") or nodes.get("joined"))
             params = self._new_params(rule, att.module)
             entry = Entry(rule, kind, att.site.path, name, att.join, att.inputs, att.role, params, nodes, shared)
@@ -268,7 +275,7 @@ class Rewriter:
         for user in list(inp.users):
             if user in inside:
                 user.replace_input_with(inp, y)
-        self._site_input[att.site.path] = y  # later rules on this site read (and stack onto) what it reads now
+        self._site_input[att.site.path] = y  # a later replace_input on this site stacks onto what it reads now
         nodes = {"onto": inp, "joined": y}
         return {**nodes, "call": y} if name else nodes
 

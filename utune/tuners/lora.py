@@ -1,8 +1,14 @@
-"""LoRA: ``y = W x + (alpha / r) · B A x`` on a Linear or Conv2d (Hu et al. 2021).
+"""LoRA: ``y = W x + (alpha / r) · B A x`` on a Linear or Conv2d (Hu et al. 2021, arXiv 2106.09685).
 
 ``B`` starts at zero, so the tuned model equals the base at init. On a fused ``qkv`` Linear,
 ``slices: [q, v]`` gives only those output slices a delta (the k slice stays exactly frozen).
 Mergeable: ``W += (alpha / r) · B A``.
+
+Grouped and depthwise convolutions (``groups = g``) get one low-rank pair per group,
+``ΔW_i = B_i A_i`` with ``A_i: (in/g)·k·k -> r`` and ``B_i: r -> out/g`` (``rank`` is per group): ``A`` is a
+grouped k x k conv, ``B`` a grouped 1 x 1 conv, and ``ΔW`` has the layer's own grouped shape, so it folds.
+(PEFT's grouped LoRA instead mixes all input channels in a dense ``A``, which cannot fold into a grouped
+weight; utune's per-group form is a different, mergeable parameterisation.)
 """
 
 from __future__ import annotations
@@ -35,19 +41,22 @@ class LoraOptions(TunerOptions):
 
 
 class LoraBranch(nn.Module):
-    """``B A x`` for one output block: Linear A (in -> r), B (r -> out); Conv2d A (k x k), B (1 x 1)."""
+    """``B A x`` for one output block: Linear A (in -> r), B (r -> out); Conv2d A (k x k), B (1 x 1), each
+    grouped like the layer (``g`` groups: A in -> g·r, B g·r -> out, one rank-r pair per group)."""
 
     lora_A: nn.Linear | nn.Conv2d
     lora_B: nn.Linear | nn.Conv2d
 
     def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, out: int) -> None:
         super().__init__()
+        self.groups = base.groups if isinstance(base, nn.Conv2d) else 1
         if isinstance(base, nn.Conv2d):
             pair = cast(tuple[int, int], base.kernel_size)
             stride, dilation = cast(tuple[int, int], base.stride), cast(tuple[int, int], base.dilation)
             padding = cast(tuple[int, int] | str, base.padding)
-            self.lora_A = nn.Conv2d(base.in_channels, rank, pair, stride, padding, dilation, bias=False)
-            self.lora_B = nn.Conv2d(rank, out, 1, bias=False)
+            g = self.groups
+            self.lora_A = nn.Conv2d(base.in_channels, g * rank, pair, stride, padding, dilation, groups=g, bias=False)
+            self.lora_B = nn.Conv2d(g * rank, out, 1, groups=g, bias=False)
         else:
             self.lora_A = nn.Linear(base.in_features, rank, bias=False)
             self.lora_B = nn.Linear(rank, out, bias=False)
@@ -59,8 +68,10 @@ class LoraBranch(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         a, b = self.lora_A.weight, self.lora_B.weight
-        if a.ndim == 4:  # conv: (out, r, 1, 1) @ (r, in, k, k)
-            return (b.flatten(1) @ a.flatten(1)).view(b.shape[0], *a.shape[1:])
+        if a.ndim == 4:  # conv, per group i: (out/g, r) @ (r, in/g·k·k) -> the layer's (out, in/g, k, k)
+            g = self.groups
+            dw = torch.bmm(b.reshape(g, b.shape[0] // g, -1), a.reshape(g, a.shape[0] // g, -1))
+            return dw.reshape(b.shape[0], *a.shape[1:])
         return b @ a
 
 
@@ -139,12 +150,6 @@ class LoraKind(TunerKind):
                 site,
                 f"it is a {site.type} ({site.op}), LoRA needs a Linear or Conv2d layer",
                 hint="select layers with `type: Linear` or a glob ending in the layer name",
-            )
-        if isinstance(mod, nn.Conv2d) and mod.groups != 1:
-            raise self.fail(
-                site,
-                f"grouped/depthwise convolution (groups={mod.groups}) has no low-rank form here",
-                hint="exclude depthwise convolutions from the rule, e.g. exclude: ['**.conv_dw'], or select by name",
             )
         if self.options.slices and not is_fused_qkv(site):
             raise self.fail(

@@ -57,8 +57,8 @@ class ChannelAffine(nn.Module):
 
     def fold(self, layer: Layer, tap: str) -> None:
         """Merge: ``y <- s ⊙ y + t`` on the layer's output channels (its weight rows and bias); on its input
-        (``replace_input``): ``W' = W diag(s)``, ``b' = b + W t``."""
-        if tap == "replace_input":
+        (a ``replace_input`` join, merged as an ``input_map``): ``W' = W diag(s)``, ``b' = b + W t``."""
+        if tap == "input_map":
             layer.scale_shift_inputs(f64(self.effective_scale()), f64(self.shift))
             return
         if tap != "replace":
