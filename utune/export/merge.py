@@ -10,7 +10,9 @@ Every foldable tuner is an affine map on the layer's input or output channels, a
 - per-channel ``y <- s ⊙ y + t`` (SSF, IA³, BitFit ``bias``):    ``W' = s[:, None] W``, ``b' = s ⊙ b + t``;
   on a norm layer the same on its affine weight and bias;
 - ``y <- y + ΔW x + c`` (LoRA ``ΔW = (alpha/r) B A``, a linear adapter beside the layer): ``W' = W + ΔW``;
-- ``y <- A y + c`` (a linear adapter after the layer, ``A = I + s ⊙ W_up W_down``): ``W' = A W``, ``b' = A b + c``.
+- ``y <- A y + c`` (a linear adapter after the layer, ``A = I + s ⊙ W_up W_down``): ``W' = A W``, ``b' = A b + c``;
+- ``x <- M x + c`` before the layer (RepAdapter's re-parameterisation, a ``replace_input`` join on a Linear or
+  Conv site): ``W' = W M``, ``b' = b + W c``.
 
 How each tuner joins (``y <- T(y)`` or ``y <- y + T(tap)``) and which value it changes are read from the
 build's manifest (``Built.manifest``), never guessed from the graph's shape (a residual ``out + shortcut``
@@ -208,15 +210,36 @@ def locate(g: _Graph, ts: Entry) -> tuple[fx.Node, int, str]:
     """``(layer call, graph position of the join, tap)`` for one tuner, from the manifest.
 
     ``tap`` says how the tuner joins the layer's output ``y``: ``replace`` (``y <- T(y)``), ``input``
-    (``y <- y + T(x)`` with ``x`` the layer's own input) or ``output`` (``y <- y + T(y)``).
+    (``y <- y + T(x)`` with ``x`` the layer's own input) or ``output`` (``y <- y + T(y)``); or, for a tuner
+    that changes what a layer reads, ``replace_input`` (``y = W T(x) + b``).
     """
     att = g.attachment(ts)
+    if att.join == "replace_input" and att.nodes.get("call") is not None:
+        return _locate_input(g, att)
     onto, joined = att.nodes.get("onto"), att.nodes.get("joined")
     if att.join not in ("add", "replace") or onto is None or joined is None:
         raise NotMergeable(_JOIN_WHY.get(att.join, _JOIN_WHY["side"]).format(site=att.site))
     leaf = _resolve_layer(g, onto, ts)
     tap = "replace" if att.join == "replace" else _add_tap(att, leaf)
     return leaf, g.order[joined], tap
+
+
+def _locate_input(g: _Graph, att: Entry) -> tuple[fx.Node, int, str]:
+    """The layer a ``replace_input`` tuner feeds: the site itself, a Linear/Conv called once, which alone
+    reads the tuner's output; the tuner reads the layer's original input and nothing else."""
+    call, onto, joined = att.nodes["call"], att.nodes["onto"], att.nodes["joined"]
+    calls = g.calls.get(att.site, [])
+    mod = g.gm.get_submodule(att.site) if len(calls) == 1 else None
+    if mod is None or layer_kind(mod) not in ("linear", "conv"):
+        raise NotMergeable(_JOIN_WHY["replace_input"].format(site=att.site) + ", and the site is not one Linear/Conv")
+    layer = calls[0]
+    if list(call.args) + list(call.kwargs.values()) != [onto]:
+        raise NotMergeable(f"it reads {att.reads()}, not just the input of {att.site}")
+    if not layer.args or layer.args[0] is not joined or set(joined.users) != {layer}:
+        raise NotMergeable(f"its output is read by more than {att.site}, which alone could hold it")
+    if any(a.startswith(att.site + ".") for a in g.attrs):
+        raise NotMergeable(f"the model also reads {att.site}'s weights directly, and that use would see the fold")
+    return layer, g.order[joined], "replace_input"
 
 
 MergeFn = Callable[[Layer, str], None]
