@@ -288,3 +288,18 @@ def test_reference_spec_merges_after_training(name: str) -> None:
     diff, scale = float((tuned - merged).abs().max()), float(tuned.abs().max())
     assert float((tuned - before).abs().max()) > 1e-3 * scale, "training did not move the tuned model"
     assert diff <= 1e-4 * scale, f"{name}: merged differs by {diff:.3g} (output scale {scale:.3g})"
+
+
+def test_the_digits_benchmark_runs_and_merges(tmp_path: Path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "zoo_adapters_digits.py"
+    cmd = [sys.executable, str(script), "--methods", "fact_tt,vqt", "--out", str(tmp_path), "--name", "t"]
+    proc = subprocess.run([*cmd, "train.max_steps=1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["key"]: r for r in json.loads((tmp_path / "t.json").read_text())["rows"]}
+    fact = rows["fact_tt"]  # the plain model scores the same, up to a 1e-6 tie on one of the 360 digits
+    assert abs(fact["merged_plain_test_acc"] - fact["test_acc"]) <= 1 / 360 and fact["merged_max_abs_diff"] < 1e-4
+    assert "merged_plain_test_acc" not in rows["vqt"] and rows["vqt"]["trainable_params"] > 0
