@@ -46,6 +46,9 @@ class ConvpassOptions(TunerOptions):
     grid: list[PositiveInt] | None = Field(
         default=None, min_length=2, max_length=2, description="[H, W] of the patch grid; null: the tokens' square"
     )
+    channel_dim: Literal[1, -1] | None = Field(
+        default=None, description="feature maps: channels at dim 1 (NCHW) or -1 (NHWC); null: decided from the layers"
+    )
 
 
 class Convpass(nn.Module):
@@ -108,7 +111,7 @@ class ConvpassKind(TunerKind):
             if tap[1] != out[1]:
                 raise self.fail(site, f"the tap has {tap[1]} tokens and the output {out[1]}")
             return Convpass(tap[-1], out[-1], self.options, -1, self._grid(site, ctx, tap[1]))
-        d = ctx.channel_dim(site, out)
+        d = ctx.channel_dim(site, out, self.options.channel_dim)
         if [s for i, s in enumerate(tap) if i not in (0, d % 4)] != [
             s for i, s in enumerate(out) if i not in (0, d % 4)
         ]:

@@ -14,8 +14,9 @@ A layer's output gains ``s · V Σ U x`` per slice (dropout on the core's output
 official code); ``V`` starts at zero, so the model starts as the base. Mergeable: ``W += s · [V Σ_k U]``, the
 same shared ``U, V`` folding into every layer. The official FacT-TK code assigns core entries to the four fc
 slices through a reshape that mixes them; utune keeps the paper's slice-aligned Tucker form (same count).
-Any traceable model's Linear layers whose widths are multiples of one d can share the factors (timm and
-torchvision ViTs, a single Swin or ConvNeXt stage); layers of several widths need one rule per width.
+Any traceable model's Linear layers whose widths are multiples of one d share the factors (timm and
+torchvision ViTs; Swin or ConvNeXt stages of widths d, 2d, 4d... slice into d x d too); a layer whose width is
+not a multiple of d is refused, with the hint to give it its own rule.
 """
 
 from __future__ import annotations
