@@ -93,12 +93,31 @@ EXPECTED: dict[str, tuple[int, dict[str, int]]] = {
     "vit_l14_clip_cifar100/vpt_shallow.yaml": (112_740, {"prompt": 10_240}),
     "vit_l14_clip_cifar100/vpt_deep.yaml": (348_260, {"prompt": 245_760}),
     "vit_l14_clip_cifar100/utuning_dual.yaml": (1_184_324, {"mha": 540_912, "ffn": 540_912}),
+    # the method zoo, adapter-style and structural methods (issue 13)
+    "vit_b16_cifar100/convpass.yaml": (404_452, {"mha": 163_776, "ffn": 163_776}),
+    "vit_b16_cifar100/repadapter.yaml": (316_708, {"repadapter": 239_808}),
+    "vit_b16_cifar100/fact_tt.yaml": (98_404, {"fact": 21_504}),
+    "vit_b16_cifar100/fact_tk.yaml": (163_428, {"fact": 86_528}),
+    "vit_b16_cifar100/difffit.yaml": (208_228, {"gamma": 9_216}),
+    "vit_b16_cifar100/ln_tune.yaml": (115_300, {}),
+    "vit_b16_cifar100/adapter_plus.yaml": (242_884, {"adapter": 165_984}),
+    "vit_b16_cifar100/vqt.yaml": (1_007_716, {"vqt": 1_007_716}),
+    "vit_b16_cifar100/noah_subnet.yaml": (
+        397_230,
+        {"prompt": 52_992, "lora_r10": 92_160, "lora_r5": 30_720, "lora_r1": 21_504}
+        | {"adapter_d10": 96_828, "adapter_d5": 16_906, "adapter_d1": 9_220},
+    ),
 }
 # The sites a rule attaches to, where the count alone would not show a wrong selection.
 SITES = {
     ("vit_b16_cifar100/utuning_1.yaml", "mha"): ["blocks.0.attn"],
     ("vit_b16_cifar100/utuning_1.yaml", "ffn"): ["blocks.0::add_1"],
     ("vit_b16_cifar100/vpt_shallow.yaml", "prompt"): ["blocks.0"],
+    ("vit_b16_cifar100/difffit.yaml", "gamma"): [f"blocks.{i}.{b}" for i in range(6) for b in ("attn", "mlp")],
+    ("vit_b16_cifar100/noah_subnet.yaml", "lora_r5"): ["blocks.2.attn.qkv", "blocks.3.attn.qkv"],
+    ("vit_b16_cifar100/fact_tt.yaml", "fact"): [
+        f"blocks.{i}.{p}" for i in range(12) for p in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    ],
 }
 FULL_VIT_TOTAL = 85_875_556  # ViT-B/16 at 224 with a 100-class head (full.yaml's arithmetic)
 

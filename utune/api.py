@@ -20,6 +20,7 @@ from utune.graph.shapes import NodeFailure, propagate_shapes
 from utune.graph.share import Share
 from utune.graph.sites import Site, find_sites
 from utune.graph.trace import trace
+from utune.graph.trainable import TypeSelector, module_types, typed_parameters
 from utune.models import create_model, data_config, input_size
 from utune.spec import Spec, load_spec
 from utune.tuned import TunedModel
@@ -171,8 +172,9 @@ def _match_rules(traced: Traced, spec: Spec) -> list[dict[str, Any]]:
     return out
 
 
-def _freeze(gm: fx.GraphModule, globs: list[str]) -> list[str]:
-    """Only tuner-owned parameters and ``trainable:`` globs train; returns the unfrozen base names."""
+def _freeze(gm: fx.GraphModule, globs: list[str | TypeSelector], root: nn.Module | None = None) -> list[str]:
+    """Only tuner-owned parameters and ``trainable:`` globs (or ``{type: ...}`` entries) train; returns the
+    unfrozen base names."""
     for p in gm.parameters():
         p.requires_grad_(False)
     tuners = getattr(gm, TUNER_ROOT)
@@ -181,6 +183,9 @@ def _freeze(gm: fx.GraphModule, globs: list[str]) -> list[str]:
     opened: list[str] = []
     base_names = [n for n, _ in gm.named_parameters() if not n.startswith(TUNER_ROOT + ".")]
     for g in globs:
+        if isinstance(g, TypeSelector):
+            opened += [n for n in _typed(g, root or gm, base_names) if n not in opened]
+            continue
         hit = [n for n in base_names if glob_match(g, n) or glob_match(g + ".**", n)]
         if not hit:
             import difflib
@@ -196,6 +201,17 @@ def _freeze(gm: fx.GraphModule, globs: list[str]) -> list[str]:
     for n in opened:
         params[n].requires_grad_(True)
     return opened
+
+
+def _typed(sel: TypeSelector, root: nn.Module, base_names: list[str]) -> list[str]:
+    """The base parameters a ``{type: ...}`` entry opens; SelectionError naming the types there when none."""
+    hit = [n for n in typed_parameters(root, sel) if n in set(base_names)]
+    if not hit:
+        raise SelectionError(
+            f"trainable entry {{{sel.describe()}}} matches no parameter",
+            hint=f"module types with parameters here: {', '.join(module_types(root))}",
+        )
+    return hit
 
 
 def count(module: nn.Module) -> int:
@@ -261,7 +277,7 @@ def _build(spec: Spec, verify: bool, seed: int, t0: float, base: nn.Module | Non
     manifest, rows, warnings = attach_rules(spec, rw)
     rw.propagate()  # runs the whole rewritten graph once: a rule that breaks it is named here
     times["rewrite_s"] = time.perf_counter() - t0 - times["create_s"] - times["trace_s"]
-    opened = _freeze(traced.gm, list(spec.trainable))
+    opened = _freeze(traced.gm, list(spec.trainable), model)
     traced.gm.train(model.training)
     tuned = TunedModel.adopt(traced.gm, model, traced.input_size)
     report = _report(spec, traced.gm, opened, rows, traced, warnings)
@@ -371,7 +387,7 @@ def _report(
         "trainable_pct": 100.0 * trainable / max(total, 1),
         "tuner_params": trainable - base_trainable,
         "base_trainable_params": base_trainable,
-        "trainable": list(spec.trainable),
+        "trainable": [t if isinstance(t, str) else t.describe() for t in spec.trainable],
         "tuners": rules,
         "input_size": list(traced.input_size),
         "identity_max_abs_diff": None,

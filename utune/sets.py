@@ -56,9 +56,15 @@ def derive(base: nn.Module, trainable_owners: Sequence[str], num_classes: int | 
 
 def _owners(built_spec: Any, base: nn.Module) -> list[str]:
     from utune.graph.glob import glob_match
+    from utune.graph.trainable import TypeSelector, typed_parameters
 
     names = [n for n, _ in base.named_parameters()]
-    hit = {n for g in built_spec.trainable for n in names if glob_match(g, n) or glob_match(g + ".**", n)}
+    hit: set[str] = set()
+    for g in built_spec.trainable:  # a glob of names, or {type: LayerNorm}
+        if isinstance(g, TypeSelector):
+            hit |= set(typed_parameters(base, g))
+        else:
+            hit |= {n for n in names if glob_match(g, n) or glob_match(g + ".**", n)}
     return sorted({n.rpartition(".")[0] for n in hit})
 
 

@@ -49,6 +49,7 @@ from utune.config import DataConfig, TrainConfig
 from utune.errors import OverrideError, SpecError
 from utune.graph.select import Selector
 from utune.graph.share import Share
+from utune.graph.trainable import TypeSelector
 from utune.tuners.registry import get_kind, kinds
 
 SPEC_VERSION = 1
@@ -76,6 +77,50 @@ def _check_globs(globs: list[str]) -> list[str]:
 
 
 Globs = Annotated[list[str], BeforeValidator(_as_list), AfterValidator(_check_globs), WithJsonSchema(_STR_OR_LIST)]
+
+
+def _trainable_items(value: Any) -> Any:
+    """Each item a glob or a ``{type: ..., path: ...}`` mapping, with one clear message per bad item."""
+    items = _as_list(value)
+    if not isinstance(items, list):
+        return items  # the list type reports it
+    out: list[Any] = []
+    for i, item in enumerate(items):
+        if isinstance(item, dict):
+            try:
+                item = TypeSelector.model_validate(item)
+            except ValidationError as exc:
+                why = "; ".join(_selector_problem(e) for e in exc.errors())
+                raise ValueError(f"item {i} ({item}): {why}") from None
+        elif not isinstance(item, str | TypeSelector):
+            raise ValueError(f"item {i} is {item!r}: write a glob over parameter names or {{type: LayerNorm}}")
+        out.append(item)
+    return out
+
+
+def _selector_problem(err: Any) -> str:
+    key = ".".join(map(str, err["loc"])) or "type"
+    if err["type"] == "extra_forbidden":
+        return f"unknown key {key!r} (a type entry takes: type, path)"
+    if err["type"] == "missing":
+        return f"`{key}` is missing (e.g. {{type: LayerNorm}})"
+    return f"{key}: {err['msg'][:1].lower()}{err['msg'][1:]}"
+
+
+def _check_trainable(entries: list[str | TypeSelector]) -> list[str | TypeSelector]:
+    _check_globs([e for e in entries if isinstance(e, str)])
+    return entries
+
+
+_TRAINABLE_ITEM = {"anyOf": [{"type": "string"}, {"$ref": "#/$defs/TypeSelector"}]}
+# globs over base parameter names, or {type: LayerNorm} mappings (utune.graph.trainable); the schema's items
+# get their TypeSelector reference in spec_json_schema
+Trainable = Annotated[
+    list[str | TypeSelector],
+    BeforeValidator(_trainable_items),
+    AfterValidator(_check_trainable),
+    WithJsonSchema(_STR_OR_LIST),
+]
 _LAYERS_SCHEMA = {
     "anyOf": [
         {"type": "integer", "minimum": 0},
@@ -208,7 +253,9 @@ class Spec(Section):
     version: Literal[1]
     model: ModelConfig
     tuners: list[TunerRule] = Field(default_factory=list)
-    trainable: Globs = Field(default_factory=list, description="globs over base parameter names")
+    trainable: Trainable = Field(
+        default_factory=list, description="globs over base parameter names, or {type: LayerNorm} (modules by class)"
+    )
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
@@ -538,6 +585,9 @@ def spec_json_schema() -> dict[str, Any]:
     """A JSON schema for editors: each registered kind's options are allowed in rules of that kind."""
     schema = Spec.model_json_schema()
     defs = schema.setdefault("$defs", {})
+    defs["TypeSelector"] = TypeSelector.model_json_schema()
+    trainable = schema["properties"]["trainable"]
+    trainable["anyOf"] = [{"type": "string"}, {"type": "array", "items": _TRAINABLE_ITEM}]
     rule = defs["TunerRule"]
     selector = defs["Selector"]["properties"]
     for key in ("path", "type", "op", "exclude"):  # a lone string is accepted as a one-item list

@@ -11,7 +11,8 @@ Every foldable tuner is an affine map on the layer's input or output channels, a
   on a norm layer the same on its affine weight and bias;
 - ``y <- y + ΔW x + c`` (LoRA ``ΔW = (alpha/r) B A``, a linear adapter beside the layer): ``W' = W + ΔW``;
 - ``y <- A y + c`` (a linear adapter after the layer, ``A = I + s ⊙ W_up W_down``): ``W' = A W``, ``b' = A b + c``;
-- ``x <- M x`` (a ``replace_input`` tuner the layer reads instead of its input, OFT's rotation): ``W' = W M``.
+- ``x <- M x + c`` (a ``replace_input`` tuner the layer reads instead of its input: OFT's rotation, RepAdapter's
+  re-parameterisation): ``W' = W M``, ``b' = b + W c``.
 
 A tuner may read its own layer's frozen tensors (DoRA's weight norm, GLoRA's ``W ⊙ A``): those reads are the
 original tensors, so such a tuner folds with them (``layer.module``), not with what earlier folds made.
@@ -210,11 +211,12 @@ def _input_map(g: _Graph, att: Entry) -> fx.Node:
     """The call of the Linear/Conv at ``att``'s site that reads ``T(x)`` instead of its input ``x``."""
     call, onto = att.nodes.get("call"), att.nodes["onto"]
     layer = att.site.split("@")[0]
+    if not g.calls.get(layer) or layer_kind(g.gm.get_submodule(layer)) not in ("linear", "conv"):
+        why = _JOIN_WHY["replace_input"].format(site=att.site)
+        raise NotMergeable(f"{why}, and the site is not one Linear/Conv to fold it into")
     users = list(call.users) if call is not None else []
     if len(users) != 1 or users[0].op != "call_module" or str(users[0].target) != layer:
         raise NotMergeable(_JOIN_WHY["replace_input"].format(site=att.site))
-    if layer_kind(g.gm.get_submodule(layer)) not in ("linear", "conv"):
-        raise NotMergeable(f"it changes what {att.site} reads, and {att.site} is no Linear or Conv to fold it into")
     assert call is not None  # users came from it
     args = [a for a in [*call.args, *call.kwargs.values()] if not _own_tensor(a, layer)]
     if args != [onto]:

@@ -147,7 +147,7 @@ def verify_with_peft(built: Built, folder: Path) -> Any:
     """PEFT's model of the same folder on the same base weights must compute what utune's does."""
     from utune.export.peft_format import verify_peft
 
-    check = verify_peft(built, folder, list(built.spec.trainable))
+    check = verify_peft(built, folder, [t for t in built.spec.trainable if isinstance(t, str)])  # modules_to_save
     if check is not None and not check.ok:
         raise ExportError(f"the imported tuners do not reproduce PEFT's model: {check.line()}", hint=_HINT)
     return check

@@ -1,8 +1,10 @@
 """Bottleneck adapter: ``U(x) = s ⊙ W_up · act(W_down · x)``.
 
 Houlsby et al. 2019 (sequential on FFN), AdaptFormer (Chen et al. 2022, parallel on FFN, dim 64,
-scale 0.1), U-Tuning's P-Adapter (Jiang et al. 2023, parallel, per-channel scale). Identity at init:
-``W_up`` starts at zero (``init: xavier`` gives the papers' code init instead, not the identity).
+scale 0.1), U-Tuning's P-Adapter (Jiang et al. 2023, parallel, per-channel scale), Adapter+ (Steitz & Roth
+2024, arXiv 2406.06820: sequential after the block, channel scale, ``init: houlsby``). Identity at init:
+``W_up`` starts at zero (``init: xavier`` gives the papers' code init instead, ``init: houlsby`` Houlsby's
+truncated N(0, 0.01) for both projections; neither is the identity).
 On token tensors ``(B, N, C)`` it maps the last dim; on feature maps ``(B, C, H, W)`` it is a
 channel bottleneck of 1x1 convolutions. A parallel adapter beside a CNN stage that downsamples by an
 integer factor average-pools its input by that factor first (as ResNet-D's shortcut does); by another factor
@@ -13,7 +15,7 @@ output (an NCHW image beside an NHWC stage) is refused.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,22 +27,31 @@ from utune.graph.manifest import Tap
 from utune.graph.sites import Site
 from utune.tuners.base import TunerKind, TunerOptions
 from utune.tuners.fold import Layer, NotMergeable, f64
-from utune.tuners.modules import ACTIVATIONS, Scale, channel_linear, kaiming_linear_
+from utune.tuners.modules import ACTIVATIONS, DropPath, Scale, channel_linear, kaiming_linear_
 from utune.tuners.registry import register
 
 
 class AdapterOptions(TunerOptions):
+    runtime_only: ClassVar[tuple[str, ...]] = ("drop_path",)  # training noise only: no weight depends on it
+
     dim: int = Field(default=10, gt=0, description="bottleneck width L (10 in U-Tuning/Res-Tuning, 64 in AdaptFormer)")
-    act: Literal["gelu", "relu", "silu", "identity"] = Field(
-        default="gelu", description="activation between W_down and W_up; identity makes the adapter linear (mergeable)"
+    act: Literal["gelu", "quick_gelu", "relu", "silu", "identity"] = Field(
+        default="gelu",
+        description="activation between W_down and W_up (quick_gelu: x*sigmoid(1.702x), NOAH's); identity makes "
+        "the adapter linear (mergeable)",
     )
     scale: Literal["none", "scalar", "channel", "gate"] | float = Field(
         default="channel",
         description="s: none, a learned scalar, a learned per-channel vector (best in U-Tuning), an input gate, "
         "or a fixed number (AdaptFormer: 0.1)",
     )
-    init: Literal["zero", "xavier"] = Field(
-        default="zero", description="zero: W_up = 0, identity at init; xavier: the papers' code init (not identity)"
+    init: Literal["zero", "xavier", "houlsby"] = Field(
+        default="zero",
+        description="zero: W_up = 0, identity at init; xavier: the papers' code init; houlsby: both projections "
+        "~ N(0, 0.01) truncated at 2 std (Adapter+); the last two are not the identity",
+    )
+    drop_path: float = Field(
+        default=0.0, ge=0, lt=1, description="stochastic depth on the adapter's output in training (Adapter+: 0.1)"
     )
     channel_dim: Literal[1, -1] | None = Field(
         default=None, description="feature maps: channels at dim 1 (NCHW) or -1 (NHWC); null: decided from the layers"
@@ -56,15 +67,8 @@ class Adapter(nn.Module):
         self.act = ACTIVATIONS[opts.act]()
         self.up = nn.Linear(opts.dim, c_out)
         self.scale = Scale(opts.scale, c_out, c_in)
-        if opts.init == "zero":
-            kaiming_linear_(self.down)
-            nn.init.zeros_(self.down.bias)
-            nn.init.zeros_(self.up.weight)
-            nn.init.zeros_(self.up.bias)
-        else:
-            for layer in (self.down, self.up):
-                nn.init.xavier_uniform_(layer.weight)
-                nn.init.zeros_(layer.bias)
+        self.drop_path = DropPath(opts.drop_path) if opts.drop_path > 0 else nn.Identity()
+        _init(self.down, self.up, opts.init)
 
     def affine(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(M, c)`` with ``U(x) = M x + c``, for an adapter whose activation is the identity."""
@@ -103,7 +107,7 @@ class Adapter(nn.Module):
         d = self.channel_dim
         if self.pool != 1:  # NCHW: pool H, W; NHWC: move channels first, pool, move back
             x = _pool(x, self.pool) if d == 1 else _pool(x.movedim(-1, 1), self.pool).movedim(1, -1)
-        y = channel_linear(self.act(channel_linear(x, self.down, d)), self.up, d)
+        y = self.drop_path(channel_linear(self.act(channel_linear(x, self.down, d)), self.up, d))
         if self.scale.mode in ("none", "const"):
             return self.scale(y)
         last = y if d == -1 else y.movedim(d, -1)
@@ -112,11 +116,30 @@ class Adapter(nn.Module):
         return out if d == -1 else out.movedim(-1, d)
 
 
+def _init(down: nn.Linear, up: nn.Linear, how: str) -> None:
+    """zero: LoRA-like (W_up = 0); xavier: the U-Tuning/NOAH code; houlsby: truncated N(0, 0.01), biases 0."""
+    for layer in (down, up):
+        nn.init.zeros_(layer.bias)
+        if how == "xavier":
+            nn.init.xavier_uniform_(layer.weight)
+        elif how == "houlsby":  # Houlsby et al. 2019 as Adapter+ implements it: std 0.01, cut at +-2 std
+            nn.init.trunc_normal_(layer.weight, std=0.01, a=-0.02, b=0.02)
+    if how == "zero":
+        kaiming_linear_(down)
+        nn.init.zeros_(up.weight)
+
+
 @register
 class AdapterKind(TunerKind):
     kind = "adapter"
     Options = AdapterOptions
     summary = "x' = OP(x) + s*W_up*act(W_down*tap); Houlsby 2019, AdaptFormer 2022, U-Tuning P-Adapter 2023"
+
+    @property
+    def identity_at_init(self) -> bool:  # type: ignore[override]
+        """Only ``init: zero`` starts as the base model (the registry's probe has no rule: the default)."""
+        opts = getattr(self, "options", None)
+        return opts is None or opts.init == "zero"
 
     def build(self, site: Site, ctx: PlanContext) -> nn.Module:
         opts: AdapterOptions = self.options

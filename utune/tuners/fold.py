@@ -1,6 +1,7 @@
 """Folding a tuner into the base layer it modifies: float64 working copies of the layer's weight and bias,
-and the three algebraic moves every mergeable tuner reduces to (scale/shift its outputs, add a map of its
-input, mix its outputs). Each tuner module that can fold has a ``fold(layer, tap)`` method using them.
+and the four algebraic moves every mergeable tuner reduces to (scale/shift its outputs, add a map of its
+input, mix its outputs, map its inputs before it). Each tuner module that can fold has a ``fold(layer, tap)``
+method using them.
 """
 
 from __future__ import annotations
@@ -132,6 +133,28 @@ class Layer:
                 self.bias = self.bias + w2 @ t
         if s is not None:
             self.weight = self.weight * s.view(1, -1, *[1] * (self.weight.ndim - 2))
+
+    def map_inputs(self, m: torch.Tensor, c: torch.Tensor | None) -> None:
+        """``x <- M x + c`` before the layer (a map of its own input channels): ``W' = W M``, ``b' = b + W c``."""
+        if self.kind not in ("linear", "conv") or self.weight is None:
+            raise NotMergeable(
+                f"{self.path} is a {type(self.module).__name__}; only a Linear or Conv takes a map of its input"
+            )
+        groups = getattr(self.module, "groups", 1)
+        if groups != 1 or tuple(m.shape) != (self.weight.shape[1], self.weight.shape[1]):
+            raise NotMergeable(
+                f"its channel map {list(m.shape)} does not fit the input of {self.path} (groups={groups})"
+            )
+        w = self.weight
+        pad = getattr(self.module, "padding", "valid")
+        padded = self.kind == "conv" and (pad == "same" or (not isinstance(pad, str) and any(p != 0 for p in pad)))
+        if c is not None and bool(c.ne(0).any()) and padded:
+            raise NotMergeable(f"{self.path} pads its input, so a shift of the input is not a shift of the output")
+        shift = None if c is None else (w.flatten(2).sum(-1) if w.ndim > 2 else w) @ c
+        self._need_bias(shift, "shift of its input")
+        self.weight = torch.tensordot(w, m, dims=([1], [0])).movedim(-1, 1)
+        if shift is not None and self.bias is not None:
+            self.bias = self.bias + shift
 
     def mix_outputs(self, a: torch.Tensor, c: torch.Tensor | None) -> None:
         """``y <- A y + c`` over output channels."""

@@ -11,7 +11,21 @@ from torch import nn
 
 ScaleMode = Literal["none", "scalar", "channel", "gate"] | float
 
-ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "identity": nn.Identity}
+
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)``: CLIP's GELU approximation, which Convpass and NOAH's adapters use."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "gelu": nn.GELU,
+    "quick_gelu": QuickGELU,
+    "relu": nn.ReLU,
+    "silu": nn.SiLU,
+    "identity": nn.Identity,
+}
 
 
 class Scale(nn.Module):
@@ -45,6 +59,20 @@ class Scale(nn.Module):
             g = g.flatten(1, -2).mean(1) if g.ndim > 2 else g  # average over tokens / pixels -> (B, 1)
             return y * g.view(g.shape[0], *([1] * (y.ndim - 1)))
         return y * self.weight
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero the whole output of a sample with probability p (and rescale)."""
+
+    def __init__(self, p: float) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
 
 
 def kaiming_linear_(layer: nn.Linear) -> None:

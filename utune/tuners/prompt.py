@@ -4,7 +4,9 @@
   after the model's class/register tokens at the first selected block, replaced by fresh ones at every
   later selected block (``blocks.0`` = VPT-Shallow, ``blocks.*`` = VPT-Deep), and removed after the last
   block of that sequence, before the model norms and pools, so pooling never sees them. L·C parameters
-  a selected block. Not the identity at init (as in the paper).
+  a selected block. ``length: [10, 5, ...]`` gives each selected block its own L (NOAH's searched subnets,
+  Zhang et al. 2022, arXiv 2206.04673: each block drops the previous block's prompts and inserts its own).
+  Not the identity at init (as in the paper).
 - ``placement: parallel`` (U-Tuning P-Prompt): ``x' = OP(x) + s ⊙ Attn(Q, P W_k, P W_v)``: prompt tokens P
   through the frozen key/value projections of the attention at or beside the site (for FFN/Block: the
   block's attention, as for P-Prefix). The scale starts at zero, so the model starts as the base.
@@ -16,7 +18,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, PositiveInt
 from torch import nn
 
 from utune.graph.context import PlanContext
@@ -29,7 +31,11 @@ from utune.tuners.registry import register
 
 
 class PromptOptions(TunerOptions):
-    length: int = Field(default=10, gt=0, description="L: prompt tokens per selected block (10 in the papers)")
+    length: PositiveInt | list[PositiveInt] = Field(
+        default=10,
+        description="L: prompt tokens per selected block (10 in the papers); concat: a list gives one L per "
+        "selected block, in order (NOAH's subnets)",
+    )
     init_std: float = Field(default=0.02, gt=0, description="std of the normal init of the prompt tokens")
     scale: Literal["scalar", "channel"] = Field(
         default="channel", description="parallel only: s of OP(x) + s * Attn(Q, P W_k, P W_v); starts at 0"
@@ -40,16 +46,16 @@ class PromptOptions(TunerOptions):
 
 
 class PromptTokens(nn.Module):
-    """Insert (``replace=False``) or overwrite (``replace=True``) L tokens after ``skip`` leading tokens."""
+    """Insert L tokens after ``skip`` leading tokens, in place of the ``drop`` prompts an earlier block put there."""
 
-    def __init__(self, length: int, dim: int, skip: int, replace: bool, std: float) -> None:
+    def __init__(self, length: int, dim: int, skip: int, drop: int, std: float) -> None:
         super().__init__()
-        self.skip, self.replace = skip, replace
+        self.skip, self.drop = skip, drop
         self.tokens = nn.Parameter(torch.empty(length, dim).normal_(0, std))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.tokens.to(x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
-        rest = x[:, self.skip + (self.tokens.shape[0] if self.replace else 0) :]
+        rest = x[:, self.skip + self.drop :]
         return torch.cat([x[:, : self.skip], p, rest], dim=1)
 
 
@@ -151,16 +157,29 @@ class PromptKind(TunerKind):
             return None
         opts: PromptOptions = self.options
         skip = opts.prefix_tokens if opts.prefix_tokens is not None else prefix_tokens(ctx.root)
+        lengths = self._lengths(sites)
         plan = []
         for i, site in enumerate(sites):
             shape = ctx.shape(site, Tap("input"))
             assert shape is not None  # check() saw a token sequence
-            module = PromptTokens(opts.length, shape[-1], skip, replace=i > 0, std=opts.init_std)
+            module = PromptTokens(lengths[i], shape[-1], skip, drop=lengths[i - 1] if i else 0, std=opts.init_std)
             plan.append(Attachment(site, module, "replace_input", (Tap("input"),), reshapes=True))
         last = self._last_sibling(ctx, sites[-1])
-        drop = DropTokens(skip, opts.length)
+        drop = DropTokens(skip, lengths[-1])
         plan.append(Attachment(last, drop, "replace", (Tap("output"),), role="drop", reshapes=True))
         return plan
+
+    def _lengths(self, sites: list[Site]) -> list[int]:
+        length = self.options.length
+        if isinstance(length, int):
+            return [length] * len(sites)
+        if len(length) != len(sites):
+            raise self.fail(
+                sites[0],
+                f"`length` lists {len(length)} prompt lengths but the rule selects {len(sites)} blocks",
+                hint="give one length per selected block, in order, or a single number for all",
+            )
+        return list(length)
 
     def _last_sibling(self, ctx: PlanContext, site: Site) -> Site:
         """The last block of the sequence ``site`` belongs to (``blocks.11`` for ``blocks.3``)."""
@@ -175,6 +194,9 @@ class PromptKind(TunerKind):
         return siblings[-1] if siblings else site
 
     def plan(self, site: Site, ctx: PlanContext) -> list[Attachment]:  # parallel P-Prompt
+        length = self.options.length
+        if not isinstance(length, int):
+            raise self.fail(site, "a list of lengths is for placement: concat", hint="give one length: length: 10")
         proj = ctx.projections(site.enclosing)
         if proj is None:
             raise self.fail(
@@ -186,7 +208,7 @@ class PromptKind(TunerKind):
         if shape is None or len(shape) != 3 or shape[-1] != proj.dim:
             raise self.fail(site, f"its {self.where} {shape} is not a (B, N, {proj.dim}) token tensor")
         opts: PromptOptions = self.options
-        module = ParallelPrompt(opts.length, proj.dim, proj.num_heads, proj.fused, opts.scale, opts.init_std)
+        module = ParallelPrompt(length, proj.dim, proj.num_heads, proj.fused, opts.scale, opts.init_std)
         layers = [proj.k] if proj.fused else [proj.k, proj.v]
         frozen = tuple(Frozen(f"{layer}.{t}") for layer in layers for t in ("weight", "bias"))
         return [Attachment(site, module, "add", (ctx.query_tap(proj, site, self.where), *frozen))]
