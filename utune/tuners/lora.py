@@ -40,6 +40,17 @@ class LoraOptions(TunerOptions):
     )
 
 
+def _pads_same(conv: nn.Conv2d) -> bool:
+    """timm's ``Conv2dSame`` / ``StdConv2dSame`` pad each input to TF's "same" before a padding-0 convolution."""
+    return type(conv).__name__ == "Conv2dSame" or bool(getattr(conv, "same_pad", False))
+
+
+def _standardises_weight(mod: nn.Module) -> bool:
+    """timm's ``StdConv2d`` family normalises its weight inside ``forward`` (BiT, NFNet, ViT-hybrid stems)."""
+    return any(c.__name__ in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")
+               for c in type(mod).__mro__)  # fmt: skip
+
+
 class LoraBranch(nn.Module):
     """``B A x`` for one output block: Linear A (in -> r), B (r -> out); Conv2d A (k x k), B (1 x 1), each
     grouped like the layer (``g`` groups: A in -> g·r, B g·r -> out, one rank-r pair per group)."""
@@ -57,13 +68,20 @@ class LoraBranch(nn.Module):
             g = self.groups
             self.lora_A = nn.Conv2d(base.in_channels, g * rank, pair, stride, padding, dilation, groups=g, bias=False)
             self.lora_B = nn.Conv2d(g * rank, out, 1, groups=g, bias=False)
+            self.same_pad = _pads_same(base)  # TF-style "same" padding computed per input (timm's *Conv2dSame)
         else:
             self.lora_A = nn.Linear(base.in_features, rank, bias=False)
             self.lora_B = nn.Linear(rank, out, bias=False)
+            self.same_pad = False
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.same_pad:  # pad as the layer does, so B A x lines up with W x
+            from timm.layers.padding import pad_same
+
+            a = cast(nn.Conv2d, self.lora_A)
+            x = pad_same(x, list(a.kernel_size), list(a.stride), list(cast(tuple[int, int], a.dilation)))
         return self.lora_B(self.lora_A(x))
 
     def delta_weight(self) -> torch.Tensor:
@@ -114,6 +132,11 @@ class Lora(nn.Module):
             raise NotMergeable(f"it does not read the input of {layer.path}")
         if getattr(layer.module, "padding_mode", "zeros") != "zeros":
             raise NotMergeable(f"{layer.path} pads with {layer.module.padding_mode!r}, LoRA's conv pads with zeros")
+        if _standardises_weight(layer.module):
+            raise NotMergeable(
+                f"{layer.path} ({type(layer.module).__name__}) standardises its weight in every forward pass, so a "
+                "change added to the weight would be standardised too"
+            )
         layer.add_input_map(cast(torch.Tensor, f64(self.delta_weight())), None)
 
     def delta_weight(self) -> torch.Tensor:
