@@ -57,12 +57,18 @@ METHODS = [
     "restuning_dual",
     "restuning_bypass",
 ]
+# the method zoo (specs/README.md), scaled to this backbone: `--methods zoo` (or zoo,linear,lora for anchors)
+ZOO = sorted(p.stem for p in SPECS.glob("zoo_*.yaml"))
 LR_GRID = {"train.lr": ["0.3x", "1x", "3x"]}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated spec names in bench/transfer/specs")
+    p.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="comma-separated spec names in bench/transfer/specs; zoo: the zoo's",
+    )
     p.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of: {', '.join(TASKS)}")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--jobs", type=int, default=2, help="runs at once (each its own process)")
@@ -132,7 +138,7 @@ def _keep_timings(docs: list[dict[str, Any]], previous: Path) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [z for m in args.methods.split(",") if m.strip() for z in (ZOO if m.strip() == "zoo" else [m.strip()])]
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [m for m in methods if not (SPECS / f"{m}.yaml").is_file()] + [t for t in tasks if t not in TASKS]
     if unknown:

@@ -295,7 +295,7 @@ def test_the_digits_benchmark_runs_and_merges(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    script = Path(__file__).resolve().parents[1] / "bench" / "zoo_adapters_digits.py"
+    script = Path(__file__).resolve().parents[1] / "bench" / "zoo_digits.py"
     cmd = [sys.executable, str(script), "--methods", "fact_tt,vqt", "--out", str(tmp_path), "--name", "t"]
     proc = subprocess.run([*cmd, "train.max_steps=1"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

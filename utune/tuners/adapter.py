@@ -8,13 +8,15 @@ truncated N(0, 0.01) for both projections; neither is the identity).
 On token tensors ``(B, N, C)`` it maps the last dim; on feature maps ``(B, C, H, W)`` it is a
 channel bottleneck of 1x1 convolutions. A parallel adapter beside a CNN stage that downsamples by an
 integer factor average-pools its input by that factor first (as ResNet-D's shortcut does); by another factor
-(an unpadded stride-2 conv: 112 -> 55), adaptively to the stage's output size. The channel dim of the tap and
+(an unpadded stride-2 conv: 112 -> 55), adaptively to the stage's output size. Beside a stage that merges a
+square grid of tokens (LeViT, MViTv2, Hiera: n² tokens in, m² out) it pools its tap on that grid. The channel dim of the tap and
 of the output are each read from the graph (:mod:`utune.graph.layout`); a tap laid out otherwise than the
 output (an NCHW image beside an NHWC stage) is refused.
 """
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar, Literal
 
 import torch
@@ -59,10 +61,13 @@ class AdapterOptions(TunerOptions):
 
 
 class Adapter(nn.Module):
-    def __init__(self, c_in: int, c_out: int, opts: AdapterOptions, dim: int, pool: int | tuple[int, int] = 1) -> None:
+    def __init__(
+        self, c_in: int, c_out: int, opts: AdapterOptions, dim: int, pool: int | tuple[int, int] = 1, grid: int = 0
+    ) -> None:
         super().__init__()
         self.channel_dim = dim
         self.pool = pool
+        self.grid = grid  # tokens (B, N, C) pooled on their sqrt(N) x sqrt(N) grid (a token-merging stage)
         self.down = nn.Linear(c_in, opts.dim)
         self.act = ACTIVATIONS[opts.act]()
         self.up = nn.Linear(opts.dim, c_out)
@@ -105,7 +110,9 @@ class Adapter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = self.channel_dim
-        if self.pool != 1:  # NCHW: pool H, W; NHWC: move channels first, pool, move back
+        if self.grid:  # (B, N, C) -> (B, C, n, n) -> pooled -> (B, M, C)
+            x = _pool(x.transpose(1, 2).unflatten(2, (self.grid, self.grid)), self.pool).flatten(2).transpose(1, 2)
+        elif self.pool != 1:  # NCHW: pool H, W; NHWC: move channels first, pool, move back
             x = _pool(x, self.pool) if d == 1 else _pool(x.movedim(-1, 1), self.pool).movedim(1, -1)
         y = self.drop_path(channel_linear(self.act(channel_linear(x, self.down, d)), self.up, d))
         if self.scale.mode in ("none", "const"):
@@ -162,13 +169,16 @@ class AdapterKind(TunerKind):
         spatial_in = [s for i, s in enumerate(tap_shape[1:], 1) if i != dim % len(tap_shape)]
         spatial_out = [s for i, s in enumerate(out_shape[1:], 1) if i != dim % len(out_shape)]
         pool = _pooling(spatial_in, spatial_out) if len(out_shape) == 4 else None
+        grid = _token_grid(tap_shape, out_shape) if len(out_shape) == 3 and dim % 3 == 2 else None
+        if grid is not None:  # a stage that merges a square grid of tokens (MViTv2, LeViT, Hiera)
+            pool = grid[0] // grid[1]
         if spatial_in != spatial_out and pool is None:
             raise self.fail(
                 site,
                 f"the tap {list(tap_shape)} and the output {list(out_shape)} differ in tokens/resolution",
                 hint="use placement: sequential (the adapter then reads the output) or another site",
             )
-        return Adapter(c_in, c_out, opts, dim, pool or 1)
+        return Adapter(c_in, c_out, opts, dim, pool or 1, grid[0] if grid else 0)
 
 
 def _pool_factor(spatial_in: list[int], spatial_out: list[int]) -> int | None:
@@ -188,6 +198,17 @@ def _pooling(spatial_in: list[int], spatial_out: list[int]) -> int | tuple[int, 
         return factor
     pairs = list(zip(spatial_in, spatial_out, strict=True))
     return (spatial_out[0], spatial_out[1]) if len(pairs) == 2 and all(0 < b <= a for a, b in pairs) else None
+
+
+def _token_grid(tap: tuple[int, ...], out: tuple[int, ...]) -> tuple[int, int] | None:
+    """(n, m) when N = n² tokens become M = m² (n a multiple of m, no class token): the stage pools its token
+    grid, so the adapter pools its tap the same way, read in row-major order (Hiera's unrolled token order
+    groups neighbours otherwise: there the pooled tokens are not spatial neighbours, and the adapter is
+    still the identity at init)."""
+    n, m = math.isqrt(tap[1]), math.isqrt(out[1])
+    if tap[1] == out[1] or n * n != tap[1] or m * m != out[1] or m == 0 or n % m:
+        return None
+    return n, m
 
 
 def _pool(x: torch.Tensor, pool: int | tuple[int, int]) -> torch.Tensor:

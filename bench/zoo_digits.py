@@ -1,17 +1,18 @@
-"""The zoo's adapter-style and structural methods trained on the quickstart's digits task.
+"""The method zoo trained on the quickstart's digits task.
 
-Each method of ``specs/README.md``'s zoo table (Convpass, RepAdapter, FacT-TT/TK, DiffFit, LN-Tune,
-Adapter+, VQT, a NOAH subnet), with linear probing beside it, tunes the quickstart's backbone (a ViT that
+Each method of ``specs/README.md``'s zoo table (the LoRA family: LoRA, DoRA, LoHa, LoKr, OFT, BOFT, VeRA,
+GLoRA; Convpass, RepAdapter, FacT-TT/TK, DiffFit, LN-Tune, Adapter+, VQT, a NOAH subnet), with linear probing
+beside it, tunes the quickstart's backbone (a ViT that
 utune pre-trained on six Fashion-MNIST classes, ``quickstart/vit_fmnist6.safetensors``: C = 96, 6 blocks, 4 x 4
 patches)
 on scikit-learn's digits, with the quickstart's recipe (AdamW, 10 epochs, batch 32, seed 0, one lr for all);
 test accuracy is scored on the 360 held-out digits (``utune eval``). Mergeable methods are also exported
 merged (``utune export --merge``) and the plain timm model re-scored. Results: ``bench/results/
-zoo_adapters_digits.{json,md}``. The settings are the reference specs' scaled to this backbone (ranks and
+zoo_digits.{json,md}``. The settings are the reference specs' scaled to this backbone (ranks and
 dims as there; NOAH: the first six blocks of its CIFAR-100 subnet).
 
-    python bench/zoo_adapters_digits.py                       # every method (about 4 min on 2 cores)
-    python bench/zoo_adapters_digits.py --methods convpass,vqt train.epochs=2
+    python bench/zoo_digits.py                       # every method (about 4 min on 2 cores)
+    python bench/zoo_digits.py --methods convpass,vqt train.epochs=2
 """
 
 from __future__ import annotations
@@ -28,9 +29,27 @@ sys.path.insert(0, str(ROOT))
 BASE_SPEC = ROOT / "quickstart" / "methods" / "lora.yaml"  # model, data and recipe of the quickstart
 HEAD = ["head"]
 ATTN_FFN = ["blocks.*.attn", "blocks.*.mlp"]
+QKV = "blocks.*.attn.qkv"
+LINEARS = {"path": "blocks.*.**", "type": "Linear"}
 
 METHODS: dict[str, tuple[str, list[dict[str, Any]], list[Any]]] = {
     "linear": ("Linear probing", [], HEAD),
+    "lora": ("LoRA (q, v, r 8)", [{"name": "lora", "kind": "lora", "at": QKV, "rank": 8, "slices": ["q", "v"]}], HEAD),
+    "dora": ("DoRA (q, v, r 8)", [{"name": "dora", "kind": "dora", "at": QKV, "rank": 8, "slices": ["q", "v"]}], HEAD),
+    "loha": ("LoHa (qkv, r 4)", [{"name": "loha", "kind": "loha", "at": QKV, "rank": 4}], HEAD),
+    "lokr": ("LoKr (every Linear, r 8)", [{"name": "lokr", "kind": "lokr", "at": LINEARS, "rank": 8}], HEAD),
+    "oft": ("OFT (every Linear, b 16)", [{"name": "oft", "kind": "oft", "at": LINEARS, "block_size": 16}], HEAD),
+    "boft": (
+        "BOFT (every Linear, b 8, m 2)",
+        [{"name": "boft", "kind": "boft", "at": LINEARS, "block_size": 8, "butterfly_factor": 2}],
+        HEAD,
+    ),
+    "vera": (
+        "VeRA (q, v, r 256)",
+        [{"name": "vera", "kind": "vera", "at": QKV, "rank": 256, "slices": ["q", "v"]}],
+        HEAD,
+    ),
+    "glora": ("GLoRA (every Linear, r 4)", [{"name": "glora", "kind": "glora", "at": LINEARS, "rank": 4}], HEAD),
     "convpass": (
         "Convpass",
         [
@@ -188,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of: {', '.join(METHODS)}")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results", help="where the results go")
-    p.add_argument("--name", default="zoo_adapters_digits", help="file stem of the results")
+    p.add_argument("--name", default="zoo_digits", help="file stem of the results")
     p.add_argument("overrides", nargs="*", help="key.path=value for every method, e.g. train.epochs=2")
     args = p.parse_args(argv)
     import torch
