@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -436,3 +437,31 @@ def test_rules_built_in_code() -> None:
         TunerRule(name="a", kind="fake", at="x", options=OtherKind.Options())
     with pytest.raises(ValidationError, match="duplicate rule name"):
         Spec(version=1, model={"name": "test_vit"}, tuners=[rule, rule])
+
+
+def test_layout_on_a_rule_is_its_channel_dim_in_words(tmp_path: Path) -> None:
+    """``layout: channels_first`` sets the kind's ``channel_dim: 1`` (``channels_last``/``nhwc``/``tokens``: -1); a
+    kind without a layout, an unknown value or a contradicting channel_dim is an error at the line."""
+    import yaml
+
+    from utune.spec import spec_json_schema
+
+    def rule(**extra: Any) -> Path:
+        body = {"version": 1, "model": {"name": "test_resnet", "pretrained": False}, "trainable": ["fc"],
+                "tuners": [{"name": "a", "kind": "adapter", "at": "layer1.*", **extra}]}  # fmt: skip
+        path = tmp_path / "s.yaml"
+        path.write_text(yaml.safe_dump(body, sort_keys=False))
+        return path
+
+    assert load_spec(rule(layout="channels_first")).tuners[0].options.channel_dim == 1
+    assert load_spec(rule(layout="nhwc")).tuners[0].options.channel_dim == -1
+    for extra, message in [
+        ({"layout": "sideways"}, "layout 'sideways' is not one of"),
+        ({"layout": "nhwc", "channel_dim": 1}, "says channel_dim -1, the rule says 1"),
+        ({"layout": "nchw", "kind": "lora", "at": "layer1.0.conv1"}, "kind 'lora' reads no channel layout"),
+    ]:
+        with pytest.raises(SpecError, match=message) as err:
+            load_spec(rule(**extra))
+        assert "s.yaml:" in str(err.value)
+    variants = {v["title"]: v for v in spec_json_schema()["$defs"]["TunerRule"]["oneOf"]}
+    assert "layout" in variants["adapter"]["properties"] and "layout" not in variants["lora"]["properties"]

@@ -465,11 +465,36 @@ def _validate_options(index: int, raw: dict[str, Any]) -> tuple[Section | None, 
     if not isinstance(kind, str) or kind not in kinds():
         return None, []  # phase 1 reports the missing or unknown kind
     options_cls = _options_class(kind)
+    raw, found = _layout(index, kind, raw, options_cls)
+    if found:
+        return None, found
     try:
         return options_cls.model_validate({k: v for k, v in raw.items() if k not in _COMMON}), []
     except ValidationError as exc:
         names = [*_COMMON, *options_cls.model_fields]
         return None, [_from_pydantic(err, ("tuners", index), names) for err in exc.errors()]
+
+
+_LAYOUTS = {"channels_first": 1, "nchw": 1, "channels_last": -1, "nhwc": -1, "tokens": -1}
+
+
+def _layout(index: int, kind: str, raw: dict[str, Any], options_cls: type) -> tuple[dict[str, Any], list[_Problem]]:
+    """``layout: channels_first | channels_last`` (``nchw``/``nhwc``/``tokens``) on a rule: where the channels of
+    the values it reads sit, for kinds that map channels (``channel_dim: 1`` or ``-1`` in the kind's words)."""
+    if "layout" not in raw:
+        return raw, []
+    loc: Loc = ("tuners", index, "layout")
+    value = raw["layout"]
+    if "channel_dim" not in getattr(options_cls, "model_fields", {}):
+        return raw, [_Problem(loc, f"kind {kind!r} reads no channel layout; remove `layout: {value}`")]
+    if not isinstance(value, str) or value.lower() not in _LAYOUTS:
+        return raw, [
+            _Problem(loc, f"layout {value!r} is not one of: channels_first, channels_last (nchw, nhwc, tokens)")
+        ]
+    dim = _LAYOUTS[value.lower()]
+    if raw.get("channel_dim") not in (None, dim):
+        return raw, [_Problem(loc, f"layout: {value} says channel_dim {dim}, the rule says {raw['channel_dim']}")]
+    return {**{k: v for k, v in raw.items() if k != "layout"}, "channel_dim": dim}, []
 
 
 def _duplicate_names(names: list[Any]) -> list[_Problem]:
@@ -605,6 +630,8 @@ def spec_json_schema() -> dict[str, Any]:
             properties["tap"] = {"anyOf": [{"enum": taps}, {"type": "null"}], "default": None}
         else:
             properties.pop("tap", None)
+        if "channel_dim" in properties:  # `layout:` is the channel_dim in words (utune.spec._layout)
+            properties["layout"] = {"enum": list(_LAYOUTS), "description": "where the channels sit (= channel_dim)"}
         required = list(dict.fromkeys([*rule.get("required", []), *options.get("required", [])]))
         variant = {"title": name, "type": "object", "properties": properties, "required": required}
         variants.append({**variant, "additionalProperties": False})

@@ -9,9 +9,9 @@ On token tensors ``(B, N, C)`` it maps the last dim; on feature maps ``(B, C, H,
 channel bottleneck of 1x1 convolutions. A parallel adapter beside a CNN stage that downsamples by an
 integer factor average-pools its input by that factor first (as ResNet-D's shortcut does); by another factor
 (an unpadded stride-2 conv: 112 -> 55), adaptively to the stage's output size. Beside a stage that merges a
-square grid of tokens (LeViT, MViTv2, Hiera: n² tokens in, m² out) it pools its tap on that grid. The channel dim of the tap and
-of the output are each read from the graph (:mod:`utune.graph.layout`); a tap laid out otherwise than the
-output (an NCHW image beside an NHWC stage) is refused.
+square grid of tokens (LeViT, MViTv2, Hiera: n² tokens in, m² out) it pools its tap on that grid. The channel
+dim of the tap and of the output are each read from the graph (:mod:`utune.graph.layout`); a tap laid out
+otherwise than the output (an NCHW image beside an NHWC stage) is refused.
 """
 
 from __future__ import annotations
