@@ -319,7 +319,7 @@ def channel_dim(site: Site, shape: tuple[int, ...], override: int | None = None,
 
 def _decide(site: Site, shape: tuple[int, ...], evidence: Evidence) -> int:
     rank = len(shape)
-    hint = "set channel_dim: 1 (channels first, NCHW) or channel_dim: -1 (channels last, NHWC) in the rule"
+    hint = "set layout: channels_first (NCHW, channel_dim 1) or channels_last (NHWC or tokens, channel_dim -1) in the rule"
     if len(evidence.found) == 1:
         dim = next(iter(evidence.found))
         return -1 if dim == rank - 1 else dim
@@ -357,5 +357,5 @@ def input_channel_dim(site: Site, shape: tuple[int, ...], override: int | None =
         return -1
     raise SelectionError(
         f"cannot tell the channel dim of the input of {site.path} (shape {list(shape)})",
-        hint="set channel_dim: 1 (NCHW) or channel_dim: -1 (NHWC) in the rule",
+        hint="set layout: channels_first (NCHW) or layout: channels_last (NHWC) in the rule",
     )
