@@ -319,7 +319,7 @@ def channel_dim(site: Site, shape: tuple[int, ...], override: int | None = None,
 
 def _decide(site: Site, shape: tuple[int, ...], evidence: Evidence) -> int:
     rank = len(shape)
-    hint = "set layout: channels_first (NCHW, channel_dim 1) or channels_last (NHWC or tokens, channel_dim -1) in the rule"
+    hint = "set layout: channels_first (NCHW, channel_dim 1) or channels_last (NHWC, tokens: -1) in the rule"
     if len(evidence.found) == 1:
         dim = next(iter(evidence.found))
         return -1 if dim == rank - 1 else dim
