@@ -179,8 +179,8 @@ def markdown(rows: list[dict[str, Any]], machine: str, overrides: list[str]) -> 
     lines = [
         f"Machine: {machine}",
         "",
-        "The quickstart backbone (ViT, C = 96, 6 blocks, pre-trained on six Fashion-MNIST classes) tuned on scikit-learn's "
-        "digits, 10 epochs, AdamW lr 1e-2, seed 0"
+        "The quickstart backbone (ViT, C = 96, 6 blocks, pre-trained on six Fashion-MNIST classes) tuned on "
+        "scikit-learn's digits, 10 epochs, AdamW lr 1e-2, seed 0"
         + (f", overrides {' '.join(overrides)}" if overrides else "")
         + "; one lr (the quickstart LoRA's), not tuned per method; test = the 360 held-out digits.",
         "",
