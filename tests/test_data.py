@@ -432,6 +432,22 @@ def test_build_loader_distributed_and_workers(tmp_path: Path) -> None:
         torch.distributed.destroy_process_group()
 
 
+def test_num_workers_default_comes_from_the_cpus_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    from utune.data import MAX_WORKERS, default_workers
+
+    assert DataConfig(dataset="digits").num_workers is None  # the spec default: derived
+    assert default_workers(3) == 3 and default_workers(0) == 0  # an explicit count is kept
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for cores, workers in ((1, 0), (2, 1), (8, 7), (64, MAX_WORKERS)):
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert default_workers(None) == workers
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun, 4 processes on this machine: 4 cores each
+    assert default_workers(None) == 3
+    ds = build_datasets(_cfg("digits", img_size=8), DATA_CONFIG, splits=("val",))["val"]
+    assert build_loader(ds, 50, train=False, num_workers=None, seed=0, distributed=False).num_workers == 3
+
+
 def test_augment_false_gives_the_training_split_the_eval_transform() -> None:
     data_config = {
         "input_size": (3, 32, 32),
