@@ -253,3 +253,39 @@ def test_compile_trains_like_eager_and_throughput_leaves_out_the_compile_step(
         assert summary["warmup_steps"] == 1 and summary["warmup_s"] > 0
     # compiling takes seconds, the 3 timed steps milliseconds: the wall clock of the run would be far lower
     assert comp["images_per_s"] > 4 * 16 / comp["time_s"]
+
+
+def test_uint8_batches_normalised_on_the_device_train_like_float_batches(tmp_path: Path) -> None:
+    """data built with device_normalize (uint8 pixels) + InputNorm in the loop == the CPU-normalised path."""
+    from utune.config import DataConfig
+    from utune.data import InputNorm, build_datasets
+
+    data_config = {"input_size": (3, 32, 32), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
+    cfg = DataConfig(dataset="digits", augment="crop-flip")
+    curves = []
+    for on_device in (False, True):
+        ds = build_datasets(cfg, data_config, splits=("train", "val"), device_normalize=on_device)
+        loaders = {name: DataLoader(d, batch_size=16, shuffle=name == "train") for name, d in ds.items()}
+        norm = InputNorm.from_data_config(data_config) if on_device else None
+        summary = fit(
+            tiny_vit(), train_cfg(max_steps=8, log_every=1), loaders, tmp_path / str(on_device), input_norm=norm
+        )
+        lines = read_jsonl(tmp_path / str(on_device) / "metrics.jsonl")
+        curves.append(([r["loss"] for r in lines if "split" not in r], summary["final_val_acc"]))
+    (float_loss, float_acc), (uint8_loss, uint8_acc) = curves
+    assert uint8_loss == pytest.approx(float_loss, abs=1e-5) and uint8_acc == float_acc
+
+
+def test_uint8_batches_without_input_norm_are_an_error(tmp_path: Path) -> None:
+    from utune.errors import DataError
+
+    class Pixels(Dataset):
+        def __len__(self) -> int:
+            return 32
+
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+            return torch.zeros(3, 32, 32, dtype=torch.uint8), i % 10
+
+    with pytest.raises(DataError, match="uint8 images") as err:
+        fit(tiny_vit(), train_cfg(max_steps=1), {"train": DataLoader(Pixels(), batch_size=16)}, tmp_path)
+    assert "InputNorm" in (err.value.hint or "")

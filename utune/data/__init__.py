@@ -54,10 +54,11 @@ from utune.config import DataConfig
 from utune.data import derive
 from utune.data.datasets._common import Source, data_base, resolve_root
 from utune.data.datasets.registry import ENTRIES, TRAIN_SPLITS, Entry, lookup, names
-from utune.data.datasets.transforms import build_transform
+from utune.data.datasets.transforms import InputNorm, build_transform
 from utune.errors import DataError
 
 __all__ = [
+    "InputNorm",
     "OpenedData",
     "build_datasets",
     "build_loader",
@@ -116,12 +117,20 @@ class OpenedData:
     transforms: dict[str, DeferredTransform]
     classes: int
 
-    def attach(self, data_config: Mapping[str, Any], *, augment_training: bool = True) -> dict[str, Dataset]:
-        """Set each split's transform for the model; ``augment_training=False``: evaluation transform for all."""
+    def attach(
+        self, data_config: Mapping[str, Any], *, augment_training: bool = True, device_normalize: bool = False
+    ) -> dict[str, Dataset]:
+        """Set each split's transform for the model; ``augment_training=False``: evaluation transform for all.
+        ``device_normalize``: the splits yield uint8 pixels, for :class:`InputNorm` on the training device."""
         for split, deferred in self.transforms.items():
             training = augment_training and split in TRAIN_SPLITS and self.cfg.augment != "none"
             deferred.fn = build_transform(
-                data_config, self.cfg.img_size, training=training, augment=self.entry.augment, mode=self.cfg.augment
+                data_config,
+                self.cfg.img_size,
+                training=training,
+                augment=self.entry.augment,
+                mode=self.cfg.augment,
+                device_normalize=device_normalize,
             )
         return self.datasets
 
@@ -165,6 +174,7 @@ def build_datasets(
     splits: Iterable[str] = ("train", "val"),
     download: bool = False,
     augment_training: bool = True,
+    device_normalize: bool = False,
 ) -> dict[str, Dataset]:
     """``{split: Dataset}`` for ``cfg.dataset``, transformed for the model described by ``data_config``.
 
@@ -172,9 +182,10 @@ def build_datasets(
     ``interpolation``, ``crop_pct``); ``cfg.img_size`` overrides its size. Training splits (``train``,
     ``trainval``, ``train800``) get training augmentation unless ``augment_training`` is False (evaluation).
     ``download`` lets CIFAR, Fashion-MNIST and Flowers-102 fetch missing files from their official sources.
+    ``device_normalize``: uint8 images instead, normalised on the device by ``InputNorm.from_data_config``.
     """
     opened = open_datasets(cfg, splits=splits, download=download)
-    return opened.attach(data_config, augment_training=augment_training)
+    return opened.attach(data_config, augment_training=augment_training, device_normalize=device_normalize)
 
 
 MAX_WORKERS = 16  # past this, a process's workers mostly hold memory: 16 x ~480 img/s is ~7,700 img/s

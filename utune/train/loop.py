@@ -19,7 +19,7 @@ import contextlib
 import json
 import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -114,12 +114,27 @@ def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
-def _to_device(batch: Any, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+Preprocess = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _to_device(
+    batch: Any, device: torch.device, channels_last: bool, input_norm: Preprocess | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and labels on ``device``; uint8 images (``data`` built with ``device_normalize``) are
+    normalised there by ``input_norm``: a quarter of the bytes of float pixels cross to the device."""
     try:
         x, y = batch[0], batch[1]
     except (TypeError, IndexError, KeyError):
         raise DataError(f"a data loader batch must be (images, labels); got {type(batch).__name__}") from None
     x = x.to(device, non_blocking=True)
+    if x.dtype == torch.uint8:
+        if input_norm is None:
+            raise DataError(
+                "the data loader yields uint8 images but the training loop was given no input_norm",
+                hint="pass input_norm=utune.data.InputNorm.from_data_config(data_config) (or build the datasets "
+                "without device_normalize)",
+            )
+        x = input_norm(x)
     if channels_last and x.ndim == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y.to(device, non_blocking=True).long()
@@ -144,8 +159,10 @@ def evaluate(
     amp: bool = True,
     channels_last: bool = False,
     lockstep: bool = False,
+    input_norm: Preprocess | None = None,
 ) -> dict[str, float | int]:
     """Top-1 accuracy and mean cross-entropy over ``loader``, summed over all DDP ranks.
+    ``input_norm`` normalises uint8 batches on the device (:class:`utune.data.InputNorm`).
 
     Under DDP each rank must see a disjoint shard with no padding (``fit`` arranges that); the counts,
     not per-rank means, are all-reduced, so the result is exact for any shard sizes. ``lockstep`` (FSDP,
@@ -159,7 +176,7 @@ def evaluate(
     try:
         with torch.no_grad(), _autocast(device, amp):
             for batch in loader:
-                x, y = _to_device(batch, device, channels_last and device.type == "cuda")
+                x, y = _to_device(batch, device, channels_last and device.type == "cuda", input_norm)
                 logits = model(x).float()
                 if (bad := _label_error(logits, y)) is not None:
                     raise bad
@@ -325,6 +342,8 @@ class Trainer:
     ``loaders["train"]`` supplies the dataset, batch size and worker settings; its sampler is replaced by
     a resumable one. Every other entry (``val``, ``test``) is evaluated at each epoch end, every
     ``eval_every`` steps and at the end; the ``val`` split (else the first) decides the best checkpoint.
+    ``input_norm`` turns uint8 batches into the model's normalised input on the device
+    (:class:`utune.data.InputNorm`; float batches pass unchanged).
     """
 
     def __init__(
@@ -336,8 +355,10 @@ class Trainer:
         *,
         run_meta: dict | None = None,
         reporter: Reporter | None = None,
+        input_norm: Preprocess | None = None,
     ) -> None:
         self.model, self.cfg, self.out_dir = model, cfg, Path(out_dir)
+        self.input_norm = input_norm
         self.device = du.setup(cfg.device)
         self.rank, self.world = du.rank(), du.world()
         self.main = self.rank == 0
@@ -471,7 +492,7 @@ class Trainer:
             freeze_batchnorm(self.model)
 
     def _micro_step(self, batch: Any, sync: bool) -> None:
-        x, y = _to_device(batch, self.device, self.channels_last)
+        x, y = _to_device(batch, self.device, self.channels_last, self.input_norm)
         no_sync = self.ddp.no_sync() if (self.ddp is not None and not sync) else contextlib.nullcontext()
         with no_sync:
             with _autocast(self.device, self.cfg.amp):
@@ -550,7 +571,13 @@ class Trainer:
         st, improved = self.state, False
         for split, loader in self.evals.items():
             res = evaluate(
-                self.model, loader, self.device, amp=self.cfg.amp, channels_last=self.channels_last, lockstep=self.fsdp
+                self.model,
+                loader,
+                self.device,
+                amp=self.cfg.amp,
+                channels_last=self.channels_last,
+                lockstep=self.fsdp,
+                input_norm=self.input_norm,
             )
             epoch = round(st.step / st.steps_per_epoch, 4)
             record = {"step": st.step, "epoch": epoch, "split": split, "acc": res["acc"], "loss": res["loss"]}
@@ -642,10 +669,11 @@ def fit(
     resume: bool = False,
     run_meta: dict | None = None,
     reporter: Reporter | None = None,
+    input_norm: Preprocess | None = None,
 ) -> dict[str, Any]:
     """Train ``model``'s trainable parameters; write metrics and checkpoints under ``out_dir``.
 
-    Returns the run summary (also ``out_dir/summary.json``); see :class:`Trainer`.
+    Returns the run summary (also ``out_dir/summary.json``); see :class:`Trainer` (``input_norm`` too).
     """
     out_dir = Path(out_dir)
     if not resume and has_checkpoint(out_dir / "checkpoints"):
@@ -654,7 +682,9 @@ def fit(
             hint="pass --resume to continue it, or choose another output directory",
         )
     with _private_rng():
-        trainer = Trainer(model, train_cfg, loaders, out_dir, run_meta=run_meta, reporter=reporter)
+        trainer = Trainer(
+            model, train_cfg, loaders, out_dir, run_meta=run_meta, reporter=reporter, input_norm=input_norm
+        )
         if resume:
             trainer.restore()
         return trainer.fit()
