@@ -25,8 +25,8 @@ class DataConfig(Section):
     root: str | None = None  # where the data lives; default: ~/.cache/utune/data/<dataset>
     img_size: int | None = Field(default=None, gt=0)  # default: the model's own input size
     # loader processes per training process; null: one per CPU core this process may use, less one for the
-    # training loop, at most 16 (utune.data.default_workers). The training transform costs ~2 ms of CPU per
-    # image, so each worker feeds ~480 img/s: 2 workers cap a run near 1,000 img/s, far below one GPU
+    # training loop, at most 16 (utune.data.default_workers). ViT-B's 224 px training transform costs ~1.4 ms
+    # of CPU per image (bench/results/data_*.md), so a worker feeds ~700 img/s: 2 cap a run far below one GPU
     num_workers: int | None = Field(default=None, ge=0, description="loader processes; null: from the CPU count")
     # training augmentation, one of AUGMENT_MODES above; true = timm, false = none (the spec format before 0.2)
     augment: Augment = Field(default="timm", description="training augmentation: none | timm | crop | crop-flip")
