@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import json
 import pickle
+import random
 import struct
 from pathlib import Path
 from urllib.error import URLError
@@ -432,6 +433,22 @@ def test_build_loader_distributed_and_workers(tmp_path: Path) -> None:
         torch.distributed.destroy_process_group()
 
 
+def test_num_workers_default_comes_from_the_cpus_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    from utune.data import MAX_WORKERS, default_workers
+
+    assert DataConfig(dataset="digits").num_workers is None  # the spec default: derived
+    assert default_workers(3) == 3 and default_workers(0) == 0  # an explicit count is kept
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    for cores, workers in ((1, 0), (2, 1), (8, 7), (64, MAX_WORKERS)):
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert default_workers(None) == workers
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun, 4 processes on this machine: 4 cores each
+    assert default_workers(None) == 3
+    ds = build_datasets(_cfg("digits", img_size=8), DATA_CONFIG, splits=("val",))["val"]
+    assert build_loader(ds, 50, train=False, num_workers=None, seed=0, distributed=False).num_workers == 3
+
+
 def test_augment_false_gives_the_training_split_the_eval_transform() -> None:
     data_config = {
         "input_size": (3, 32, 32),
@@ -445,3 +462,41 @@ def test_augment_false_gives_the_training_split_the_eval_transform() -> None:
     assert torch.equal(first[0], first[1])  # deterministic: no random crop or flip
     augmented = build_datasets(DataConfig(dataset="digits"), data_config, splits=("train",))
     assert augmented["train"][0][0].shape == first[0].shape
+
+
+# --- normalisation on the device ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["none", "timm", "crop-flip"])
+@pytest.mark.parametrize("config", [DATA_CONFIG, GRAY_CONFIG, {**DATA_CONFIG, "mean": (0.485, 0.456, 0.406)}])
+def test_device_normalize_gives_the_cpu_paths_batch(mode: str, config: dict) -> None:
+    """uint8 pixels + InputNorm on a batch == the CPU transform's normalised floats (the same RNG draws)."""
+    from utune.data import InputNorm
+
+    cfg = DataConfig(dataset="digits", augment=mode, img_size=24)
+    cpu = build_datasets(cfg, config, splits=("train",))["train"]
+    raw = build_datasets(cfg, config, splits=("train",), device_normalize=True)["train"]
+    norm = InputNorm.from_data_config(config)
+    for i in range(8):
+        torch.manual_seed(i), random.seed(i)
+        want = cpu[i][0]
+        torch.manual_seed(i), random.seed(i)
+        pixels = raw[i][0]
+        assert pixels.dtype == torch.uint8 and pixels.shape == want.shape  # 1 byte a value instead of 4
+        got = norm(pixels[None])[0]
+        assert got.dtype == torch.float32 and got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    batch = next(iter(build_loader(raw, 16, train=False, num_workers=0, seed=0, distributed=False)))[0]
+    assert batch.dtype == torch.uint8 and norm(norm(batch)).dtype == torch.float32  # float batches pass as they are
+
+
+def test_device_normalize_keeps_the_cpu_path_for_steps_that_need_floats(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torchvision.transforms import Compose, RandomErasing
+
+    from utune.data.datasets import transforms
+
+    real = transforms.create_transform
+    monkeypatch.setattr(transforms, "create_transform", lambda **kw: Compose([*real(**kw).transforms, RandomErasing()]))
+    image = Image.fromarray(np.zeros((8, 8), dtype=np.uint8))
+    out = transforms.build_transform(DATA_CONFIG, None, training=True, device_normalize=True)(image)
+    assert out.dtype == torch.float32  # normalised on the CPU; InputNorm passes it unchanged

@@ -24,7 +24,10 @@ class DataConfig(Section):
     dataset: str | None = None
     root: str | None = None  # where the data lives; default: ~/.cache/utune/data/<dataset>
     img_size: int | None = Field(default=None, gt=0)  # default: the model's own input size
-    num_workers: int = Field(default=2, ge=0)
+    # loader processes per training process; null: one per CPU core this process may use, less one for the
+    # training loop, at most 16 (utune.data.default_workers). ViT-B's 224 px training transform costs ~1.4 ms
+    # of CPU per image (bench/results/data_*.md), so a worker feeds ~700 img/s: 2 cap a run far below one GPU
+    num_workers: int | None = Field(default=None, ge=0, description="loader processes; null: from the CPU count")
     # training augmentation, one of AUGMENT_MODES above; true = timm, false = none (the spec format before 0.2)
     augment: Augment = Field(default="timm", description="training augmentation: none | timm | crop | crop-flip")
     # keep only these classes of the dataset, relabelled 0..len-1 in the order given (held-out-class tasks)

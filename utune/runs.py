@@ -11,10 +11,11 @@ failed start is never what a later default picks.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -78,7 +79,9 @@ def build_loaders(
     import utune.data as data
 
     if datasets is None:
-        datasets = data.build_datasets(data_cfg, data_config, splits=tuple(splits), augment_training=not evaluation)
+        datasets = data.build_datasets(
+            data_cfg, data_config, splits=tuple(splits), augment_training=not evaluation, device_normalize=True
+        )
     return {
         name: data.build_loader(
             ds,
@@ -91,6 +94,13 @@ def build_loaders(
         for name, ds in datasets.items()
         if name in splits
     }
+
+
+def input_norm(data_config: Mapping[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The device-side normalisation of the model's input (for datasets built with ``device_normalize``)."""
+    from utune.data import InputNorm
+
+    return InputNorm.from_data_config(data_config)
 
 
 # ---- where runs live ----------------------------------------------------------------------------------
@@ -227,7 +237,16 @@ def train_run(
             from utune.train.tensorboard import Reporters, TensorBoardReporter
 
             reporter = Reporters([reporter, TensorBoardReporter(out_dir / "tensorboard", spec_to_yaml(spec))])
-        return fit(built.model, spec.train, loaders, out_dir, resume=resume, run_meta=meta, reporter=reporter)
+        return fit(
+            built.model,
+            spec.train,
+            loaders,
+            out_dir,
+            resume=resume,
+            run_meta=meta,
+            reporter=reporter,
+            input_norm=input_norm(built.data_config),
+        )
     except BaseException:
         if created and du.is_main() and not has_checkpoint(out_dir / "checkpoints"):
             remove_tree(out_dir)  # a failed start is not a run a later default export would pick
@@ -281,10 +300,11 @@ def eval_run(
     opened = open_datasets(spec.data, splits=(split,), download=download)  # data checked before the model
     built = restore_run(run_dir, ov, which=which)
     check_classes(built, opened.classes, spec.data.dataset)
-    datasets = opened.attach(built.data_config, augment_training=False)
+    datasets = opened.attach(built.data_config, augment_training=False, device_normalize=True)
     loaders = build_loaders(spec.data, built.data_config, spec.train, (split,), datasets=datasets, evaluation=True)
     device = du.resolve_device(spec.train.device)
-    result = evaluate(built.model.to(device), loaders[split], device, amp=spec.train.amp)
+    norm = input_norm(built.data_config)
+    result = evaluate(built.model.to(device), loaders[split], device, amp=spec.train.amp, input_norm=norm)
     folder = resolve_checkpoint(run_dir, which)
     return {"run": str(run_dir), "checkpoint": str(folder), "dataset": spec.data.dataset, "split": split, **result}
 

@@ -65,6 +65,12 @@ def print_summary(summary: Mapping[str, Any]) -> None:
     out.table("training summary", ["metric", "value"], rows)
 
 
+def _ips(record: Mapping[str, Any]) -> str:
+    # None when a log window held only the warm-up step (left out of the throughput)
+    ips = record.get("images_per_s")
+    return "-" if ips is None else f"{ips:.0f}"
+
+
 class TrainProgress:
     """Training progress on stderr: a live bar in a terminal, one plain line per log step otherwise
     (piped output, CI logs). Silent with ``UTUNE_QUIET=1`` and on ranks other than 0."""
@@ -110,7 +116,7 @@ class TrainProgress:
                 self._progress.console.print(f"step {record['step']}: {record['split']} acc {100 * record['acc']:.2f}%")
             else:
                 fields = {"loss": f"{record['loss']:.4f}", "acc": f"{100 * record['train_acc']:.1f}%"}
-                self._progress.update(self._task, ips=f"{record['images_per_s']:.0f}", **fields)
+                self._progress.update(self._task, ips=_ips(record), **fields)
             return
         total = record.get("total", "?")
         if "split" in record:
@@ -121,7 +127,7 @@ class TrainProgress:
         else:
             out.note(
                 f"step {record['step']}/{total} (epoch {record['epoch']:.2f}): loss {record['loss']:.4f}, "
-                f"lr {record['lr']:.3g}, {record['images_per_s']:.0f} img/s, {time.perf_counter() - self._t0:.0f} s"
+                f"lr {record['lr']:.3g}, {_ips(record)} img/s, {time.perf_counter() - self._t0:.0f} s"
             )
 
     def close(self) -> None:

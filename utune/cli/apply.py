@@ -127,7 +127,7 @@ def _train(
     if fmt != "json":
         print_report(built.report)
     out.note(f"run folder: {run_dir}")
-    datasets = opened.attach(built.data_config)
+    datasets = opened.attach(built.data_config, device_normalize=True)  # normalised on the device
     progress = TrainProgress(enabled=os.environ.get("RANK", "0") == "0")
     try:
         summary = train_run(built, run_dir, resume, datasets=datasets, reporter=progress)

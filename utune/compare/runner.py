@@ -90,7 +90,7 @@ def _train_and_score(task: RunTask) -> dict[str, Any]:
         check_resume_spec(run_dir, spec)
     built = build(spec)
     check_classes(built, opened.classes, spec.data.dataset)
-    datasets = opened.attach(built.data_config)
+    datasets = opened.attach(built.data_config, device_normalize=True)  # train_run normalises on the device
     summary = train_run(built, run_dir, resume, datasets={"train": datasets["train"]})
     scored = score(built, datasets[task.split])
     result = {
@@ -128,9 +128,12 @@ def score(built: Any, dataset: Any, batch_size: int = 256) -> dict[str, Any]:
     from utune.train.loop import evaluate
 
     cfg = built.spec
+    from utune.runs import input_norm
+
     loader = build_loader(dataset, batch_size, train=False, num_workers=0, seed=cfg.train.seed, distributed=False)
     device = du.resolve_device(cfg.train.device)
-    return evaluate(built.model.to(device), loader, device, amp=cfg.train.amp)
+    norm = input_norm(built.data_config)
+    return evaluate(built.model.to(device), loader, device, amp=cfg.train.amp, input_norm=norm)
 
 
 def probe_memory(built: Any, dataset: Any) -> int:
@@ -139,6 +142,7 @@ def probe_memory(built: Any, dataset: Any) -> int:
     import torch.nn.functional as F
 
     from utune.data import build_loader
+    from utune.runs import input_norm
     from utune.train import distributed as du
     from utune.train.loop import freeze_batchnorm
     from utune.train.optim import build_optimizer
@@ -153,7 +157,7 @@ def probe_memory(built: Any, dataset: Any) -> int:
     optimizer = build_optimizer(model, cfg, device)
     loader = build_loader(dataset, cfg.batch_size, train=True, num_workers=0, seed=cfg.seed, distributed=False)
     x, y = next(iter(loader))
-    x, y = x.to(device), y.to(device)
+    x, y = input_norm(built.data_config)(x.to(device)), y.to(device)
 
     def step() -> None:
         F.cross_entropy(model(x), y, label_smoothing=cfg.label_smoothing).backward()

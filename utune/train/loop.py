@@ -19,7 +19,7 @@ import contextlib
 import json
 import random
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -114,12 +114,27 @@ def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
-def _to_device(batch: Any, device: torch.device, channels_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+Preprocess = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _to_device(
+    batch: Any, device: torch.device, channels_last: bool, input_norm: Preprocess | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and labels on ``device``; uint8 images (``data`` built with ``device_normalize``) are
+    normalised there by ``input_norm``: a quarter of the bytes of float pixels cross to the device."""
     try:
         x, y = batch[0], batch[1]
     except (TypeError, IndexError, KeyError):
         raise DataError(f"a data loader batch must be (images, labels); got {type(batch).__name__}") from None
     x = x.to(device, non_blocking=True)
+    if x.dtype == torch.uint8:
+        if input_norm is None:
+            raise DataError(
+                "the data loader yields uint8 images but the training loop was given no input_norm",
+                hint="pass input_norm=utune.data.InputNorm.from_data_config(data_config) (or build the datasets "
+                "without device_normalize)",
+            )
+        x = input_norm(x)
     if channels_last and x.ndim == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     return x, y.to(device, non_blocking=True).long()
@@ -144,8 +159,10 @@ def evaluate(
     amp: bool = True,
     channels_last: bool = False,
     lockstep: bool = False,
+    input_norm: Preprocess | None = None,
 ) -> dict[str, float | int]:
     """Top-1 accuracy and mean cross-entropy over ``loader``, summed over all DDP ranks.
+    ``input_norm`` normalises uint8 batches on the device (:class:`utune.data.InputNorm`).
 
     Under DDP each rank must see a disjoint shard with no padding (``fit`` arranges that); the counts,
     not per-rank means, are all-reduced, so the result is exact for any shard sizes. ``lockstep`` (FSDP,
@@ -159,7 +176,7 @@ def evaluate(
     try:
         with torch.no_grad(), _autocast(device, amp):
             for batch in loader:
-                x, y = _to_device(batch, device, channels_last and device.type == "cuda")
+                x, y = _to_device(batch, device, channels_last and device.type == "cuda", input_norm)
                 logits = model(x).float()
                 if (bad := _label_error(logits, y)) is not None:
                     raise bad
@@ -265,7 +282,8 @@ class _Window:
     """Loss/accuracy/throughput since the last log line, kept on the device to avoid per-step syncs.
 
     The sums survive evaluation and checkpoints (and go into the checkpoint), so a log line reports
-    the same numbers whether or not the run was interrupted in the middle of its window.
+    the same numbers whether or not the run was interrupted in the middle of its window. Throughput
+    leaves out what :meth:`untime` removed (warm-up steps): their images and their seconds.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -276,6 +294,7 @@ class _Window:
     def reset(self) -> None:
         self.sums.zero_()
         self.seconds = 0.0
+        self.untimed = 0.0  # this rank's images of the window that are not in the throughput
         self.start: float | None = time.perf_counter()
 
     def pause(self) -> None:
@@ -286,16 +305,34 @@ class _Window:
     def resume(self) -> None:
         self.start = time.perf_counter()
 
+    def untime(self) -> float:
+        """Take everything in the window so far out of the throughput; returns the seconds taken out."""
+        running = self.start is not None
+        self.pause()
+        seconds, self.seconds = self.seconds, 0.0
+        self.untimed = float(self.sums[3].item())  # one sync per warm-up step
+        if running:
+            self.resume()
+        return seconds
+
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         correct = (logits.detach().argmax(dim=-1) == y).sum()
         one = torch.ones((), dtype=torch.float64, device=self.device)
         self.sums += torch.stack([loss.detach().double(), one, correct.double(), one * y.numel()])
 
-    def collect(self) -> tuple[float, float, int, float]:
-        """(mean loss, accuracy, images, training seconds) over all ranks; a collective call."""
+    def collect(self) -> tuple[float, float, int, int, float]:
+        """(mean loss, accuracy, images, timed images, training seconds) over all ranks; a collective call."""
         self.pause()
-        sums = du.all_reduce_sum(self.sums.clone()).tolist()
-        return sums[0] / max(sums[1], 1), sums[2] / max(sums[3], 1), int(sums[3]), self.seconds
+        untimed = torch.tensor([self.untimed], dtype=torch.float64, device=self.device)
+        sums = du.all_reduce_sum(torch.cat([self.sums, untimed])).tolist()
+        images = int(sums[3])
+        return sums[0] / max(sums[1], 1), sums[2] / max(sums[3], 1), images, images - int(sums[4]), self.seconds
+
+
+# The first optimizer step of every process (a fresh run, or a resumed one) is warm-up: torch.compile
+# compiles there (~46 s on CPU for test_vit, against ~10 ms a step), CUDA initialises its context, cuDNN
+# and the allocator settle. Its images and seconds stay out of images_per_s; the summary says how many.
+WARMUP_STEPS = 1
 
 
 class Trainer:
@@ -305,6 +342,8 @@ class Trainer:
     ``loaders["train"]`` supplies the dataset, batch size and worker settings; its sampler is replaced by
     a resumable one. Every other entry (``val``, ``test``) is evaluated at each epoch end, every
     ``eval_every`` steps and at the end; the ``val`` split (else the first) decides the best checkpoint.
+    ``input_norm`` turns uint8 batches into the model's normalised input on the device
+    (:class:`utune.data.InputNorm`; float batches pass unchanged).
     """
 
     def __init__(
@@ -316,8 +355,10 @@ class Trainer:
         *,
         run_meta: dict | None = None,
         reporter: Reporter | None = None,
+        input_norm: Preprocess | None = None,
     ) -> None:
         self.model, self.cfg, self.out_dir = model, cfg, Path(out_dir)
+        self.input_norm = input_norm
         self.device = du.setup(cfg.device)
         self.rank, self.world = du.rank(), du.world()
         self.main = self.rank == 0
@@ -350,6 +391,8 @@ class Trainer:
         self._rank_state: dict[str, Any] | None = None
         self._elapsed0 = 0.0
         self._t0 = time.perf_counter()
+        self._steps_here = 0  # optimizer steps run by this process (warm-up is counted from here)
+        self.warmup_s = 0.0  # seconds of this process's warm-up steps, compilation included
 
     # ----- resume --------------------------------------------------------------------------------
     def restore(self) -> None:
@@ -449,7 +492,7 @@ class Trainer:
             freeze_batchnorm(self.model)
 
     def _micro_step(self, batch: Any, sync: bool) -> None:
-        x, y = _to_device(batch, self.device, self.channels_last)
+        x, y = _to_device(batch, self.device, self.channels_last, self.input_norm)
         no_sync = self.ddp.no_sync() if (self.ddp is not None and not sync) else contextlib.nullcontext()
         with no_sync:
             with _autocast(self.device, self.cfg.amp):
@@ -476,6 +519,9 @@ class Trainer:
         """Log, evaluate, checkpoint and honour a stop request; True when the epoch loop should end."""
         st, cfg = self.state, self.cfg
         st.step += 1
+        self._steps_here += 1
+        if self._steps_here <= WARMUP_STEPS:
+            self.warmup_s += self.window.untime()
         epoch_end, last = st.step % st.steps_per_epoch == 0, st.step == self.total
         if st.step % cfg.log_every == 0 or last or epoch_end:
             self._log(lr)
@@ -504,8 +550,8 @@ class Trainer:
 
     def _log(self, lr: float) -> None:
         st = self.state
-        mean_loss, acc, n_img, secs = self.window.collect()
-        st.images += n_img
+        mean_loss, acc, _, timed, secs = self.window.collect()
+        st.images += timed
         st.train_time += secs
         st.last_loss = mean_loss
         record = {
@@ -513,7 +559,7 @@ class Trainer:
             "epoch": round(st.step / st.steps_per_epoch, 4),
             "loss": mean_loss,
             "lr": lr,
-            "images_per_s": n_img / max(secs, 1e-9),
+            "images_per_s": timed / max(secs, 1e-9) if timed else None,  # None: a window of warm-up only
             "time": self._elapsed(),
         }
         self.metrics.write(record)
@@ -525,7 +571,13 @@ class Trainer:
         st, improved = self.state, False
         for split, loader in self.evals.items():
             res = evaluate(
-                self.model, loader, self.device, amp=self.cfg.amp, channels_last=self.channels_last, lockstep=self.fsdp
+                self.model,
+                loader,
+                self.device,
+                amp=self.cfg.amp,
+                channels_last=self.channels_last,
+                lockstep=self.fsdp,
+                input_norm=self.input_norm,
             )
             epoch = round(st.step / st.steps_per_epoch, 4)
             record = {"step": st.step, "epoch": epoch, "split": split, "acc": res["acc"], "loss": res["loss"]}
@@ -593,7 +645,10 @@ class Trainer:
             "best_step": st.best["step"] if st.best else None,
             "final_val_acc": final.get(self.best_split) if self.best_split else None,
             "time_s": round(self._elapsed(), 3),
-            "images_per_s": st.images / st.train_time if st.train_time > 0 else None,
+            "images_per_s": st.images / st.train_time if st.train_time > 0 and st.images else None,
+            # images_per_s leaves out each process's first warm-up steps (compilation, CUDA start-up)
+            "warmup_steps": min(WARMUP_STEPS, self._steps_here),
+            "warmup_s": round(self.warmup_s, 3),
             "trainable_params": sum(p.numel() for p in self.trainable),
             "out_dir": str(self.out_dir),
         }
@@ -614,10 +669,11 @@ def fit(
     resume: bool = False,
     run_meta: dict | None = None,
     reporter: Reporter | None = None,
+    input_norm: Preprocess | None = None,
 ) -> dict[str, Any]:
     """Train ``model``'s trainable parameters; write metrics and checkpoints under ``out_dir``.
 
-    Returns the run summary (also ``out_dir/summary.json``); see :class:`Trainer`.
+    Returns the run summary (also ``out_dir/summary.json``); see :class:`Trainer` (``input_norm`` too).
     """
     out_dir = Path(out_dir)
     if not resume and has_checkpoint(out_dir / "checkpoints"):
@@ -626,7 +682,9 @@ def fit(
             hint="pass --resume to continue it, or choose another output directory",
         )
     with _private_rng():
-        trainer = Trainer(model, train_cfg, loaders, out_dir, run_meta=run_meta, reporter=reporter)
+        trainer = Trainer(
+            model, train_cfg, loaders, out_dir, run_meta=run_meta, reporter=reporter, input_norm=input_norm
+        )
         if resume:
             trainer.restore()
         return trainer.fit()
