@@ -71,7 +71,8 @@ def build_loaders(
     datasets: Mapping[str, Dataset] | None = None,
     evaluation: bool = False,
 ) -> dict[str, DataLoader]:
-    """The one place loaders are made from a spec (swap point for tests and other data back-ends).
+    """The one place loaders are made from a spec (swap point for tests and other data back-ends). They yield
+    uint8 images; each loader's ``input_norm`` normalises them on the device (``evaluate`` and ``fit`` use it).
 
     ``datasets`` (already opened and transformed) skips reading; ``evaluation``: every split is read with
     the evaluation transform and in full (no shuffling, no dropped tail), the ``train`` split included.
@@ -82,7 +83,7 @@ def build_loaders(
         datasets = data.build_datasets(
             data_cfg, data_config, splits=tuple(splits), augment_training=not evaluation, device_normalize=True
         )
-    return {
+    loaders = {
         name: data.build_loader(
             ds,
             train_cfg.batch_size,
@@ -94,6 +95,9 @@ def build_loaders(
         for name, ds in datasets.items()
         if name in splits
     }
+    for loader in loaders.values():  # uint8 batches: the loader says how they become the model's input, so
+        loader.input_norm = input_norm(data_config)  # type: ignore[attr-defined]  # fit/evaluate find it
+    return loaders
 
 
 def input_norm(data_config: Mapping[str, Any]) -> Callable[[torch.Tensor], torch.Tensor]:

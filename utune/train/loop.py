@@ -169,6 +169,7 @@ def evaluate(
     where every forward is a collective): a rank with fewer batches runs uncounted forwards until all match.
     """
     device = torch.device(device)
+    input_norm = input_norm if input_norm is not None else getattr(loader, "input_norm", None)
     modes = {m: m.training for m in model.modules()}
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
@@ -358,7 +359,8 @@ class Trainer:
         input_norm: Preprocess | None = None,
     ) -> None:
         self.model, self.cfg, self.out_dir = model, cfg, Path(out_dir)
-        self.input_norm = input_norm
+        # uint8 batches become the model's input on the device: given, or as the loaders say (utune.runs)
+        self.input_norm = input_norm if input_norm is not None else getattr(loaders.get("train"), "input_norm", None)
         self.device = du.setup(cfg.device)
         self.rank, self.world = du.rank(), du.world()
         self.main = self.rank == 0
