@@ -161,8 +161,9 @@ def _attached(spec: Spec, rules: list[dict[str, Any]]) -> dict[str, list[str]] |
     joins beyond the selected sites); None, with a warning on the rules, when the spec does not build."""
     from utune.errors import UtuneError
 
+    overrides = ["model.pretrained=false"] if spec.model.pretrained is True else []
     try:
-        built = build(spec, ["model.pretrained=false"] if spec.model.pretrained is True else [])
+        built = _build_on_meta(spec, overrides)
     except UtuneError as e:
         rules[0]["warnings"].append(f"the spec does not build: {e.message}")
         return None
@@ -174,6 +175,18 @@ def _attached(spec: Spec, rules: list[dict[str, Any]]) -> dict[str, list[str]] |
     for r in rules:
         r["attachments"] = len(built.manifest.rule(r["name"]))
     return out
+
+
+def _build_on_meta(spec: Spec, overrides: list[str]) -> Built:
+    """The build on the meta device (only its manifest is read: nothing is allocated or initialised); a
+    build that fails on meta is done for real, so an error is the real one."""
+    if not reference_build():
+        try:
+            with torch.device("meta"):  # the weights do not change what is attached where
+                return build(spec, [*overrides, "model.pretrained=false"])
+        except Exception:  # a meta limitation or a real error: the real build tells which
+            pass
+    return build(spec, overrides)
 
 
 def _match_rules(traced: Traced, spec: Spec) -> list[dict[str, Any]]:
