@@ -10,7 +10,7 @@ and its output on a random batch, bit for bit.
 
 Inspect: each model is inspected in a fresh subprocess (imports not timed), started through a small
 launcher that reports the subprocess's peak RSS (``getrusage(RUSAGE_CHILDREN)``); a subprocess that only
-imports gives the floor. The old path (a real model, real forwards) runs once per model, as the "before".
+imports gives the floor. The old path (a real model, real forwards) runs once for ``--old-inspect``'s models.
 
     python bench/bench_build.py                                  # ViT-B/16, ViT-L/14, Swin-B; ViT-H, ViT-g
     python bench/bench_build.py --cases vit_b16 --repeats 3 --inspect vit_huge_patch14_224   # a quick check
@@ -188,7 +188,7 @@ def child_main(what: str, model: str, old: bool) -> None:
     print(json.dumps({"seconds": round(time.perf_counter() - t, 3), "sites": len(rows)}))
 
 
-def bench_inspect(models: list[str], repeats: int, old: bool) -> dict[str, Any]:
+def bench_inspect(models: list[str], repeats: int, old: list[str]) -> dict[str, Any]:
     floor = _child(["--child", "imports"])["peak_rss_mb"]
     rows = []
     for model in models:
@@ -201,7 +201,7 @@ def bench_inspect(models: list[str], repeats: int, old: bool) -> dict[str, Any]:
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
             "peak_rss_over_imports_mb": round(max(r["peak_rss_mb"] for r in runs) - floor, 1),
         }
-        if old:
+        if model in old:
             before = _child(["--child", "inspect", model, "--old"])
             row["old_s"], row["old_peak_rss_mb"] = before["seconds"], before["peak_rss_mb"]
         rows.append(row)
@@ -251,7 +251,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default="vit_b16,vit_l14,swin_b", help=f"comma-separated, of {', '.join(CASES)}")
     p.add_argument("--inspect", default=",".join(INSPECT), help="comma-separated timm names ('' for none)")
-    p.add_argument("--no-old-inspect", action="store_true", help="skip the old path's inspect (slow, GBs)")
+    p.add_argument(
+        "--old-inspect", default=INSPECT[0], help="models also inspected once the old way (slow, GBs; '' for none)"
+    )
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--name", default="build_cpu")
@@ -272,7 +274,8 @@ def main() -> None:
             data["build"].append(bench_case(case, args.repeats, Path(tmp)))
             print(json.dumps(data["build"][-1]["median_s"]), case, flush=True)
     models = [m for m in args.inspect.split(",") if m]
-    data["inspect"] = bench_inspect(models, args.repeats, not args.no_old_inspect) if models else None
+    old = [m for m in args.old_inspect.split(",") if m]
+    data["inspect"] = bench_inspect(models, args.repeats, old) if models else None
     data["load_average_end"] = os.getloadavg()[0]
     write_results(args.out, args.name, data, markdown(data))
     print(markdown(data))

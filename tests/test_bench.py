@@ -48,6 +48,8 @@ def test_bench_build_runs_on_a_tiny_model(tmp_path: Path) -> None:
         "tiny",
         "--inspect",
         "test_vit",
+        "--old-inspect",
+        "test_vit",
         "--repeats",
         "1",
         "--name",

@@ -138,13 +138,26 @@ def _meta_leftovers(model: nn.Module) -> list[str]:
     return left
 
 
+def covers(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
+    """Whether ``state`` holds every state-dict key of ``model``, each at its shape, and nothing else."""
+    own = model.state_dict(keep_vars=True)
+    return set(own) == set(state) and all(own[k].shape == v.shape for k, v in state.items())
+
+
+def probe(make: Callable[[], nn.Module]) -> nn.Module:
+    """``make()`` on meta with no draws replayed (tens of ms): its keys and shapes, to decide before paying
+    for the replay. The RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]), QuietMeta():
+        return make()
+
+
 def materialize(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
     """Give a meta ``model`` real CPU tensors: ``state`` (which must hold every state-dict key, at the right
     shape) copied in, and the non-persistent buffers recomputed. False, with ``model`` unusable, when that
     cannot make every tensor real (a computed buffer timm cannot recompute, a tensor attribute, tied
     parameters, whose ties copying per key would not show)."""
     own = model.state_dict(keep_vars=True)
-    if set(own) != set(state) or any(own[k].shape != v.shape for k, v in state.items()):
+    if not covers(model, state):
         return False
     named = list(model.named_parameters(remove_duplicate=False))
     if len({id(p) for _, p in named}) != len(named):

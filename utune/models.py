@@ -194,10 +194,12 @@ def _from_file_on_meta(make: Callable[[], nn.Module], state: dict[str, torch.Ten
     model and RNG state as a real init then a load, without the init's arithmetic. None, the RNG as it was,
     when ``state`` does not cover every tensor (a head for other classes keeps its random init) or a tensor
     cannot be made real: the caller creates the model for real."""
-    from utune._meta_init import create_on_meta, materialize
+    from utune._meta_init import covers, create_on_meta, materialize, probe
 
     rng = torch.get_rng_state()
     try:
+        if not covers(probe(make), state):  # a head for other classes: the real init is needed anyway
+            return None
         model = create_on_meta(make)
         if materialize(model, state):
             return model
