@@ -195,3 +195,17 @@ def test_inspect_a_model_too_big_to_allocate() -> None:
     traced = _trace_by_name("vit_base_patch16_224", None, kwargs, 32)  # what inspect runs for a model name
     fc1 = traced.sites["blocks.0.mlp.fc1"]
     assert fc1.shape() == (2, 5, 4 * 65536) and fc1.params == 65536 * 4 * 65536 + 4 * 65536
+
+
+@pytest.mark.parametrize(("arch", "traces"), [("resnet", 1), ("convnext", 1), ("tv_vit", 1), ("vit", 2)])
+def test_traced_once_unless_the_code_reads_the_mode(arch: str, traces: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CNN's traced code never reads ``training`` (its dropouts and norms are leaves); timm's attention does
+    (``dropout_p=... if self.training``), so a ViT is traced in both modes and the graphs compared."""
+    import utune.graph.trace as tr
+
+    calls: list[int] = []
+    once = tr._trace_once
+    monkeypatch.setattr(tr, "_trace_once", lambda m, n: calls.append(1) or once(m, n))
+    name, kwargs, _ = ARCHS[arch]
+    tr.trace(create_model(name, num_classes=3, kwargs=kwargs), name)
+    assert len(calls) == traces
