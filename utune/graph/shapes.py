@@ -19,6 +19,8 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
+from utune._reference import reference_build
+
 
 class NodeFailure(RuntimeError):
     def __init__(self, node: fx.Node, cause: BaseException) -> None:
@@ -87,7 +89,7 @@ def propagate_shapes(gm: fx.GraphModule, example: torch.Tensor, *, real: bool = 
     On the meta device unless ``real``; a meta run that fails is repeated for real (the real error, if any, is
     the one raised). Returns the graph's output: a meta value unless the graph ran for real.
     """
-    if not real:
+    if not real and not reference_build():
         try:
             with on_meta(gm):
                 return _run(gm, example.to("meta"))
