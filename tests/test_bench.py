@@ -77,3 +77,37 @@ def test_bench_data_records_transform_cost_loader_and_model_rates(tmp_path: Path
     )
     assert data["cpu_ms_per_image"]["uint8"] > 0 and data["model_images_per_s"] > 0
     assert "model training" in (tmp_path / "tiny.md").read_text()
+
+
+def test_bench_build_runs_on_a_tiny_model(tmp_path: Path) -> None:
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "bench_build.py"),
+        "--cases",
+        "tiny",
+        "--inspect",
+        "test_vit",
+        "--old-inspect",
+        "test_vit",
+        "--repeats",
+        "1",
+        "--name",
+        "tiny",
+        "--out",
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "tiny.json").read_text())
+    row = data["build"][0]
+    assert row["bit_identical"] == {"file": True, "random init": True}
+    assert set(row["median_s"]) >= {
+        "timm.create_model",
+        "build (file)",
+        "build (random init)",
+        "old build (file)",
+        "old build (random init)",
+    }
+    ins = data["inspect"]["rows"][0]
+    assert ins["sites"] > 0 and ins["peak_rss_mb"] > 0 and "old_s" in ins
+    assert (tmp_path / "tiny.md").read_text().startswith("# Build and inspect speed")

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from utune._reference import reference_build
 from utune.errors import SelectionError, TraceError
 from utune.graph.context import PlanContext
 from utune.graph.glob import glob_match
@@ -107,16 +108,15 @@ def inspect_with_rules(
     size = spec.model.img_size if spec is not None and same else None
     if isinstance(model_or_name, nn.Module):
         model, name = model_or_name, type(model_or_name).__name__
+        traced = trace_model(model, name, size)
     else:
         name = str(model_or_name)
-        model = create_model(
+        traced = _trace_by_name(
             name,
-            pretrained=False,
             num_classes=spec.model.num_classes if spec is not None else None,
             kwargs=dict(spec.model.kwargs) if spec is not None and same else {},
             img_size=size,
         )
-    traced = trace_model(model, name, size)
     rules = _match_rules(traced, spec) if spec is not None else []
     matches: dict[str, list[str]] = {}
     for rule in rules:
@@ -139,13 +139,32 @@ def inspect_with_rules(
     return rows, rules
 
 
+def _trace_by_name(name: str, num_classes: int | None, kwargs: dict[str, Any], img_size: int | None) -> Traced:
+    """The model traced and its shapes propagated on the meta device: no weights are allocated, so a ViT-g
+    inspects in seconds. A model that does not trace or propagate on meta (no meta kernel for an op, a value
+    read during ``__init__`` or ``forward``) is created for real, and any error is the real one."""
+
+    def create() -> nn.Module:
+        return create_model(name, pretrained=False, num_classes=num_classes, kwargs=kwargs, img_size=img_size)
+
+    if not reference_build():
+        try:
+            with torch.random.fork_rng(devices=[]), torch.device("meta"):  # no init draws leak out either
+                model = create()
+            return trace_model(model, name, img_size)
+        except Exception:  # any failure on meta (UtuneErrors included) is retried for real
+            pass
+    return trace_model(create(), name, img_size)
+
+
 def _attached(spec: Spec, rules: list[dict[str, Any]]) -> dict[str, list[str]] | None:
     """Site -> the rules the build's manifest attached there (``vpt (drop)``, ``bypass (replace_input)`` for
     joins beyond the selected sites); None, with a warning on the rules, when the spec does not build."""
     from utune.errors import UtuneError
 
+    overrides = ["model.pretrained=false"] if spec.model.pretrained is True else []
     try:
-        built = build(spec, ["model.pretrained=false"] if spec.model.pretrained is True else [])
+        built = _build_on_meta(spec, overrides)
     except UtuneError as e:
         rules[0]["warnings"].append(f"the spec does not build: {e.message}")
         return None
@@ -157,6 +176,18 @@ def _attached(spec: Spec, rules: list[dict[str, Any]]) -> dict[str, list[str]] |
     for r in rules:
         r["attachments"] = len(built.manifest.rule(r["name"]))
     return out
+
+
+def _build_on_meta(spec: Spec, overrides: list[str]) -> Built:
+    """The build on the meta device (only its manifest is read: nothing is allocated or initialised); a
+    build that fails on meta is done for real, so an error is the real one."""
+    if not reference_build():
+        try:
+            with torch.device("meta"):  # the weights do not change what is attached where
+                return build(spec, [*overrides, "model.pretrained=false"])
+        except Exception:  # a meta limitation or a real error: the real build tells which
+            pass
+    return build(spec, overrides)
 
 
 def _match_rules(traced: Traced, spec: Spec) -> list[dict[str, Any]]:
@@ -275,7 +306,7 @@ def _build(spec: Spec, verify: bool, seed: int, t0: float, base: nn.Module | Non
     probe = _verify_batch(traced, seed) if verify else None
     rw = Rewriter(traced.gm, traced.sites, model, example=torch.zeros(2, *traced.input_size))
     manifest, rows, warnings = attach_rules(spec, rw)
-    rw.propagate()  # runs the whole rewritten graph once: a rule that breaks it is named here
+    rw.propagate(real=verify)  # runs the whole rewritten graph once (on meta): a rule that breaks it is named here
     times["rewrite_s"] = time.perf_counter() - t0 - times["create_s"] - times["trace_s"]
     opened = _freeze(traced.gm, list(spec.trainable), model)
     traced.gm.train(model.training)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from utune._names import TORCHVISION_PREFIX, unknown_model
+from utune._reference import reference_build
 from utune.errors import ModelError
 
 
@@ -111,9 +113,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     raise ModelError(f"weights file {str(path)!r} must end in .safetensors or .pth")
 
 
-def load_weights(model: nn.Module, path: Path) -> None:
-    """Load a local state dict; head tensors whose shape differs (other num_classes) are skipped."""
-    state = read_state_dict(path)
+def load_weights(model: nn.Module, path: Path, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Load a local state dict (``state``: the file's, read already); head tensors whose shape differs (other
+    num_classes) are skipped."""
+    state = dict(state) if state is not None else read_state_dict(path)
     own = model.state_dict()
     heads = tuple(classifier_names(model))
     skipped = [k for k, v in state.items() if k in own and own[k].shape != v.shape and k.startswith(heads)]
@@ -161,18 +164,49 @@ def create_model(
             f"model.img_size is {img_size} but model.kwargs.{key} is {args[key]}",
             hint=f"set one of them (model.img_size builds the model at that size; drop kwargs.{key})",
         )
-    if img_size is not None and key not in args:
-        try:
-            model = factory(name, num_classes, {**args, key: img_size}, download)
-        except ModelError as e:
-            if f"'{key}'" not in str(e) or "argument" not in str(e):  # "unexpected keyword argument(s): 'img_size'"
-                raise
-            model = factory(name, num_classes, args, download)  # runs at any size: nothing to set
-    else:
-        model = factory(name, num_classes, args, download)
-    if isinstance(pretrained, (str, Path)) and not isinstance(pretrained, bool):
-        load_weights(model, Path(pretrained).expanduser())
+
+    def make() -> nn.Module:
+        if img_size is not None and key not in args:
+            try:
+                return factory(name, num_classes, {**args, key: img_size}, download)
+            except ModelError as e:
+                if f"'{key}'" not in str(e) or "argument" not in str(e):  # "unexpected keyword argument(s): 'img_size'"
+                    raise
+        return factory(name, num_classes, args, download)  # runs at any size: nothing to set
+
+    if not isinstance(pretrained, str | Path) or isinstance(pretrained, bool):
+        return make()
+    path = Path(pretrained).expanduser()
+    try:
+        state = read_state_dict(path)
+    except ModelError:
+        make()  # a wrong name or kwargs is the first thing to fix (and was reported first before)
+        raise
+    model = None if reference_build() else _from_file_on_meta(make, state)
+    if model is None:
+        model = make()
+        load_weights(model, path, state)
     return model
+
+
+def _from_file_on_meta(make: Callable[[], nn.Module], state: dict[str, torch.Tensor]) -> nn.Module | None:
+    """The model created on meta (the RNG drawing what timm's init would) with ``state`` copied in: the same
+    model and RNG state as a real init then a load, without the init's arithmetic. None, the RNG as it was,
+    when ``state`` does not cover every tensor (a head for other classes keeps its random init) or a tensor
+    cannot be made real: the caller creates the model for real."""
+    from utune._meta_init import covers, create_on_meta, materialize, probe
+
+    rng = torch.get_rng_state()
+    try:
+        if not covers(probe(make), state):  # a head for other classes: the real init is needed anyway
+            return None
+        model = create_on_meta(make)
+        if materialize(model, state):
+            return model
+    except Exception:  # an init that reads values (a rejection sampler), a seeded op not replayable, ...
+        pass
+    torch.set_rng_state(rng)
+    return None
 
 
 def input_size(model: nn.Module, img_size: int | None = None) -> tuple[int, int, int]:

@@ -149,18 +149,19 @@ class Rewriter:
             meta = node.meta.get("tensor_meta")
         return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
-    def propagate(self, rule: str | None = None) -> None:
+    def propagate(self, rule: str | None = None, *, real: bool = False) -> None:
         """Run the rewritten graph on the dummy batch (eval, no grad), recording every node's shape.
 
         Called when a plan needs shapes of nodes inserted earlier, and once after all rules: a rewrite
         that lints but fails at run time (a token count a relative-position table cannot take, say) is
-        caught here and named by the rule whose nodes it broke, not at training time.
+        caught here and named by the rule whose nodes it broke, not at training time. On the meta device
+        (shape errors show there; a meta failure is re-run for real) unless ``real``.
         """
         if self.example is None:
             return
         self.gm.recompile()
         try:
-            propagate_shapes(self.gm, self.example)
+            propagate_shapes(self.gm, self.example, real=real)
         except NodeFailure as e:
             culprit = e.node.meta.get("utune_rule")
             who = f"rule {culprit or rule!r}" if (culprit or rule) else "the rewritten model"

@@ -4,8 +4,10 @@ Linear/Conv/Norm instances (subclasses included: timm's LayerNorm subclasses tor
 calls so they are sites a tuner can attach to. Optional forward arguments are passed as their
 concrete defaults. timm's ``fused_attn`` flag is pinned to True (in the model too, so eager ==
 traced) so attention always traces to ``F.scaled_dot_product_attention``. The graph is traced in
-train and in eval mode; when the two differ, the model's Python control flow depends on the mode
-and one graph cannot serve both.
+train mode while every read of a module's ``training`` flag is counted: with none, the code that ran
+could not tell the modes apart and the graph serves both (leaf layers read their flag when they run,
+not when traced). Otherwise it is traced in eval mode too; when the two differ, the model's Python
+control flow depends on the mode and one graph cannot serve both.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from utune._reference import reference_build
 from utune.errors import TraceError
 from utune.graph.mha import expand_in_proj, install_views, traced_forward, why_leaf
 
@@ -172,16 +175,51 @@ def trace_calls(model: nn.Module, methods: tuple[str, ...]) -> tuple[fx.Graph, d
     return graph, calls
 
 
-def _trace_once(model: nn.Module, name: str) -> fx.GraphModule:
+class _CountReads:
+    """A data descriptor for ``nn.Module.training`` that counts reads (it wins over the instance dict)."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def __get__(self, obj: nn.Module | None, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+        self.reads += 1
+        return obj.__dict__.get("training", True)
+
+    def __set__(self, obj: nn.Module, value: bool) -> None:
+        obj.__dict__["training"] = value
+
+
+@contextmanager
+def training_reads() -> Iterator[_CountReads]:
+    """Count every read of any module's ``training`` flag inside the block (``self.training``, ``getattr``;
+    not ``vars(m)["training"]``). A read from another thread counts too: that only costs a second trace."""
+    if "training" in nn.Module.__dict__:  # nested, or torch defines it one day: count nothing, claim reads
+        counter = _CountReads()
+        counter.reads = 1
+        yield counter
+        return
+    counter = _CountReads()
+    nn.Module.training = counter  # type: ignore[assignment]
+    try:
+        yield counter
+    finally:
+        del nn.Module.training
+
+
+def _trace_once(model: nn.Module, name: str) -> tuple[fx.GraphModule, int]:
+    """The GraphModule and how many times the traced code read a ``training`` flag."""
     tracer = UtuneTracer()
-    graph = tracer.trace(model, concrete_args=_concrete_args(model))
+    with training_reads() as counter:
+        graph = tracer.trace(model, concrete_args=_concrete_args(model))
     gm = fx.GraphModule(tracer.root, graph, name)
     gm.meta[PORTS] = tracer.ports
     if tracer.expanded:  # the in_proj views exist only in gm: add them, then call them
         install_views(gm, tracer.expanded)
         expand_in_proj(gm.graph, tracer.expanded)
         gm.recompile()
-    return gm
+    return gm, counter.reads
 
 
 def _signature(gm: fx.GraphModule) -> list[tuple[str, str]]:
@@ -214,9 +252,12 @@ def trace(model: nn.Module, name: str = "model", img_size: int | None = None) ->
     try:
         pin_attention(model)
         model.train()
-        gm_train = _trace_once(model, type(model).__name__)
+        gm_train, reads = _trace_once(model, type(model).__name__)
+        if reads == 0 and not reference_build():
+            gm_train.train(was_training)
+            return gm_train  # no code asked for the mode: the eval graph is this one
         model.eval()
-        gm_eval = _trace_once(model, type(model).__name__)
+        gm_eval, _ = _trace_once(model, type(model).__name__)
     except TraceError:
         raise
     except Exception as e:  # fx raises TraceError, TypeError, RuntimeError... on Python control flow
