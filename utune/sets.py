@@ -187,7 +187,7 @@ def build_sets(sources: Mapping[str, Any]) -> TunerSets:
 
 def _same_backbone(first: Any, spec: Any, name: str) -> None:
     a, b = first.model, spec.model
-    for key in ("name", "kwargs", "img_size", "pretrained"):
+    for key in ("name", "kwargs", "img_size", "pretrained", "frozen_dtype"):
         if getattr(a, key) != getattr(b, key):
             raise UserInputError(
                 f"tuner set {name!r} is for another backbone: model.{key} {getattr(b, key)!r}, the first set's "
