@@ -116,6 +116,46 @@ def step_fn(model: Any, x: Any, y: Any) -> Any:
     return step
 
 
+def summarize(times: dict[str, list[float]], counts: dict[str, int], slices: list[str] | None) -> dict[str, Any]:
+    """Medians, and the median over rounds of each arm's step over PEFT's step *in the same round* (paired:
+    robust to load that changes between rounds, which a shared machine has)."""
+    med = {k: statistics.median(v) for k, v in times.items()}
+    paired = {k: statistics.median(a / b for a, b in zip(v, times["peft"], strict=True)) for k, v in times.items()}
+    return {
+        "kind": "lora_vs_peft",
+        "utune_slices": slices,
+        "median_step_s": med,
+        "paired_over_peft": paired,
+        "trainable_params": counts,
+        "utune_over_peft": paired["utune"],
+        "utune_before_over_peft": paired["utune_before"],
+        "floor_over_peft": paired["floor"],
+        "all_step_s": times,
+    }
+
+
+def to_markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
+    slices, med, counts, paired = (
+        result[k] for k in ("utune_slices", "median_step_s", "trainable_params", "paired_over_peft")
+    )
+    what = f"slices {','.join(slices)} of qkv" if slices else "the whole qkv"
+    rows = {
+        "utune": f"utune, {what}",
+        "utune_before": f"utune before issue 15, {what}",
+        "peft": "PEFT, the whole qkv",
+        "floor": "floor: no LoRA, same backward (pos_embed trainable)",
+    }
+    return (
+        f"Machine: {machine['summary']}\n\n`{result['model']}`, batch {result['batch']}, {result['img_size']} px, "
+        f"CPU ({machine['torch_threads']} torch threads); LoRA r=8 (alpha 8) + head; {result['rounds']} interleaved "
+        f"rounds after {result['warmup']} warm-up. \"vs PEFT\": median over rounds of the arm's step / PEFT's step "
+        "in the same round.\n\n| arm | trainable | median step (s) | vs PEFT |\n|---|---:|---:|---:|\n"
+        + "".join(f"| {rows[k]} | {counts[k]:,} | {med[k]:.3f} | {paired[k]:.3f} |\n" for k in ARMS)
+        + f"\nutune / PEFT step time: **{paired['utune']:.3f}** (before: {paired['utune_before']:.3f}); the floor "
+        f"(no LoRA compute at all) is {paired['floor']:.3f} of PEFT's step.\n"
+    )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="vit_base_patch16_224")
@@ -127,7 +167,15 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--name", default=None)
+    p.add_argument("--render", type=Path, default=None, help="rewrite the .md of a recorded .json and exit")
     args = p.parse_args()
+    if args.render:
+        import json
+
+        data = json.loads(args.render.read_text())
+        data |= summarize(data["all_step_s"], data["trainable_params"], data["utune_slices"])
+        write_results(args.render.parent, args.render.stem, data, to_markdown(data, data["machine"]))
+        return
     import torch
 
     if args.threads:
@@ -150,43 +198,11 @@ def main() -> None:
             dt = steps[name]()
             if r >= args.warmup:
                 times[name].append(dt)
-    med = {k: statistics.median(v) for k, v in times.items()}
     counts = {k: sum(q.numel() for q in m.parameters() if q.requires_grad) for k, m in models.items()}
-    lora_share = {k: (med[k] - med["floor"]) / (med["peft"] - med["floor"]) for k in ("utune", "utune_before")}
-    result = {
-        "kind": "lora_vs_peft",
-        "model": args.model,
-        "batch": args.batch,
-        "img_size": args.img_size,
-        "rounds": args.rounds,
-        "utune_slices": slices,
-        "median_step_s": med,
-        "trainable_params": counts,
-        "max_abs_diff_at_init": same,
-        "utune_over_peft": med["utune"] / med["peft"],
-        "utune_before_over_peft": med["utune_before"] / med["peft"],
-        "floor_over_peft": med["floor"] / med["peft"],
-        "lora_cost_vs_peft_lora_cost": lora_share,
-        "all_step_s": times,
-    }
-    what = f"slices {','.join(slices)} of qkv" if slices else "the whole qkv"
-    rows = {
-        "utune": f"utune, {what}",
-        "utune_before": f"utune before issue 15, {what}",
-        "peft": "PEFT, the whole qkv",
-        "floor": "floor: no LoRA, same backward (pos_embed trainable)",
-    }
-    md = (
-        f"Machine: {machine['summary']}\n\n`{args.model}`, batch {args.batch}, {args.img_size} px, CPU; LoRA r=8 "
-        f"(alpha 8) + head; {args.rounds} interleaved rounds after {args.warmup} warm-up, median.\n\n"
-        "| arm | trainable | median step (s) | vs PEFT |\n|---|---:|---:|---:|\n"
-        + "".join(f"| {rows[k]} | {counts[k]:,} | {med[k]:.3f} | {med[k] / med['peft']:.3f} |\n" for k in ARMS)
-        + f"\nutune / PEFT step time: **{result['utune_over_peft']:.3f}** "
-        f"(before: {result['utune_before_over_peft']:.3f}); "
-        f"the floor is {result['floor_over_peft']:.3f} of PEFT's step, so LoRA itself is "
-        f"{1 - result['floor_over_peft']:.1%} of it; utune's LoRA costs {lora_share['utune']:.2f}x PEFT's LoRA "
-        f"(before: {lora_share['utune_before']:.2f}x).\n"
-    )
+    result = summarize(times, counts, slices)
+    result |= {"model": args.model, "batch": args.batch, "img_size": args.img_size, "rounds": args.rounds}
+    result |= {"warmup": args.warmup, "max_abs_diff_at_init": same}
+    md = to_markdown(result, machine)
     stem = args.name or f"lora_vs_peft_{args.model}_b{args.batch}_cpu"
     write_results(args.out, stem, {"machine": machine, **result}, md)
     print(md)

@@ -51,6 +51,9 @@ def hold_frozen(gm: fx.GraphModule, dtype: torch.dtype) -> int:
     frozen tensors were cast. Lints and recompiles ``gm``."""
     grad = _needs_grad(gm)
     low = [n for n in gm.graph.nodes if n not in grad and n.op not in ("placeholder", "output")]
+    # a frozen layer a tuner joins (LoRA on the first qkv) stays float32: its output is the value the tuner
+    # changes, so merge still finds the layer's output read by the join alone
+    low = [n for n in low if not (n.op == "call_module" and any("utune_rule" in u.meta and u in grad for u in n.users))]
     low_set = set(low)
     grad_modules = {str(n.target) for n in grad if n.op == "call_module"}
     cast_modules = {str(n.target) for n in low if n.op == "call_module"}
