@@ -6,7 +6,8 @@ with LoRA or adapters only what comes before the first tuner) runs in ``dtype``:
 tensors only those ops read are cast to ``dtype`` once (half the weight memory in bf16), the image is cast
 where such an op reads it, and each value that such an op hands to the trainable part is cast back to
 float32 (a module that says ``reads_low_precision`` casts for itself, e.g. a bypass side step, which can then
-keep its input in bf16 for backward). The trainable part computes in float32 as before: only the frozen
+keep its input in bf16 for backward). A frozen layer whose output a tuner joins (LoRA's qkv) or reads stays
+float32, its input cast, so merging sees it as before. The trainable part computes in float32 as before: only the frozen
 features it reads are rounded to ``dtype`` (relative error about 2^-8).
 """
 
@@ -53,7 +54,7 @@ def hold_frozen(gm: fx.GraphModule, dtype: torch.dtype) -> int:
     low = [n for n in gm.graph.nodes if n not in grad and n.op not in ("placeholder", "output")]
     # a frozen layer a tuner joins (LoRA on the first qkv) stays float32: its output is the value the tuner
     # changes, so merge still finds the layer's output read by the join alone
-    low = [n for n in low if not (n.op == "call_module" and any("utune_rule" in u.meta and u in grad for u in n.users))]
+    low = [n for n in low if not (n.op == "call_module" and any(_joins(gm, u, grad) for u in n.users))]
     low_set = set(low)
     grad_modules = {str(n.target) for n in grad if n.op == "call_module"}
     cast_modules = {str(n.target) for n in low if n.op == "call_module"}
@@ -79,7 +80,7 @@ def hold_frozen(gm: fx.GraphModule, dtype: torch.dtype) -> int:
             count += 1
     graph = gm.graph
     for node in list(graph.nodes):
-        if node.op == "placeholder":
+        if node.op != "output" and node not in low_set:
             users = [u for u in node.users if u in low_set]
             if users:
                 with graph.inserting_after(node):
@@ -96,6 +97,11 @@ def hold_frozen(gm: fx.GraphModule, dtype: torch.dtype) -> int:
     graph.lint()
     gm.recompile()
     return count
+
+
+def _joins(gm: fx.GraphModule, user: fx.Node, grad: set[fx.Node]) -> bool:
+    """``user`` is a tuner's join or module that needs float32 values (not a side step that casts itself)."""
+    return "utune_rule" in user.meta and user in grad and not _reads_low(gm, user)
 
 
 def _reads_low(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -15,8 +15,6 @@ downsampling factor), so ``A_ver`` maps ``b_{l-1}`` to stage ``l``'s shape. Not 
 
 from __future__ import annotations
 
-from typing import cast
-
 import torch
 import torch.utils.checkpoint
 from pydantic import Field
@@ -87,8 +85,7 @@ class SideStep(nn.Module):
     def forward(self, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         x = x.detach()
         if self.checkpoint and torch.is_grad_enabled():
-            out = torch.utils.checkpoint.checkpoint(self.step, x, b, use_reentrant=False)
-            return cast(torch.Tensor, out)
+            return torch.utils.checkpoint.checkpoint(self.step, x, b, use_reentrant=False)
         return self.step(x, b)
 
     def step(self, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
