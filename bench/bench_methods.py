@@ -12,11 +12,13 @@ allocated on GPU, peak RSS of the process on CPU (with the RSS after building th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +64,12 @@ def run_one(method: str, args: argparse.Namespace) -> dict[str, Any]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
+    saved: dict[int, int] = {}  # storage -> bytes kept for backward (first step), for the memory split
     for i in range(args.warmup + args.steps):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"), _saved(model, saved, i):
             loss = torch.nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -84,10 +87,53 @@ def run_one(method: str, args: argparse.Namespace) -> dict[str, Any]:
         "images_per_s": args.batch / step,
         "rss_after_build_mb": rss_built,
         "peak_rss_mb": peak_rss_mb(),
+        **_split(model, saved, params),
     }
     if device.type == "cuda":
         result["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
     return result
+
+
+@contextlib.contextmanager
+def _saved(model: Any, seen: dict[int, int], step: int) -> Iterator[None]:
+    """On the first step, record the storages autograd keeps for backward (and the inputs a checkpointed
+    module keeps instead of its activations)."""
+    import torch
+
+    if step != 0:
+        yield
+        return
+
+    def note(t: Any) -> None:
+        if isinstance(t, torch.Tensor):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    def pack(t: Any) -> Any:
+        note(t)
+        return t
+
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, args: [note(a) for a in args] and None)
+        for m in model.modules()
+        if getattr(m, "checkpoint", False) is True
+    ]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield
+    for h in hooks:
+        h.remove()
+
+
+def _split(model: Any, saved: dict[int, int], params: list[Any]) -> dict[str, float]:
+    """Memory by part, MB: frozen + trainable weights, what the optimizer adds (grads + AdamW's two moments),
+    what the forward keeps for backward (the side network's inputs for a bypass)."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    weights = sum(t.numel() * t.element_size() for t in tensors.values())
+    trainable = sum(p.numel() * p.element_size() for p in params)
+    return {
+        "weights_mb": weights / 2**20,
+        "grads_optimizer_mb": 3 * trainable / 2**20,
+        "saved_for_backward_mb": sum(saved.values()) / 2**20,
+    }
 
 
 def _subprocess(argv: list[str]) -> dict[str, Any]:
@@ -172,8 +218,9 @@ def to_markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
             f"`{result['model']}`, batch {result['batch']}, {result['img_size']} px, {result['device']}, "
             f"median of {result['steps']} steps after {result['warmup']} warm-up (AdamW step included).",
             "",
-            f"| method | trainable | % | step (s) | images/s | {mem} | step vs full | memory vs full |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            f"| method | trainable | % | step (s) | images/s | {mem} | step vs full | memory vs full | weights MB | "
+            "grads + AdamW MB | kept for backward MB | rest (forward transients, allocator) MB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in result["rows"]:
             if "error" in r:
@@ -182,7 +229,8 @@ def to_markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
             lines.append(
                 f"| {r['method']} | {r['trainable_params']:,} | {r['trainable_pct']:.2f} | {r['step_s']:.3f} | "
                 f"{r['images_per_s']:.1f} | {r[mem]:.0f} | {r.get('step_vs_full', float('nan')):.2f} | "
-                f"{r.get('memory_vs_full', float('nan')):.2f} |"
+                f"{r.get('memory_vs_full', float('nan')):.2f} | {_mb(r, 'weights_mb')} | "
+                f"{_mb(r, 'grads_optimizer_mb')} | {_mb(r, 'saved_for_backward_mb')} | {_rest(r, mem)} |"
             )
     else:
         lines += [
@@ -200,6 +248,20 @@ def to_markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
                 f"{r['trace_s']:.2f} | {r['rewrite_s']:.2f} | {r['trace_plus_rewrite_s']:.2f} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _mb(row: dict[str, Any], key: str) -> str:
+    return f"{row[key]:.0f}" if key in row else ""
+
+
+def _rest(row: dict[str, Any], mem: str) -> str:
+    """The peak less the weights, the optimizer's part and the kept activations (and, on CPU, less the
+    process before the weights: Python, torch's libraries)."""
+    if "weights_mb" not in row:
+        return ""
+    base = row["rss_after_build_mb"] - row["weights_mb"] if mem == "peak_rss_mb" else 0.0
+    parts = row["weights_mb"] + row["grads_optimizer_mb"] + row["saved_for_backward_mb"]
+    return f"{row[mem] - base - parts:.0f}"
 
 
 def main() -> None:

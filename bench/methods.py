@@ -32,6 +32,21 @@ METHODS: dict[str, dict[str, Any]] = {
         "trainable": ["head"],
     },
     "bypass": {"tuners": [{"name": "bypass", "kind": "bypass", "at": "blocks.*"}], "trainable": ["head"]},
+    # Res-Tuning-Bypass with its memory options (issue 15): side steps recomputed in backward, a bf16 backbone
+    "bypass_ckpt": {
+        "tuners": [{"name": "bypass", "kind": "bypass", "at": "blocks.*", "checkpoint": True}],
+        "trainable": ["head"],
+    },
+    "bypass_bf16": {
+        "tuners": [{"name": "bypass", "kind": "bypass", "at": "blocks.*"}],
+        "trainable": ["head"],
+        "model": {"frozen_dtype": "bfloat16"},
+    },
+    "bypass_bf16_ckpt": {
+        "tuners": [{"name": "bypass", "kind": "bypass", "at": "blocks.*", "checkpoint": True}],
+        "trainable": ["head"],
+        "model": {"frozen_dtype": "bfloat16"},
+    },
 }
 
 # the same LoRA as utune's "lora", built by Hugging Face PEFT on the same timm model (when installed)
@@ -48,6 +63,7 @@ def spec_for(method: str, model: str, img_size: int, num_classes: int = 100) -> 
             "num_classes": num_classes,
             "img_size": img_size,
             "kwargs": {"img_size": img_size},
+            **m.get("model", {}),
         },
         "tuners": m["tuners"],
         "trainable": m["trainable"],

@@ -125,6 +125,46 @@ def test_bypass_sets_run_the_backbone_once(x: torch.Tensor) -> None:
     assert together["a"].shape == (2, 5) and together["b"].shape == (2, 7)
 
 
+def test_multi_task_step_equals_one_step_per_task(tmp_path: Path, x: torch.Tensor, weights: str) -> None:
+    """K bypass tasks from one backbone pass: the summed loss gives each set exactly its own loss's gradients,
+    and each set still exports (and reloads) on its own."""
+    bypass_c = spec(4, [{"name": "by", "kind": "bypass", "at": "blocks.*", "dim": 3, "into": "norm"}], ["head"])
+    sets = utune.build_sets({n: on(s, weights) for n, s in {"a": BYPASS_A, "b": BYPASS_B, "c": bypass_c}.items()})
+    sets.train()
+    for i, b in enumerate(sets.built.values()):
+        perturb(b, i)
+    gen = torch.Generator().manual_seed(3)
+    targets = {n: torch.randint(0, b.spec.model.num_classes, (2,), generator=gen) for n, b in sets.built.items()}
+    separate = {}
+    for name, built in sets.built.items():
+        sets.set_active(name)
+        sets.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(sets(x), targets[name]).backward()
+        separate[name] = {n: p.grad.clone() for n, p in built.model.named_parameters() if p.requires_grad}
+    sets.zero_grad(set_to_none=True)
+    losses = sets.losses(x, targets)
+    sum(losses.values()).backward()  # type: ignore[union-attr]
+    for name, built in sets.built.items():
+        for n, p in built.model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, separate[name][n], rtol=1e-5, atol=1e-7)
+    params = [p for p in sets.parameters() if p.requires_grad]
+    assert all(p.grad is not None for p in params)
+    opt = torch.optim.SGD(params, lr=0.1)
+    before = {n: b.model.state_dict()["head.weight"].clone() for n, b in sets.built.items()}
+    out = sets.train_step(x, targets, opt)
+    assert set(out) == set(targets) and all(v > 0 for v in out.values())
+    for name, built in sets.built.items():
+        assert not torch.equal(built.model.state_dict()["head.weight"], before[name])
+        export_tuners(built, tmp_path / f"{name}.safetensors")
+        alone = utune.build(built.spec)
+        alone.model.load_tuners(tmp_path / f"{name}.safetensors")
+        sets.set_active(name)
+        with torch.no_grad():
+            torch.testing.assert_close(alone.model.eval()(x), sets.eval()(x), rtol=0, atol=1e-6)
+        sets.train()
+
+
 def test_sets_for_another_backbone_or_unknown_names_are_refused() -> None:
     other = spec(5, LORA["tuners"], ["head"]) | {"model": {"name": "test_vit", "num_classes": 5, "img_size": 64}}
     with pytest.raises(UserInputError, match="model.img_size"):

@@ -294,7 +294,7 @@ def test_override_creating_unknown_section(tmp_path: Path) -> None:
     err = error_of(tmp_path, GOOD, ("model.foo.bar=1",))
     assert problem(err, "foo") == (
         "override 'model.foo.bar=1': model.foo: unknown key 'foo' "
-        "(allowed: name, pretrained, num_classes, img_size, kwargs)"
+        "(allowed: name, pretrained, num_classes, img_size, kwargs, frozen_dtype)"
     )
 
 

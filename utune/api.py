@@ -309,6 +309,10 @@ def _build(spec: Spec, verify: bool, seed: int, t0: float, base: nn.Module | Non
     rw.propagate(real=verify)  # runs the whole rewritten graph once (on meta): a rule that breaks it is named here
     times["rewrite_s"] = time.perf_counter() - t0 - times["create_s"] - times["trace_s"]
     opened = _freeze(traced.gm, list(spec.trainable), model)
+    if m.frozen_dtype != "float32":  # after freezing: what needs no gradient is known only then
+        from utune.graph.precision import hold_frozen
+
+        hold_frozen(traced.gm, getattr(torch, m.frozen_dtype))
     traced.gm.train(model.training)
     tuned = TunedModel.adopt(traced.gm, model, traced.input_size)
     report = _report(spec, traced.gm, opened, rows, traced, warnings)

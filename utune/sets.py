@@ -12,14 +12,16 @@ part before their first tuner is shared.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import fx, nn
 
 from utune.errors import UserInputError
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _copy_path(root: nn.Module, path: str) -> None:
@@ -105,6 +107,32 @@ class TunerSets(nn.Module):
         cache: dict[str, Any] = {}
         return {n: _SharedRun(self.sets[n], cache).run(x) for n in names}
 
+    def losses(
+        self, x: torch.Tensor, targets: Mapping[str, torch.Tensor], loss_fn: LossFn | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Each named set's loss on one batch ``x`` against its own ``targets[name]``, from one shared pass
+        (:meth:`forward_sets`); their sum back-propagates into each set's own tuners and head only."""
+        fn = loss_fn or nn.functional.cross_entropy
+        out = self.forward_sets(x, list(targets))
+        return {n: fn(out[n], targets[n]) for n in targets}
+
+    def train_step(
+        self,
+        x: torch.Tensor,
+        targets: Mapping[str, torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        loss_fn: LossFn | None = None,
+    ) -> dict[str, float]:
+        """One multi-task training step: one backbone pass for every set in ``targets``, the sum of their
+        losses backward, one ``optimizer`` step (over every set's trainable tensors, e.g.
+        ``AdamW(p for p in sets.parameters() if p.requires_grad)``). The sum's gradient in each set is that
+        set's own loss's (no set's tensors reach another's loss), so this equals one step per task."""
+        losses = self.losses(x, targets, loss_fn)
+        optimizer.zero_grad(set_to_none=True)
+        cast(torch.Tensor, sum(losses.values())).backward()
+        optimizer.step()
+        return {n: float(v.detach()) for n, v in losses.items()}
+
 
 def _untouched(gm: fx.GraphModule) -> set[str]:
     """Names of the nodes no tuner affects (not downstream of a node a rule added, nor of a trained head)."""
@@ -165,7 +193,7 @@ def build_sets(sources: Mapping[str, Any]) -> TunerSets:
 
 def _same_backbone(first: Any, spec: Any, name: str) -> None:
     a, b = first.model, spec.model
-    for key in ("name", "kwargs", "img_size", "pretrained"):
+    for key in ("name", "kwargs", "img_size", "pretrained", "frozen_dtype"):
         if getattr(a, key) != getattr(b, key):
             raise UserInputError(
                 f"tuner set {name!r} is for another backbone: model.{key} {getattr(b, key)!r}, the first set's "

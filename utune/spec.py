@@ -155,6 +155,11 @@ class ModelConfig(Section):
         default=None, gt=0, description="input size: builds ViT/Swin/... at this size; null: the model's own"
     )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the model factory")
+    frozen_dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32",
+        description="bfloat16: the ops that need no gradient (a bypass's whole backbone) hold their frozen weights "
+        "and run in bf16 (half the memory); the trainable part stays float32",
+    )
 
 
 def _options_class(kind: str) -> type[Section]:

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from utune.errors import TunedModelError
@@ -55,7 +56,15 @@ class TunedOps(nn.Module):
             for m in base.modules():  # the base's own containers follow the tuned model's mode
                 if id(m) not in shared:
                     m.training = self.training
-            return base(*args, **kwargs)
+            held = {p.dtype for p in base.parameters() if p.is_floating_point()} - {torch.float32}
+            if not held:
+                return base(*args, **kwargs)
+            # model.frozen_dtype: the base holds bf16 weights beside float32 ones: autocast reconciles them
+            from utune.graph.precision import to_dtype
+
+            device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+            with torch.autocast(device, dtype=held.pop()):
+                return to_dtype(base(*args, **kwargs), torch.float32)
         return super().__call__(*args, **kwargs)
 
     # ----- merging ----------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ downsampling factor), so ``A_ver`` maps ``b_{l-1}`` to stage ``l``'s shape. Not 
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 from pydantic import Field
 from torch import nn
 
@@ -38,6 +39,11 @@ class BypassOptions(TunerOptions):
     )
     seed: str | None = Field(
         default=None, description="site whose (detached) input seeds the side network; null: the first selected site"
+    )
+    checkpoint: bool = Field(
+        default=False,
+        description="recompute each side step's adapters in backward (torch.utils.checkpoint): keeps only the "
+        "step's inputs, the block output as the backbone gave it (bf16 with model.frozen_dtype: bfloat16)",
     )
 
 
@@ -65,14 +71,26 @@ class ResAdapter(nn.Module):
 
 
 class SideStep(nn.Module):
-    """One stage of the side network: ``b_l = A_lat(x_l) + A_ver(b_{l-1})``."""
+    """One stage of the side network: ``b_l = A_lat(x_l) + A_ver(b_{l-1})``. It computes in its own dtype
+    (float32) whatever dtype the backbone hands it (``reads_low_precision``: a bf16 backbone's block output
+    is kept as it is for backward, cast inside)."""
 
-    def __init__(self, lateral: ResAdapter, vertical: ResAdapter) -> None:
+    reads_low_precision = True
+
+    def __init__(self, lateral: ResAdapter, vertical: ResAdapter, checkpoint: bool = False) -> None:
         super().__init__()
         self.lateral, self.vertical = lateral, vertical
+        self.checkpoint = checkpoint
 
     def forward(self, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.lateral(x.detach()) + self.vertical(b)
+        x = x.detach()
+        if self.checkpoint and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(self.step, x, b, use_reentrant=False)
+        return self.step(x, b)
+
+    def step(self, x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        dtype = self.lateral.adapter.down.weight.dtype
+        return self.lateral(x.to(dtype)) + self.vertical(b.to(dtype))
 
 
 @register
@@ -134,7 +152,9 @@ class BypassKind(TunerKind):
         if pool is None or (len(x_shape) != 4 and x_shape[1:-1] != b_shape[1:-1]):
             raise self.fail(site, f"the side state {list(b_shape)} cannot be mapped to {list(x_shape)}")
         return SideStep(
-            ResAdapter(x_shape[d], x_shape[d], opts.dim, d), ResAdapter(b_shape[d], x_shape[d], opts.dim, d, pool)
+            ResAdapter(x_shape[d], x_shape[d], opts.dim, d),
+            ResAdapter(b_shape[d], x_shape[d], opts.dim, d, pool),
+            opts.checkpoint,
         )
 
 

@@ -19,6 +19,7 @@ from typing import ClassVar, Literal, cast
 import torch
 from pydantic import Field
 from torch import nn
+from torch.nn import functional as F
 
 from utune.graph.context import PlanContext
 from utune.graph.sites import Site
@@ -94,6 +95,12 @@ class LoraBranch(nn.Module):
 
 
 class Lora(nn.Module):
+    """The LoRA of one layer. The training step is kept lean (it runs once per layer per step): no dropout op
+    when ``dropout`` is 0, ``scaling`` folded into ``B``'s weight (a few thousand numbers) rather than applied
+    to the delta (batch x tokens x out), and on a fused qkv one matmul for every slice's ``A`` (stacked) and
+    one for every ``B`` (a block matrix with zero blocks for frozen thirds) instead of a matmul per slice, a
+    zero tensor and a concatenation."""
+
     branch: LoraBranch
     branches: nn.ModuleDict
     part: int
@@ -101,7 +108,7 @@ class Lora(nn.Module):
     def __init__(self, base: nn.Linear | nn.Conv2d, opts: LoraOptions) -> None:
         super().__init__()
         self.scaling = (opts.alpha if opts.alpha is not None else opts.rank) / opts.rank
-        self.dropout = nn.Dropout(opts.dropout) if opts.dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(opts.dropout) if opts.dropout > 0 else None
         out = base.out_channels if isinstance(base, nn.Conv2d) else base.out_features
         self.slices = list(opts.slices) if opts.slices else None
         if self.slices is None:
@@ -111,20 +118,39 @@ class Lora(nn.Module):
             self.branches = nn.ModuleDict({s: LoraBranch(base, opts.rank, self.part) for s in self.slices})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(x)
+        if self.dropout is not None:
+            x = self.dropout(x)
         if self.slices is None:
-            y = self.branch(x)
-            return y if self.scaling == 1.0 else y * self.scaling  # skip a full-size multiply when alpha = r
-        parts = []
-        zero = None
+            br = self.branch
+            if isinstance(br.lora_A, nn.Conv2d):
+                y = br(x)
+                return y if self.scaling == 1.0 else y * self.scaling  # skip a full-size multiply when alpha = r
+            return F.linear(F.linear(x, br.lora_A.weight), self._scaled(br.lora_B.weight))
+        a, b = self.stacked()
+        return F.linear(F.linear(x, a), b)
+
+    def _scaled(self, w: torch.Tensor) -> torch.Tensor:
+        return w if self.scaling == 1.0 else w * self.scaling
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slices as one pair: ``A`` = the slices' ``A`` stacked (sum of ranks x in), ``B`` = (out x sum of
+        ranks) with ``scaling · B_s`` in slice ``s``'s rows and columns, zeros elsewhere; ``B A = delta_weight``."""
+        names = [s for s in SLICES if s in self.branches]
+        a = (
+            torch.cat([self.slice(s).lora_A.weight for s in names])
+            if len(names) > 1
+            else self.slice(names[0]).lora_A.weight
+        )
+        ranks = [self.slice(s).lora_A.weight.shape[0] for s in names]
+        total, before, rows = sum(ranks), 0, []
         for s in SLICES:
-            if s in self.branches:
-                parts.append(self.slice(s)(x) * self.scaling)
-            else:
-                if zero is None:
-                    zero = x.new_zeros(*x.shape[:-1], self.part)
-                parts.append(zero)
-        return torch.cat(parts, dim=-1)
+            if s not in self.branches:
+                rows.append(a.new_zeros(self.part, total))
+                continue
+            r = ranks[names.index(s)]
+            rows.append(F.pad(self._scaled(self.slice(s).lora_B.weight), (before, total - before - r)))
+            before += r
+        return a, torch.cat(rows)
 
     def fold(self, layer: Layer, tap: str) -> None:
         """Merge: ``W' = W + (alpha/r) B A`` (slices: zero blocks for the frozen thirds)."""

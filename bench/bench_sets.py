@@ -1,0 +1,127 @@
+"""K Res-Tuning-Bypass tasks on one backbone (``utune.build_sets``): one shared backbone pass against K.
+
+Timed in one process, interleaved over rounds (median): inference ``forward_sets`` of K sets, one set's
+forward, K separate forwards; training ``train_step`` of K tasks (one backbone pass, a loss per task summed)
+against one task's step (the same ``train_step`` with one target). Headline: K tasks / one task.
+
+    python bench/bench_sets.py --model vit_base_patch16_224 --batch 4 --k 4 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from bench.machine import describe_machine, write_results  # noqa: E402
+from bench.methods import spec_for  # noqa: E402
+
+CLOCK = {"fn": time.perf_counter}  # or time.process_time (--cpu-time: steadier on a shared machine)
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t = CLOCK["fn"]()
+    fn()
+    return CLOCK["fn"]() - t
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="vit_base_patch16_224")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--k", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--name", default=None)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--cpu-time", action="store_true", help="time in process CPU seconds, not wall seconds")
+    args = p.parse_args()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        CLOCK["fn"] = time.process_time
+
+    import utune
+
+    machine = describe_machine("cpu")
+    names = [f"task{i}" for i in range(args.k)]
+    sets = utune.build_sets({n: spec_for("bypass", args.model, args.img_size) for n in names})
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size)
+    targets = {n: torch.randint(0, 100, (args.batch,)) for n in names}
+    opt = torch.optim.AdamW([q for q in sets.parameters() if q.requires_grad], lr=1e-4)
+
+    def separate() -> None:
+        for n in names:
+            sets.set_active(n)
+            sets(x)
+
+    with torch.no_grad():
+        infer = {
+            "forward_sets_k": lambda: sets.forward_sets(x, names),
+            "forward_one": lambda: sets.forward_sets(x, names[:1]),
+            "separate_k": separate,
+        }
+        times: dict[str, list[float]] = {k: [] for k in (*infer, "train_k", "train_one")}
+        sets.eval()
+        for r in range(args.warmup + args.rounds):
+            for k, fn in infer.items():
+                dt = _timed(fn)
+                if r >= args.warmup:
+                    times[k].append(dt)
+    sets.train()
+    train = {
+        "train_k": lambda: sets.train_step(x, targets, opt),
+        "train_one": lambda: sets.train_step(x, {names[0]: targets[names[0]]}, opt),
+    }
+    for r in range(args.warmup + args.rounds):
+        order = list(train) if r % 2 == 0 else list(reversed(train))
+        for k in order:
+            dt = _timed(train[k])
+            if r >= args.warmup:
+                times[k].append(dt)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "kind": "bypass_sets",
+        "model": args.model,
+        "batch": args.batch,
+        "img_size": args.img_size,
+        "k": args.k,
+        "rounds": args.rounds,
+        "clock": "cpu" if args.cpu_time else "wall",
+        "median_s": med,
+        "forward_sets_over_one": med["forward_sets_k"] / med["forward_one"],
+        "separate_over_one": med["separate_k"] / med["forward_one"],
+        "train_k_over_one": med["train_k"] / med["train_one"],
+        "all_s": times,
+    }
+    k = args.k
+    md = (
+        f"Machine: {machine['summary']}\n\n`{args.model}`, batch {args.batch}, {args.img_size} px, CPU; {k} "
+        f"Res-Tuning-Bypass sets (L = 10, 100-class heads) on one backbone; median of {args.rounds} rounds after "
+        f"{args.warmup} warm-up, {result['clock']} seconds.\n\n| what | median (s) | vs one task |\n|---|---:|---:|\n"
+        f"| inference, one set | {med['forward_one']:.3f} | 1.00 |\n"
+        f"| inference, `forward_sets` of {k} sets (one backbone pass) | {med['forward_sets_k']:.3f} | "
+        f"{result['forward_sets_over_one']:.2f} |\n"
+        f"| inference, {k} separate forwards | {med['separate_k']:.3f} | {result['separate_over_one']:.2f} |\n"
+        f"| training step, one task | {med['train_one']:.3f} | 1.00 |\n"
+        f"| training step, {k} tasks (`train_step`: one backbone pass, losses summed) | {med['train_k']:.3f} | "
+        f"**{result['train_k_over_one']:.2f}** |\n"
+    )
+    stem = args.name or f"bypass_sets_{args.model}_k{k}_b{args.batch}_cpu"
+    write_results(args.out, stem, {"machine": machine, **result}, md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
