@@ -7,7 +7,7 @@ classification family of torchvision, the script builds three specs with ``verif
 - ``adapter``: a parallel adapter (dim 8) on every block: the children of the deepest containers
   (``Sequential``/``ModuleList``) whose children are traced-through modules (``blocks.N``, ``layer1.N``,
   ``stages.N.blocks.M``); models without such a container: their top-level stages;
-- ``ssf``: SSF on every normalisation layer (BatchNorm, LayerNorm, GroupNorm, RMSNorm, by type).
+- ``ssf``: SSF on every normalisation layer, by type (every norm class of torch.nn and timm.layers.norm).
 
 Each (model, tuner) pair is recorded as ``pass`` (builds and max |tuned - base| <= 1e-5 of the output
 scale), ``refused`` (a :class:`~utune.errors.UtuneError`: the message a user sees), ``not_identity``,
@@ -52,7 +52,25 @@ KWARGS: dict[str, dict[str, Any]] = {
     "torchvision:googlenet": {"aux_logits": False, "init_weights": True},
     "torchvision:inception_v3": {"aux_logits": False, "init_weights": True},
 }
-NORMS = ["_BatchNorm", "LayerNorm", "GroupNorm", "RMSNorm", "RmsNorm", "RmsNorm2d", "LayerNorm2d"]
+
+
+def norm_types() -> list[str]:
+    """Every normalisation class torch.nn and timm.layers define (by name: a type selector matches subclasses
+    too), e.g. timm's ``RmsNormFp32``, which subclasses no other norm."""
+    import inspect
+
+    import timm.layers.norm as timm_norm
+
+    torch_norms = ["_BatchNorm", "LayerNorm", "GroupNorm", "RMSNorm", "LocalResponseNorm", "_InstanceNorm"]
+    timm_norms = [
+        k
+        for k, v in vars(timm_norm).items()
+        if inspect.isclass(v) and issubclass(v, nn.Module) and v.__module__ == timm_norm.__name__
+    ]
+    return sorted(set(torch_norms) | set(timm_norms))
+
+
+NORMS = norm_types()
 TOL = 1e-5  # relative to the base output's scale
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 

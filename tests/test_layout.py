@@ -33,6 +33,7 @@ def adapter_spec(name: str, at: Any, img_size: int = 64, **rule: Any) -> dict[st
         ("edgenext_xx_small", "stages.*.blocks.*"),  # conv_dw -> permute to NHWC -> LN, Linear -> permute back
         ("ghostnet_050", "blocks.*.*"),  # torch.cat of two convs, then a channel slice
         ("torchvision:shufflenet_v2_x0_5", "stage*.*"),  # view/transpose/view shuffle: read by the next block's convs
+        ("test_nfnet", "stages.*"),  # made and read by NormFreeBlocks: timm no-trace leaves of convolutions
     ],
 )
 def test_blocks_the_sweep_refused_take_an_adapter(model: str, at: str) -> None:
@@ -82,6 +83,44 @@ def test_layout_comes_from_producers_and_readers_not_sizes() -> None:
     assert channel_dim(site, shape, override=-1) == -1  # the rule's channel_dim wins
     with pytest.raises(SelectionError, match="channel_dim 3 does not exist"):
         channel_dim(site, shape, override=3)
+
+
+class _Moves(nn.Module):
+    """Channels moved by swapaxes, movedim and swapdims only (MaxViT's grid attention swaps axes): every piece
+    of evidence about the two blocks passes through one of them, and C == H == W."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 1)
+        self.swapped = nn.Sequential(nn.GELU())  # (B, W, H, C)
+        self.moved = nn.Sequential(nn.GELU())  # (B, C, W, H)
+        self.norm = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.swapped(torch.swapaxes(self.conv(x), 1, 3))
+        b = self.moved(a.movedim(-1, 1))
+        return self.head(self.norm(b.swapdims(1, 3)).mean((1, 2)))
+
+
+def test_swapaxes_movedim_and_swapdims_move_the_channels() -> None:
+    model = _Moves()
+    site, shape = _site(model, "swapped")
+    assert channel_dim(site, shape) == -1  # a conv made it channels first, then dims 1 and 3 swapped
+    site, shape = _site(model, "moved")
+    assert channel_dim(site, shape) == 1  # the last dim moved to 1; read back through swapdims by a LayerNorm
+
+
+def test_a_leaf_says_its_layout_only_when_all_its_layers_agree() -> None:
+    from utune.graph.layout import _inside
+
+    convs = nn.Sequential(nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16), nn.Conv2d(16, 8, 1))
+    assert _inside(convs, (2, 8, 5, 5), "in") == 1 and _inside(convs, (2, 8, 5, 5), "out") == 1
+    assert _inside(convs, (2, 5, 5, 8), "in") is None  # no layer inside reads 5 channels
+    mixed = nn.Sequential(nn.Conv2d(8, 8, 3), nn.LayerNorm(8), nn.Linear(8, 8))  # ConvNeXt-like: no verdict
+    assert _inside(mixed, (2, 8, 8, 8), "in") is None
+    tokens = nn.Sequential(nn.Linear(8, 32), nn.GELU(), nn.Linear(32, 8))
+    assert _inside(tokens, (2, 4, 4, 8), "in") == 3
 
 
 class _Unknown(nn.Module):

@@ -32,3 +32,16 @@ def test_sweep_records_every_pair_with_its_status(tmp_path: Path) -> None:
     assert summary["pairs"] == 9 and sum(summary["counts"].values()) == 9 and "crash" not in summary["counts"]
     md = (tmp_path / "tiny.md").read_text()
     assert md.startswith("Machine:") and "| test_resnet |" in md
+
+
+def test_ssf_rule_selects_every_norm_class_of_torch_and_timm() -> None:
+    sys.path.insert(0, str(ROOT))
+    import timm.layers
+    from torch import nn
+
+    from bench.sweep_families import NORMS
+
+    # RmsNormFp32 (deepseek_vit) subclasses no other norm: a list of base classes alone missed it
+    assert {"RmsNormFp32", "SimpleNorm2dFp32", "_BatchNorm", "LayerNorm", "GroupNorm", "RMSNorm"} <= set(NORMS)
+    for cls in (timm.layers.RmsNormFp32, timm.layers.LayerNorm2d, nn.BatchNorm1d, nn.InstanceNorm2d):
+        assert {c.__name__ for c in cls.__mro__} & set(NORMS), cls

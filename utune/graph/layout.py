@@ -22,7 +22,7 @@ from utune.graph.sites import Site
 
 _CHANNEL_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
 _FIRST_NAMES = ("LayerNorm2d", "RmsNorm2d", "LayerNormAct2d", "BatchNormAct2d", "GroupNormAct", "FrozenBatchNorm2d")
-_LAST_NAMES = ("RmsNorm", "SimpleNorm")
+_LAST_NAMES = ("RmsNorm", "RmsNormFp32", "SimpleNorm", "SimpleNormFp32")
 # modules that keep each dim's meaning: the layout passes through them
 _KEEP_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU,
@@ -37,10 +37,11 @@ _LAST_FUNCTIONS: set[object] = {F.linear}
 _STOP = {
     "squeeze", "unsqueeze", "expand", "expand_as", "repeat", "einsum",
     "matmul", "bmm", "mm", "baddbmm", "linear", "sum", "mean", "amax", "max", "min", "softmax", "contiguous_format",
-    "unbind", "pixel_shuffle", "pixel_unshuffle", "movedim", "swapaxes", "t",
+    "unbind", "pixel_shuffle", "pixel_unshuffle", "t",
 }  # fmt: skip
 _RESHAPES = {"reshape", "view", "flatten", "unflatten"}  # the layout survives only where the sizes say so
 _SPLITS = {"chunk", "split", "tensor_split"}  # a tuple of same-rank pieces: each piece keeps the layout
+_MOVES = {"permute", "transpose", "swapaxes", "swapdims", "movedim", "moveaxis"}  # dims move, meanings kept
 _DEPTH = 12
 
 
@@ -124,19 +125,31 @@ def _dims_arg(node: fx.Node) -> list[int] | None:
 
 
 def _moved(node: fx.Node, dim: int, rank: int, to_input: bool) -> int | None:
-    """Where ``dim`` of a permute/transpose's input lands in its output (``to_input``: the reverse)."""
+    """Where ``dim`` of a permute/transpose/swapaxes/movedim's input lands in its output (``to_input``: the
+    reverse)."""
+    perm = _permutation(node, rank)
+    if perm is None:
+        return None
+    return perm[dim] if to_input else perm.index(dim)
+
+
+def _permutation(node: fx.Node, rank: int) -> list[int] | None:
+    """``perm`` with output dim ``i`` = input dim ``perm[i]`` (as ``permute`` takes it), or None: not known."""
     name = _name(node)
     if name == "permute":
         perm = _dims_arg(node)
-        if perm is None or len(perm) != rank:
-            return None
-        perm = [_pos(p, rank) for p in perm]
-        return perm[dim] if to_input else perm.index(dim)
-    a, b = (node.args[1:3] if len(node.args) >= 3 else (None, None)) if name == "transpose" else (None, None)
+        return [_pos(p, rank) for p in perm] if perm is not None and len(perm) == rank else None
+    a, b = node.args[1:3] if len(node.args) >= 3 else (None, None)
     if not isinstance(a, int) or not isinstance(b, int):
         return None
     a, b = _pos(a, rank), _pos(b, rank)
-    return b if dim == a else a if dim == b else dim
+    order = list(range(rank))
+    if name in ("movedim", "moveaxis"):
+        order.pop(a)
+        order.insert(b, a)
+    else:  # transpose, swapaxes, swapdims
+        order[a], order[b] = b, a
+    return order
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -202,12 +215,16 @@ class _Walk:
             return None
         if node.op == "call_module":
             mod = _module(node)
-            found = module_channels(mod) if mod is not None else None
-            if mod is not None and found is not None:
+            if mod is None:
+                return None
+            found = module_channels(mod)
+            if found is not None:
                 return _pos(found[0], rank), f"{node.target} ({type(mod).__name__}) makes it"
             src = node.args[0] if node.args else None
-            keeps = mod is not None and _keeps(mod) and isinstance(src, fx.Node) and _rank(src) == rank
-            return self.produced(src, depth - 1) if keeps else None  # type: ignore[arg-type]
+            if not _keeps(mod):
+                inside = _inside(mod, _shape(node), "out")
+                return (inside, f"{_leaf(node, mod, inside)} makes it") if inside is not None else None
+            return self.produced(src, depth - 1) if isinstance(src, fx.Node) and _rank(src) == rank else None
         if node.op not in ("call_function", "call_method"):
             return None
         dim = _function_layout(node, rank)
@@ -222,7 +239,7 @@ class _Walk:
             inner, shapes = self.produced(src, depth - 1), (_shape(src), _shape(node))
             dim = _reshaped(shapes[0], shapes[1], inner[0], False) if inner and shapes[0] and shapes[1] else None
             return (dim, f"{inner[1]}, then a {name}") if inner is not None and dim is not None else None
-        if name in ("permute", "transpose"):
+        if name in _MOVES:
             inner = self.produced(src, depth - 1) if isinstance(src, fx.Node) and _rank(src) == rank else None
             moved = _moved(node, inner[0], rank, to_input=False) if inner is not None else None
             return (moved, f"{inner[1]}, then a {name}") if inner is not None and moved is not None else None
@@ -254,6 +271,9 @@ class _Walk:
             found = _reads(mod, shape)
             if found is not None:
                 return [(found, f"{user.target} ({type(mod).__name__}) reads it")]
+            inside = None if _keeps(mod) or module_channels(mod) is not None else _inside(mod, shape, "in")
+            if inside is not None:
+                return [(inside, f"{_leaf(user, mod, inside)} reads it")]
             return self._passed(user, rank, depth) if _keeps(mod) else []
         if user.op not in ("call_function", "call_method"):
             return []
@@ -268,7 +288,7 @@ class _Walk:
                 (_reshaped(shape, after, d, True), f"{why}, after a {name}") for d, why in self.read(user, depth - 1)
             ]
             return [(d, why) for d, why in back if d is not None]
-        if name in ("permute", "transpose") and reads_first:
+        if name in _MOVES and reads_first:
             outs = self.read(user, depth - 1)
             back = [(_moved(user, d, rank, to_input=True), f"{why}, after a {name}") for d, why in outs]
             return [(d, why) for d, why in back if d is not None]
@@ -291,6 +311,34 @@ def _reads(mod: nn.Module, shape: tuple[int, ...]) -> int | None:
         return dim if c_in == shape[dim] else None
     dim = 1 if found[0] == 1 else len(shape) - 1  # norms read what they make
     return dim if found[1] == shape[dim] else None
+
+
+def _leaf(node: fx.Node, mod: nn.Module, dim: int) -> str:
+    kind = "channels-first" if dim == 1 else "channels-last"
+    return f"{node.target} ({type(mod).__name__}, a leaf whose layers are all {kind})"
+
+
+def _sizes(mod: nn.Module, side: str) -> set[int]:
+    """The channel counts a layer reads (``side="in"``) or makes (``"out"``); a norm's are its own."""
+    names = ("in_channels", "in_features") if side == "in" else ("out_channels", "out_features")
+    found = {int(v) for n in names if isinstance(v := getattr(mod, n, None), int)}
+    own = module_channels(mod)
+    return found or ({own[1]} if own is not None else set())
+
+
+def _inside(mod: nn.Module, shape: tuple[int, ...] | None, side: str) -> int | None:
+    """The layout of a value an opaque leaf module (timm's no-trace blocks, e.g. NFNet's ``NormFreeBlock``)
+    reads or makes, from the layers inside it: only when every one of them keeps the same layout and one of
+    them reads (makes) as many channels as the value has. A leaf that mixes convolutions with Linear layers or
+    LayerNorms says nothing."""
+    if shape is None or len(shape) < 3:
+        return None
+    layers = [m for m in mod.modules() if m is not mod and module_channels(m) is not None]
+    dims = {module_channels(m)[0] for m in layers}  # type: ignore[index]
+    if len(dims) != 1:
+        return None
+    dim = 1 if dims == {1} else len(shape) - 1
+    return dim if any(shape[dim] in _sizes(m, side) for m in layers) else None
 
 
 def channel_dim(site: Site, shape: tuple[int, ...], override: int | None = None, node: fx.Node | None = None) -> int:
