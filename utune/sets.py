@@ -90,6 +90,7 @@ class TunerSets(nn.Module):
         self.sets = nn.ModuleDict({name: b.model for name, b in sets.items()})
         self.built = dict(sets)
         self.active = next(iter(sets))
+        self._dims: dict[str, Any] = {}
 
     def set_active(self, name: str) -> None:
         if name not in self.built:
@@ -99,21 +100,43 @@ class TunerSets(nn.Module):
     def forward(self, x: torch.Tensor) -> Any:
         return self.sets[self.active](x)
 
-    def forward_sets(self, x: torch.Tensor, names: Sequence[str] | None = None) -> dict[str, Any]:
-        """Each named set's output on ``x``; values no set's tuners reach are computed once."""
-        names = list(names or self.built)
+    def forward_sets(
+        self, x: torch.Tensor, names: Sequence[str] | None = None, rows: Rows | None = None
+    ) -> dict[str, Any]:
+        """Each named set's output on ``x``; values no set's tuners reach are computed once.
+
+        ``rows`` (a slice per set): ``x`` concatenates the sets' own batches (tasks from different datasets);
+        each set's output is on its rows only, and its tuners and head run on those rows only.
+        """
+        names = list(names or (rows or self.built))
         for n in names:
             self.set_active(n)
         cache: dict[str, Any] = {}
-        return {n: _SharedRun(self.sets[n], cache).run(x) for n in names}
+        if rows is None:
+            return {n: _SharedRun(self.sets[n], cache).run(x) for n in names}
+        return {n: _SharedRun(self.sets[n], cache, rows[n], self.batch_dims(n)).run(x) for n in names}
+
+    def batch_dims(self, name: str) -> Any:
+        """The batch dim of every value of set ``name``'s graph (:func:`utune.graph.batch.batch_dims`), once."""
+        from utune.graph.batch import batch_dims
+
+        if name not in self._dims:
+            gm = cast(fx.GraphModule, self.sets[name])
+            self._dims[name] = batch_dims(gm, self.built[name].input_size)
+        return self._dims[name]
 
     def losses(
-        self, x: torch.Tensor, targets: Mapping[str, torch.Tensor], loss_fn: LossFn | None = None
+        self,
+        x: torch.Tensor,
+        targets: Mapping[str, torch.Tensor],
+        loss_fn: LossFn | None = None,
+        rows: Rows | None = None,
     ) -> dict[str, torch.Tensor]:
         """Each named set's loss on one batch ``x`` against its own ``targets[name]``, from one shared pass
-        (:meth:`forward_sets`); their sum back-propagates into each set's own tuners and head only."""
+        (:meth:`forward_sets`); their sum back-propagates into each set's own tuners and head only.
+        ``rows``: each set's rows of ``x`` (its targets are for those rows)."""
         fn = loss_fn or nn.functional.cross_entropy
-        out = self.forward_sets(x, list(targets))
+        out = self.forward_sets(x, list(targets), rows)
         return {n: fn(out[n], targets[n]) for n in targets}
 
     def train_step(
@@ -122,12 +145,14 @@ class TunerSets(nn.Module):
         targets: Mapping[str, torch.Tensor],
         optimizer: torch.optim.Optimizer,
         loss_fn: LossFn | None = None,
+        rows: Rows | None = None,
     ) -> dict[str, float]:
         """One multi-task training step: one backbone pass for every set in ``targets``, the sum of their
         losses backward, one ``optimizer`` step (over every set's trainable tensors, e.g.
         ``AdamW(p for p in sets.parameters() if p.requires_grad)``). The sum's gradient in each set is that
-        set's own loss's (no set's tensors reach another's loss), so this equals one step per task."""
-        losses = self.losses(x, targets, loss_fn)
+        set's own loss's (no set's tensors reach another's loss), so this equals one step per task.
+        ``rows``: ``x`` concatenates the tasks' batches, each set's targets are for its rows."""
+        losses = self.losses(x, targets, loss_fn, rows)
         optimizer.zero_grad(set_to_none=True)
         cast(torch.Tensor, sum(losses.values())).backward()
         optimizer.step()
@@ -149,27 +174,79 @@ def _untouched(gm: fx.GraphModule) -> set[str]:
     return {n.name for n in gm.graph.nodes if n not in touched and n.op not in ("placeholder", "output")}
 
 
-class _SharedRun(fx.Interpreter):
-    """Runs a set's graph, reusing (and filling) the values of untouched nodes that other sets computed."""
+Rows = Mapping[str, slice]  # each set's rows of a batch that concatenates the tasks' batches
 
-    def __init__(self, gm: nn.Module, cache: dict[str, Any]) -> None:
-        super().__init__(gm)  # type: ignore[arg-type]
+
+class _SharedRun(fx.Interpreter):
+    """Runs a set's graph, reusing (and filling) the values of untouched nodes that other sets computed.
+
+    ``rows``: the set's own rows of the batch. The shared values are computed on the whole batch; what the
+    set's own nodes read of them is narrowed to its rows (the batch dim of each value, and every size that
+    is the batch size, from :func:`utune.graph.batch.batch_dims`), so its tuners and head run on its rows
+    only. Where a value it reads hides the batch in another dim, the set runs on the whole batch and its
+    output is narrowed instead.
+    """
+
+    def __init__(self, gm: nn.Module, cache: dict[str, Any], rows: slice | None = None, dims: Any = None) -> None:
+        super().__init__(gm)
         self.cache = cache
-        self.shared = _untouched(gm)  # type: ignore[arg-type]
+        graph = cast(fx.GraphModule, gm).graph
+        self.shared = _untouched(gm) | {n.name for n in graph.nodes if n.op == "placeholder"}  # type: ignore[arg-type]
+        self.rows, self.dims, self.out_rows = rows, dims or {}, None
+        if rows is not None and not _narrowable(graph, self.shared, self.dims):
+            self.rows, self.out_rows = None, rows  # the whole batch, then the rows of the output
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        out = super().run(*args, **kwargs)
+        return _rows_of(out, self.out_rows) if self.out_rows is not None else out
 
     def run_node(self, n: fx.Node) -> Any:
-        if n.name in self.shared and n.name in self.cache:
-            return self.cache[n.name]
-        value = super().run_node(n)
-        if n.name in self.shared:
-            self.cache[n.name] = value
+        if n.name not in self.shared:
+            return super().run_node(n)
+        if n.op == "placeholder":  # the whole batch (or a default): the same for every set
+            self.cache.setdefault(n.name, super().run_node(n))
+        elif n.name not in self.cache:
+            args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: self.cache[a.name])
+            self.cache[n.name] = getattr(self, n.op)(n.target, args, kwargs)
+        return _narrow(self.cache[n.name], self.dims.get(n.name), self.rows)
+
+
+def _narrowable(graph: fx.Graph, shared: set[str], dims: Mapping[str, Any]) -> bool:
+    """Every shared value a set's own nodes read has a known batch dim (or none)."""
+    from utune.graph.batch import UNKNOWN
+
+    frontier = {a.name for n in graph.nodes if n.name not in shared for a in n.all_input_nodes if a.name in shared}
+    return bool(dims) and all(dims.get(name, UNKNOWN) != UNKNOWN for name in frontier)
+
+
+def _narrow(value: Any, dim: Any, rows: slice | None) -> Any:
+    from utune.graph.batch import BATCH_SIZE
+
+    if rows is None or dim is None:
         return value
+    n = rows.stop - rows.start
+    if isinstance(dim, int) and not isinstance(dim, bool) and isinstance(value, torch.Tensor):
+        return value.narrow(dim, rows.start, n)
+    if dim == BATCH_SIZE:
+        return n
+    if isinstance(dim, tuple):  # a shape holding the batch size at these positions
+        sizes = [n if i in dim else v for i, v in enumerate(value)]
+        return torch.Size(sizes) if isinstance(value, torch.Size) else type(value)(sizes)
+    return value
+
+
+def _rows_of(out: Any, rows: slice) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out[rows]
+    if isinstance(out, tuple | list):
+        return type(out)(_rows_of(o, rows) for o in out)
+    return out
 
 
 def build_sets(sources: Mapping[str, Any]) -> TunerSets:
     """Build every named set on one backbone (the first set's model, created once); a tuner file's set
     loads its tensors. The sets must share the architecture: model name, kwargs, size, base weights."""
-    from utune.api import build
+    from utune.api import _resolve_classes, build
     from utune.export.tuners_only import load_tuners
 
     if not sources:
@@ -179,6 +256,7 @@ def build_sets(sources: Mapping[str, Any]) -> TunerSets:
     first: Any = None
     for name, source in sources.items():
         spec, tuners = _spec_of(source)
+        spec = _resolve_classes(spec)[0]  # num_classes left out: the dataset's, before the head is copied
         if first is None:
             built[name] = build(spec)
             first, base = spec, built[name].base

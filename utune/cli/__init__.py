@@ -23,6 +23,7 @@ from utune.cli import apply as _apply
 from utune.cli import compare as _compare
 from utune.cli import export as _export
 from utune.cli import inspect as _inspect
+from utune.cli import multitask as _multitask
 from utune.errors import Interrupted, UtuneError
 
 app = typer.Typer(
@@ -56,10 +57,11 @@ _inspect.register(app, spec_app)
 _apply.register(app)
 _export.register(app)
 _compare.register(app)
+_multitask.register(app)
 
 
 def _is_training(argv: list[str]) -> bool:
-    return bool(argv) and ((argv[0] == "apply" and "--train" in argv) or argv[0] == "compare")
+    return bool(argv) and ((argv[0] == "apply" and "--train" in argv) or argv[0] in ("compare", "multitask"))
 
 
 def _interrupted(code: int) -> int:
