@@ -12,6 +12,7 @@ part before their first tuner is shared.
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -159,10 +160,25 @@ class TunerSets(nn.Module):
         return {n: float(v.detach()) for n, v in losses.items()}
 
 
-def _untouched(gm: fx.GraphModule) -> set[str]:
-    """Names of the nodes no tuner affects (not downstream of a node a rule added, nor of a trained head)."""
+_UNTOUCHED: weakref.WeakKeyDictionary[fx.GraphModule, tuple[frozenset[str], frozenset[str]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _untouched(gm: fx.GraphModule) -> frozenset[str]:
+    """Names of the nodes no tuner affects (not downstream of a node a rule added, nor of a trained head);
+    remembered per graph while the same parameters are trainable (every step asks)."""
+    trained = frozenset(n for n, p in gm.named_parameters() if p.requires_grad)
+    known = _UNTOUCHED.get(gm)
+    if known is not None and known[0] == trained:
+        return known[1]
+    found = _walk_untouched(gm, trained)
+    _UNTOUCHED[gm] = (trained, found)
+    return found
+
+
+def _walk_untouched(gm: fx.GraphModule, trained: frozenset[str]) -> frozenset[str]:
     touched: set[fx.Node] = set()
-    trained = {n for n, p in gm.named_parameters() if p.requires_grad}
     for node in gm.graph.nodes:
         added = "utune_rule" in node.meta
         target = str(node.target)
@@ -171,7 +187,7 @@ def _untouched(gm: fx.GraphModule) -> set[str]:
         )
         if added or reads_trained or any(a in touched for a in node.all_input_nodes):
             touched.add(node)
-    return {n.name for n in gm.graph.nodes if n not in touched and n.op not in ("placeholder", "output")}
+    return frozenset(n.name for n in gm.graph.nodes if n not in touched and n.op not in ("placeholder", "output"))
 
 
 Rows = Mapping[str, slice]  # each set's rows of a batch that concatenates the tasks' batches
