@@ -104,6 +104,15 @@ def test_build_sets_gives_each_set_its_datasets_class_count() -> None:
     assert sets.sets["rotation"].get_submodule("head").out_features == 4
 
 
+def test_task_arguments_name_tasks_and_override_all_or_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from utune.cli.multitask import parse_tasks
+
+    monkeypatch.chdir(_folder(tmp_path))
+    tasks, overrides = parse_tasks(["digits.yaml", "turned=rotation.yaml", "train.lr=0.1", "turned:train.seed=3"])
+    assert tasks == {"digits": Path("digits.yaml"), "turned": Path("rotation.yaml")}
+    assert overrides == {"digits": ["train.lr=0.1"], "turned": ["train.lr=0.1", "train.seed=3"]}
+
+
 # ---- the command ----------------------------------------------------------------------------------------
 
 TASK = """\
@@ -152,6 +161,7 @@ def test_multitask_command_trains_tasks_whose_folders_are_runs(tmp_path: Path) -
         ("bn_train", "train.bn_train"),
         ("again", "already holds a multi-task run"),
         ("missing", "spec file not found: nope.yaml"),
+        ("unknown_task", "no task named 'nope'"),
     ],
 )
 def test_multitask_refuses_what_it_cannot_do_in_one_line(tmp_path: Path, change: str, message: str) -> None:
@@ -161,6 +171,8 @@ def test_multitask_refuses_what_it_cannot_do_in_one_line(tmp_path: Path, change:
         args.append("train.bn_train=true")
     if change == "missing":
         args[2] = "nope.yaml"
+    if change == "unknown_task":
+        args.append("nope:train.lr=0.1")
     if change == "again":
         ok(utune(*args, cwd=cwd))
     r = utune(*args, cwd=cwd, env=env_for(cwd))

@@ -18,10 +18,12 @@ def register(app: typer.Typer) -> None:
     app.command("multitask")(multitask_cmd)
 
 
-def parse_tasks(args: list[str]) -> tuple[dict[str, Path], list[str]]:
-    """``SPEC`` (named by its file stem) or ``NAME=SPEC`` per task, then ``key=value`` overrides for all."""
+def parse_tasks(args: list[str]) -> tuple[dict[str, Path], dict[str, list[str]]]:
+    """``SPEC`` (named by its file stem) or ``NAME=SPEC`` per task, then ``key=value`` overrides for every
+    task and ``NAME:key=value`` for one. Returns the tasks and each task's overrides."""
     tasks: dict[str, Path] = {}
-    overrides = []
+    common: list[str] = []
+    own: list[tuple[str, str]] = []
     for a in args:
         name, _, path = a.partition("=")
         if Path(a).is_file():
@@ -29,15 +31,26 @@ def parse_tasks(args: list[str]) -> tuple[dict[str, Path], list[str]]:
         elif not (path and Path(path).is_file()):
             if "=" not in a:
                 raise UserInputError(f"spec file not found: {a}", hint="utune multitask A.yaml B.yaml [key=value...]")
-            overrides.append(a)
+            task, colon, override = a.partition(":")
+            if colon and "=" not in task:
+                own.append((task, override))
+            else:
+                common.append(a)
             continue
         if name in tasks:
             raise UserInputError(
                 f"two tasks are named {name!r}", hint=f"name them: utune multitask {name}1={tasks[name]} {name}2={path}"
             )
         tasks[name] = Path(path)
-    if len(tasks) < 1:
+    if not tasks:
         raise UserInputError("no spec given", hint="utune multitask A.yaml B.yaml (one spec per task)")
+    overrides = {name: list(common) for name in tasks}
+    for task, override in own:
+        if task not in overrides:
+            raise UserInputError(
+                f"no task named {task!r} (in {task}:{override})", hint=f"the tasks: {', '.join(tasks)}"
+            )
+        overrides[task].append(override)
     return tasks, overrides
 
 
@@ -52,7 +65,8 @@ class _Progress:
 
 def multitask_cmd(
     specs: Annotated[
-        list[str], typer.Argument(help="one spec per task (SPEC or NAME=SPEC), then key=value overrides for all")
+        list[str],
+        typer.Argument(help="one spec per task (SPEC or NAME=SPEC), then key=value (every task), NAME:key=value"),
     ],
     out_dir: Annotated[
         Path | None, typer.Option("--out", help="the run folder (default: runs/multitask-<time>); a folder per task")
@@ -75,7 +89,7 @@ def multitask_cmd(
     from utune.spec import load_spec
 
     target = out_dir or default_run_dir("multitask")
-    sources = {name: load_spec(path, overrides) for name, path in tasks.items()}
+    sources = {name: load_spec(path, overrides[name]) for name, path in tasks.items()}
     doc = train_sets(sources, target, steps=steps, progress=_Progress())
     if fmt == "json":
         out.print_json(doc)
