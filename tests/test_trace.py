@@ -40,6 +40,29 @@ def test_train_mode_graph_matches_eager_in_train_mode() -> None:
     assert torch.equal(a, b)  # dropout / drop-path are leaves: same random draws in the same order
 
 
+@pytest.mark.parametrize("arch", ["deit", "swin", "beit"])
+def test_attention_dropout_applies_in_training_only(arch: str) -> None:
+    """timm's fused attention passes ``dropout_p=self.attn_drop.p if self.training else 0.0``: the train and
+    eval graphs differ in that constant alone, and the one graph kept must read the mode at run time (it
+    kept the eval graph's 0.0: attention dropout was silently off in training)."""
+    name, kwargs, size = ARCHS[arch]
+    model = create_model(name, num_classes=3, kwargs={**kwargs, "attn_drop_rate": 0.5})
+    gm = trace(model, name)
+    x = torch.randn(2, 3, size, size)
+    model.train()
+    gm.train()
+    torch.manual_seed(1)
+    a = model(x)
+    torch.manual_seed(1)
+    b = gm(x)
+    torch.manual_seed(2)
+    c = gm(x)
+    assert torch.equal(a, b) and not torch.allclose(b, c)  # the eager model's draws, and they are draws
+    model.eval()
+    gm.eval()
+    assert torch.equal(gm(x), model(x)) and torch.equal(gm(x), gm(x))
+
+
 class _Branchy(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -222,6 +222,64 @@ def _trace_once(model: nn.Module, name: str) -> tuple[fx.GraphModule, int]:
     return gm, counter.reads
 
 
+def mode_value(module: nn.Module, train: Any, eval_: Any) -> Any:
+    """``train`` while ``module`` is in training mode, else ``eval_``: what ``p if self.training else 0.0``
+    computed in the traced code (called from the graph at run time)."""
+    return train if module.training else eval_
+
+
+_CONSTANT = (int, float, bool, type(None))
+
+
+def _node_name(node: fx.Node) -> str:
+    return re.sub(r"_tensor_constant\d+", "_tensor_constant", node.name)  # numbered per tracer instance
+
+
+def _arg_key(node: fx.Node) -> Any:
+    return fx.node.map_arg((node.args, node.kwargs), lambda a: ("node", _node_name(a)))
+
+
+def _constant_diffs(a: fx.GraphModule, b: fx.GraphModule) -> list[tuple[fx.Node, int | str, Any, Any]] | None:
+    """Where two graphs of the same ops differ only in constant top-level arguments (attention's
+    ``dropout_p``, ``F.dropout(..., training=self.training)``): (node of ``a``, position or keyword, value in
+    ``a``, value in ``b``). None when they differ in anything else."""
+    diffs: list[tuple[fx.Node, int | str, Any, Any]] = []
+    for x, y in zip(a.graph.nodes, b.graph.nodes, strict=True):
+        if _arg_key(x) == _arg_key(y):
+            continue
+        if len(x.args) != len(y.args) or set(x.kwargs) != set(y.kwargs):
+            return None
+        pairs = [*zip(range(len(x.args)), x.args, y.args, strict=True)]
+        pairs += [(k, x.kwargs[k], y.kwargs[k]) for k in x.kwargs]
+        for where, u, v in pairs:
+            if isinstance(u, fx.Node) or isinstance(v, fx.Node):
+                if not (isinstance(u, fx.Node) and isinstance(v, fx.Node) and _node_name(u) == _node_name(v)):
+                    return None
+            elif u != v:
+                if not (isinstance(u, _CONSTANT) and isinstance(v, _CONSTANT)):
+                    return None
+                diffs.append((x, where, u, v))
+    return diffs
+
+
+def _switch_by_mode(gm: fx.GraphModule, diffs: list[tuple[fx.Node, int | str, Any, Any]]) -> bool:
+    """Each differing constant of the train graph ``gm`` becomes ``mode_value(owner, train, eval)``, the owner
+    being the module whose code read ``self.training``; False (``gm`` unchanged) when a node has no owner."""
+    owners = [list(n.meta.get("nn_module_stack", {}))[-1:] for n, *_ in diffs]
+    if not all(owners):
+        return False
+    for (node, where, train, eval_), owner in zip(diffs, owners, strict=True):
+        with gm.graph.inserting_before(node):
+            module = gm.graph.get_attr(owner[0])
+            value = gm.graph.call_function(mode_value, (module, train, eval_))
+        if isinstance(where, int):
+            node.update_arg(where, value)
+        else:
+            node.update_kwarg(where, value)
+    gm.recompile()
+    return True
+
+
 def _signature(gm: fx.GraphModule) -> list[tuple[str, str]]:
     # tensor constants are numbered per tracer instance: compare their presence, not their names
     return [(n.op, re.sub(r"_tensor_constant\d+", "_tensor_constant", str(n.target))) for n in gm.graph.nodes]
@@ -284,5 +342,9 @@ def trace(model: nn.Module, name: str = "model", img_size: int | None = None) ->
             f"{name} traces to different graphs in train and eval mode (first difference: {diff[0]} vs {diff[1]})",
             hint="its forward branches on self.training outside a leaf module; utune cannot rewrite it safely",
         )
+    diffs = _constant_diffs(gm_train, gm_eval)
+    if diffs and _switch_by_mode(gm_train, diffs):  # e.g. attention dropout: p in training, 0.0 in eval
+        gm_train.train(was_training)
+        return gm_train
     gm_eval.train(was_training)
     return gm_eval
