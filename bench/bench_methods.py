@@ -47,6 +47,10 @@ def run_one(method: str, args: argparse.Namespace) -> dict[str, Any]:
 
     torch.manual_seed(0)
     device = torch.device(args.device)
+    if METHODS.get(method, {}).get("release_freed_memory"):
+        from utune.train.memory import release_freed_memory
+
+        release_freed_memory()  # what train.release_freed_memory does at the start of training
     if method in PEFT_METHODS:
         model, counts = _peft_model(args.model, args.img_size, 100)
     else:

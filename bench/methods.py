@@ -48,6 +48,10 @@ METHODS: dict[str, dict[str, Any]] = {
         "model": {"frozen_dtype": "bfloat16"},
     },
 }
+# the same with train.release_freed_memory (glibc's mmap threshold fixed at 1 MiB, utune.train.memory): for a
+# fair ratio the baseline gets it too
+for _name in ("full", "bypass_bf16_ckpt", "bypass"):
+    METHODS[f"{_name}_release"] = {**METHODS[_name], "release_freed_memory": True}
 
 # the same LoRA as utune's "lora", built by Hugging Face PEFT on the same timm model (when installed)
 PEFT_METHODS = ("lora_peft",)

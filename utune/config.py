@@ -103,6 +103,9 @@ class TrainConfig(Section):
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     channels_last: bool = True  # CUDA only
     compile: bool = False
+    # host memory: tensors of 1 MiB or more go back to the OS when freed (glibc's mmap threshold fixed at
+    # 1 MiB; utune.train.memory): a lower peak on CPU training (bypass -25 %, full -7 %), steps a few % slower
+    release_freed_memory: bool = False
     checkpoint_every: int | None = Field(default=None, gt=0)  # steps; also at every epoch end
     eval_every: int | None = Field(default=None, gt=0)  # steps; also at every epoch end
     log_every: int = Field(default=10, gt=0)

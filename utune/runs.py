@@ -41,7 +41,7 @@ if TYPE_CHECKING:
 RUNS = Path("runs")
 
 # Keys a resumed run may change: where the data lives, how it is loaded, how often the run logs,
-# evaluates and checkpoints, and how it exports. None of them changes the trained weights.
+# evaluates and checkpoints, how the host allocator returns memory, and how it exports. None of them changes the trained weights.
 RESUME_SAFE = (
     "data.root",
     "data.num_workers",
@@ -49,6 +49,7 @@ RESUME_SAFE = (
     "train.eval_every",
     "train.checkpoint_every",
     "train.keep_best",
+    "train.release_freed_memory",
     "export.*",
 )
 

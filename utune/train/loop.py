@@ -51,6 +51,7 @@ from utune.train.checkpoint import (
     set_rng_state,
     trainable_state,
 )
+from utune.train.memory import release_freed_memory
 from utune.train.metrics import MetricsLog
 from utune.train.optim import build_optimizer, build_scheduler
 from utune.train.sampling import ResumableSampler, SeededDataset, ShardSampler, mix_seed, rebuild_loader
@@ -362,6 +363,8 @@ class Trainer:
         # uint8 batches become the model's input on the device: given, or as the loaders say (utune.runs)
         self.input_norm = input_norm if input_norm is not None else getattr(loaders.get("train"), "input_norm", None)
         self.device = du.setup(cfg.device)
+        if cfg.release_freed_memory:
+            release_freed_memory()  # before the step's first allocations
         self.rank, self.world = du.rank(), du.world()
         self.main = self.rank == 0
         self.ckpt_dir = self.out_dir / "checkpoints"
