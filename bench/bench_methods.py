@@ -173,9 +173,11 @@ def methods_table(args: argparse.Namespace) -> dict[str, Any]:
                 continue
         print(f"  {name} ...", file=sys.stderr, flush=True)
         rows.append({"method": name, **_subprocess(["--one", name, *common])})
-    base = next((r for r in rows if r["method"] == "full" and "error" not in r), None)
+    found = {r["method"]: r for r in rows if "error" not in r}
     mem_key = "cuda_max_allocated_mb" if args.device.startswith("cuda") else "peak_rss_mb"
     for r in rows:
+        # a *_release method (train.release_freed_memory) against full fine-tuning with the same allocator
+        base = found.get("full_release") if r["method"].endswith("_release") else found.get("full")
         if base and "error" not in r:
             r["step_vs_full"] = r["step_s"] / base["step_s"]
             r["memory_vs_full"] = r[mem_key] / base[mem_key]
