@@ -97,6 +97,11 @@ def _significance(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _reference_name(result: dict[str, Any]) -> str:
+    ref = result["tasks"][0].get("reference")
+    return "full fine-tuning" if ref in (None, "full") else f"`{ref}` (no full fine-tuning in this run)"
+
+
 def markdown(result: dict[str, Any], png: str) -> str:
     m = result["machine"]
     s = result["settings"]
@@ -125,7 +130,7 @@ def markdown(result: dict[str, Any], png: str) -> str:
         f"t = {t_quantile(s['seeds'] - 1):.3f}); bold: the best "
         "mean. Step time (training steps only, from the runs' metrics; the machine was shared, compare within "
         "the column) and peak tensor memory (parameters, saved activations, gradients, optimizer state; "
-        "`utune.compare.memory`) relative to full fine-tuning on the held-out-class task.",
+        f"`utune.compare.memory`) relative to {_reference_name(result)} on the {result['tasks'][0]['task']} task.",
         "",
         *_main_table(result),
         "",
@@ -135,7 +140,8 @@ def markdown(result: dict[str, Any], png: str) -> str:
         "",
         f"Which differences are significant (Welch's t-test over the {s['seeds']} seeds, p < 0.05; "
         "with so few seeds a test "
-        "finds only large, consistent gaps, and 16 methods make many comparisons: read these as indications):",
+        f"finds only large, consistent gaps, and {len(s['methods'])} methods make many comparisons: read these as "
+        "indications):",
         "",
         *_significance(result),
         "",

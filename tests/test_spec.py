@@ -407,6 +407,21 @@ def test_spec_hash_tracks_settings() -> None:
     assert h != spec_hash(load_spec(base, ["train.lr=0.5"]))
 
 
+def test_a_key_added_later_keeps_older_runs_hashes_at_its_default() -> None:
+    """``utune compare`` names runs by hash: train.release_freed_memory (added later, no effect on the
+    weights) must not rename every finished run."""
+    import hashlib
+
+    from utune.spec import spec_to_dict
+
+    spec = load_spec({"version": 1, "model": {"name": "test_vit"}})
+    before = spec_to_dict(spec)
+    del before["train"]["release_freed_memory"]  # the resolved spec as an older utune wrote it
+    older = json.dumps(before, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    assert spec_hash(spec) == hashlib.sha256(older.encode("utf-8")).hexdigest()
+    assert spec_hash(load_spec(spec, ["train.release_freed_memory=true"])) != spec_hash(spec)
+
+
 def test_json_schema_lists_every_kind(tmp_path: Path) -> None:
     schema = json.loads(json.dumps(spec_json_schema()))
     assert set(schema["properties"]) == {"version", "model", "tuners", "trainable", "data", "train", "export"}

@@ -605,9 +605,19 @@ def spec_to_yaml(spec: Spec) -> str:
     return header.replace("\n", " ") + "\n" + body
 
 
+# Keys added after runs were first named by their spec's hash, which cannot change what a run trains: left
+# out of the hash while they hold these defaults, so a newer utune reuses an older one's finished runs
+# (``utune compare``, ``bench/transfer.py``) instead of training them again.
+HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {("train", "release_freed_memory"): False}
+
+
 def spec_hash(spec: Spec) -> str:
     """sha256 of the resolved spec's canonical JSON: equal settings give equal hashes."""
-    canonical = json.dumps(spec_to_dict(spec), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    data = spec_to_dict(spec)
+    for (section, key), default in HASH_NEUTRAL_DEFAULTS.items():
+        if data.get(section, {}).get(key, default) == default:
+            data.get(section, {}).pop(key, None)
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
