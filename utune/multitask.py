@@ -13,8 +13,9 @@ Every task runs the same number of steps: ``steps``, else the largest ``epochs x
 the tasks (a smaller dataset is gone through more often). At the end each task is evaluated on its test
 split and written as an ordinary run folder, ``OUT/<task>/`` (``spec.yaml``, ``checkpoints/``,
 ``summary.json``): ``utune eval OUT/<task>`` and ``utune export OUT/<task> --tuners-only`` work on it as on
-any run. ``OUT/multitask.json`` has every task's accuracy and the step time. Not resumable (yet): an
-interrupted multi-task run starts again.
+any run. ``OUT/multitask.json`` has every task's accuracy and the step time. Not resumable (yet): nothing
+is written before the end, so an interrupted multi-task run (Ctrl-C stops it at once) leaves no folder and
+starts again.
 """
 
 from __future__ import annotations

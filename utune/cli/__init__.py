@@ -61,7 +61,7 @@ _multitask.register(app)
 
 
 def _is_training(argv: list[str]) -> bool:
-    return bool(argv) and ((argv[0] == "apply" and "--train" in argv) or argv[0] in ("compare", "multitask"))
+    return bool(argv) and ((argv[0] == "apply" and "--train" in argv) or argv[0] == "compare")
 
 
 def _interrupted(code: int) -> int:
