@@ -9,6 +9,9 @@ step's gradients are each task's own. User path: ``utune multitask`` from an emp
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from tests.test_cli_user import env_for, ok, utune
+from tests.test_cli_user import SCRIPT, _wait_for, env_for, ok, utune
 from utune.sets import TunerSets, _SharedRun, build_sets
 
 
@@ -177,3 +180,20 @@ def test_multitask_refuses_what_it_cannot_do_in_one_line(tmp_path: Path, change:
         ok(utune(*args, cwd=cwd))
     r = utune(*args, cwd=cwd, env=env_for(cwd))
     assert r.code == 2 and message in r.err and "Traceback" not in r.err, r.err
+
+
+def test_ctrl_c_stops_a_multi_task_run_at_once_and_leaves_nothing(tmp_path: Path) -> None:
+    cwd = _folder(tmp_path)
+    cmd = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "utune"]
+    args = [*cmd, "multitask", "digits.yaml", "rotation.yaml", "--steps", "3000", "--out", "mt"]
+    proc = subprocess.Popen(
+        args, cwd=cwd, env=env_for(cwd), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        _wait_for(proc, "step 3/3000")
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err, err
+    assert "interrupted" in err and not (cwd / "mt").exists()
