@@ -63,6 +63,27 @@ def test_attention_dropout_applies_in_training_only(arch: str) -> None:
     assert torch.equal(gm(x), model(x)) and torch.equal(gm(x), gm(x))
 
 
+@pytest.mark.parametrize("name", ["torchvision:efficientnet_b0", "torchvision:swin_t"])
+def test_torchvision_stochastic_depth_applies_in_training_only(name: str) -> None:
+    """torchvision's ``stochastic_depth(x, p, mode, self.training)`` (EfficientNet, ConvNeXt, Swin, MaxViT):
+    the traces differ in that flag alone; it was the eval graph's False, so drop-path never ran in training.
+    Its module has no parameters (the graph does not keep it) and Swin calls it twice per block."""
+    model = create_model(name, num_classes=3)  # stochastic_depth_prob 0.2 by default in both
+    gm = trace(model, name)
+    x = torch.randn(2, 3, 64, 64)
+    model.train()
+    gm.train()
+    torch.manual_seed(1)
+    a = model(x)
+    torch.manual_seed(1)
+    b = gm(x)
+    torch.manual_seed(2)
+    assert torch.equal(a, b) and not torch.allclose(b, gm(x))
+    model.eval()
+    gm.eval()
+    assert torch.equal(gm(x), model(x))
+
+
 class _Branchy(nn.Module):
     def __init__(self) -> None:
         super().__init__()

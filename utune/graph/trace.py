@@ -262,12 +262,19 @@ def _constant_diffs(a: fx.GraphModule, b: fx.GraphModule) -> list[tuple[fx.Node,
     return diffs
 
 
-def _switch_by_mode(gm: fx.GraphModule, diffs: list[tuple[fx.Node, int | str, Any, Any]]) -> bool:
+def _switch_by_mode(gm: fx.GraphModule, model: nn.Module, diffs: list[tuple[fx.Node, int | str, Any, Any]]) -> bool:
     """Each differing constant of the train graph ``gm`` becomes ``mode_value(owner, train, eval)``, the owner
-    being the module whose code read ``self.training``; False (``gm`` unchanged) when a node has no owner."""
-    owners = [list(n.meta.get("nn_module_stack", {}))[-1:] for n, *_ in diffs]
+    being the module whose code read ``self.training`` (added to ``gm`` from ``model`` when the graph did not
+    need it: torchvision's parameter-free ``StochasticDepth``); False (``gm`` unchanged) when a node has none."""
+    # nn_module_stack's keys name a module's second call ``path@1``
+    owners = [[re.sub(r"@\d+$", "", k) for k in list(n.meta.get("nn_module_stack", {}))[-1:]] for n, *_ in diffs]
     if not all(owners):
         return False
+    for path in {o[0] for o in owners}:
+        try:
+            gm.get_submodule(path)
+        except AttributeError:
+            gm.add_submodule(path, model.get_submodule(path))
     for (node, where, train, eval_), owner in zip(diffs, owners, strict=True):
         with gm.graph.inserting_before(node):
             module = gm.graph.get_attr(owner[0])
@@ -343,7 +350,7 @@ def trace(model: nn.Module, name: str = "model", img_size: int | None = None) ->
             hint="its forward branches on self.training outside a leaf module; utune cannot rewrite it safely",
         )
     diffs = _constant_diffs(gm_train, gm_eval)
-    if diffs and _switch_by_mode(gm_train, diffs):  # e.g. attention dropout: p in training, 0.0 in eval
+    if diffs and _switch_by_mode(gm_train, model, diffs):  # e.g. attention dropout: p in training, 0.0 in eval
         gm_train.train(was_training)
         return gm_train
     gm_eval.train(was_training)
