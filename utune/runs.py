@@ -41,7 +41,8 @@ if TYPE_CHECKING:
 RUNS = Path("runs")
 
 # Keys a resumed run may change: where the data lives, how it is loaded, how often the run logs,
-# evaluates and checkpoints, how the host allocator returns memory, and how it exports. None of them changes the trained weights.
+# evaluates and checkpoints, how the host allocator returns memory, and how it exports. None of them
+# changes the trained weights.
 RESUME_SAFE = (
     "data.root",
     "data.num_workers",
