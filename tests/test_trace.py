@@ -40,37 +40,9 @@ def test_train_mode_graph_matches_eager_in_train_mode() -> None:
     assert torch.equal(a, b)  # dropout / drop-path are leaves: same random draws in the same order
 
 
-@pytest.mark.parametrize("arch", ["deit", "swin", "beit"])
-def test_attention_dropout_applies_in_training_only(arch: str) -> None:
-    """timm's fused attention passes ``dropout_p=self.attn_drop.p if self.training else 0.0``: the train and
-    eval graphs differ in that constant alone, and the one graph kept must read the mode at run time (it
-    kept the eval graph's 0.0: attention dropout was silently off in training)."""
-    name, kwargs, size = ARCHS[arch]
-    model = create_model(name, num_classes=3, kwargs={**kwargs, "attn_drop_rate": 0.5})
-    gm = trace(model, name)
-    x = torch.randn(2, 3, size, size)
-    model.train()
-    gm.train()
-    torch.manual_seed(1)
-    a = model(x)
-    torch.manual_seed(1)
-    b = gm(x)
-    torch.manual_seed(2)
-    c = gm(x)
-    assert torch.equal(a, b) and not torch.allclose(b, c)  # the eager model's draws, and they are draws
-    model.eval()
-    gm.eval()
-    assert torch.equal(gm(x), model(x)) and torch.equal(gm(x), gm(x))
-
-
-@pytest.mark.parametrize("name", ["torchvision:efficientnet_b0", "torchvision:swin_t"])
-def test_torchvision_stochastic_depth_applies_in_training_only(name: str) -> None:
-    """torchvision's ``stochastic_depth(x, p, mode, self.training)`` (EfficientNet, ConvNeXt, Swin, MaxViT):
-    the traces differ in that flag alone; it was the eval graph's False, so drop-path never ran in training.
-    Its module has no parameters (the graph does not keep it) and Swin calls it twice per block."""
-    model = create_model(name, num_classes=3)  # stochastic_depth_prob 0.2 by default in both
-    gm = trace(model, name)
-    x = torch.randn(2, 3, 64, 64)
+def _draws_in_training_only(model: nn.Module, gm: nn.Module, x: torch.Tensor) -> None:
+    """In train mode the graph draws exactly what the eager model draws (and they are draws: another seed
+    differs); in eval mode both are deterministic and equal."""
     model.train()
     gm.train()
     torch.manual_seed(1)
@@ -81,7 +53,26 @@ def test_torchvision_stochastic_depth_applies_in_training_only(name: str) -> Non
     assert torch.equal(a, b) and not torch.allclose(b, gm(x))
     model.eval()
     gm.eval()
-    assert torch.equal(gm(x), model(x))
+    assert torch.equal(gm(x), model(x)) and torch.equal(gm(x), gm(x))
+
+
+@pytest.mark.parametrize("arch", ["deit", "swin", "beit"])
+def test_attention_dropout_applies_in_training_only(arch: str) -> None:
+    """timm's fused attention passes ``dropout_p=self.attn_drop.p if self.training else 0.0``: the train and
+    eval graphs differ in that constant alone, and the one graph kept must read the mode at run time (it
+    kept the eval graph's 0.0: attention dropout was silently off in training)."""
+    name, kwargs, size = ARCHS[arch]
+    model = create_model(name, num_classes=3, kwargs={**kwargs, "attn_drop_rate": 0.5})
+    _draws_in_training_only(model, trace(model, name), torch.randn(2, 3, size, size))
+
+
+@pytest.mark.parametrize("name", ["torchvision:efficientnet_b0", "torchvision:swin_t"])
+def test_torchvision_stochastic_depth_applies_in_training_only(name: str) -> None:
+    """torchvision's ``stochastic_depth(x, p, mode, self.training)`` (EfficientNet, ConvNeXt, Swin, MaxViT):
+    the traces differ in that flag alone; it was the eval graph's False, so drop-path never ran in training.
+    Its module has no parameters (the graph does not keep it) and Swin calls it twice per block."""
+    model = create_model(name, num_classes=3)  # stochastic_depth_prob 0.2 by default in both
+    _draws_in_training_only(model, trace(model, name), torch.randn(2, 3, 64, 64))
 
 
 class _Branchy(nn.Module):
