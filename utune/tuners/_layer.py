@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from utune.graph.manifest import Frozen
-from utune.tuners.fold import f64
+from utune.tuners.fold import NotMergeable, f64
 
 if TYPE_CHECKING:
     from utune.graph.sites import Site
@@ -93,6 +93,25 @@ class Geometry:
     def channels_view(self, v: torch.Tensor, ndim: int) -> torch.Tensor:
         """A per-output-channel vector shaped to broadcast over the layer's output (last dim, or dim 1 for maps)."""
         return v.view(1, -1, *[1] * (ndim - 2)) if self.conv else v
+
+
+class WeightDelta(nn.Module):
+    """A tuner whose output is ``ΔW x``, run as the layer runs its own weight (:class:`Geometry`), and whose
+    merge is ``W += ΔW`` (LoHa, LoKr). Subclasses set ``geometry`` and define :meth:`delta_weight`."""
+
+    geometry: Geometry
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.geometry(x, self.delta_weight())
+
+    def fold(self, layer: Layer, tap: str) -> None:
+        """Merge: ``W' = W + ΔW``."""
+        if tap != "input":
+            raise NotMergeable(f"it does not read the input of {layer.path}")
+        layer.add_input_map(cast(torch.Tensor, f64(self.delta_weight())), None)
 
 
 def original(layer: Layer) -> tuple[torch.Tensor, torch.Tensor | None]:

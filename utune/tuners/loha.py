@@ -20,9 +20,8 @@ from torch import nn
 
 from utune.graph.context import PlanContext
 from utune.graph.sites import Site
-from utune.tuners._layer import BaseLayer, Geometry, weight_layer
+from utune.tuners._layer import BaseLayer, Geometry, WeightDelta, weight_layer
 from utune.tuners.base import TunerKind, TunerOptions
-from utune.tuners.fold import Layer, NotMergeable, f64
 from utune.tuners.registry import register
 
 
@@ -31,7 +30,7 @@ class LohaOptions(TunerOptions):
     alpha: float | None = Field(default=None, gt=0, description="scaling = alpha / r; null: alpha = r (scaling 1)")
 
 
-class Loha(nn.Module):
+class Loha(WeightDelta):
     """``ΔW x`` with ``ΔW = (alpha/r) (W1a W1b) ⊙ (W2a W2b)`` (PEFT's tensor names and shapes)."""
 
     def __init__(self, base: BaseLayer, opts: LohaOptions) -> None:
@@ -49,15 +48,6 @@ class Loha(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         dw = (self.hada_w1_a @ self.hada_w1_b) * (self.hada_w2_a @ self.hada_w2_b)
         return (dw if self.scaling == 1.0 else dw * self.scaling).reshape(self.geometry.shape)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.geometry(x, self.delta_weight())
-
-    def fold(self, layer: Layer, tap: str) -> None:
-        """Merge: ``W' = W + ΔW``."""
-        if tap != "input":
-            raise NotMergeable(f"it does not read the input of {layer.path}")
-        layer.add_input_map(cast(torch.Tensor, f64(self.delta_weight())), None)
 
 
 @register

@@ -21,9 +21,8 @@ from torch import nn
 
 from utune.graph.context import PlanContext
 from utune.graph.sites import Site
-from utune.tuners._layer import BaseLayer, Geometry, weight_layer
+from utune.tuners._layer import BaseLayer, Geometry, WeightDelta, weight_layer
 from utune.tuners.base import TunerKind, TunerOptions
-from utune.tuners.fold import Layer, NotMergeable, f64
 from utune.tuners.registry import register
 
 
@@ -71,7 +70,7 @@ def _product(a: nn.Parameter | None, b: nn.Parameter | None) -> torch.Tensor:
     return a @ b
 
 
-class Lokr(nn.Module):
+class Lokr(WeightDelta):
     """``ΔW x`` with ``ΔW = (alpha/r) W1 ⊗ W2`` (PEFT's tensor names and shapes; absent factors are None)."""
 
     lokr_w1: nn.Parameter | None
@@ -105,15 +104,6 @@ class Lokr(nn.Module):
             w1 = w1[:, :, None, None]
         dw = torch.kron(w1, w2.contiguous())
         return (dw if self.scaling == 1.0 else dw * self.scaling).reshape(self.geometry.shape)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.geometry(x, self.delta_weight())
-
-    def fold(self, layer: Layer, tap: str) -> None:
-        """Merge: ``W' = W + ΔW``."""
-        if tap != "input":
-            raise NotMergeable(f"it does not read the input of {layer.path}")
-        layer.add_input_map(cast(torch.Tensor, f64(self.delta_weight())), None)
 
 
 @register
