@@ -9,18 +9,19 @@ Where their math needs the frozen weight itself (DoRA's norm, GLoRA's ``W ⊙ A`
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from utune.graph.manifest import Frozen
+from utune.tuners.base import TunerKind
 from utune.tuners.fold import NotMergeable, f64
 
 if TYPE_CHECKING:
+    from utune.graph.context import PlanContext
     from utune.graph.sites import Site
-    from utune.tuners.base import TunerKind
     from utune.tuners.fold import Layer
 
 BaseLayer = nn.Linear | nn.Conv2d
@@ -112,6 +113,22 @@ class WeightDelta(nn.Module):
         if tap != "input":
             raise NotMergeable(f"it does not read the input of {layer.path}")
         layer.add_input_map(cast(torch.Tensor, f64(self.delta_weight())), None)
+
+
+class DeltaWeightKind(TunerKind):
+    """The kind-side half every :class:`WeightDelta` tuner shares: parallel on a Linear/Conv2d's own input
+    (so it folds into W), mergeable, built as ``module(layer, options)``. A kind sets ``module``."""
+
+    module: ClassVar[type[nn.Module]]  # its __init__ takes (layer, options)
+    placements = ("parallel",)
+    taps = {"parallel": ("input",)}  # ΔW reads the layer's own input: it folds into W
+    mergeable = True
+
+    def check(self, site: Site, ctx: PlanContext) -> None:
+        weight_layer(self, site, conv=True)
+
+    def build(self, site: Site, ctx: PlanContext) -> nn.Module:
+        return type(self).module(cast(BaseLayer, site.module), self.options)  # check() made sure
 
 
 def original(layer: Layer) -> tuple[torch.Tensor, torch.Tensor | None]:

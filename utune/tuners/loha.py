@@ -12,16 +12,13 @@ Not offered: PEFT's rank/module dropout and its CP-decomposed ("effective") Conv
 from __future__ import annotations
 
 import math
-from typing import cast
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from utune.graph.context import PlanContext
-from utune.graph.sites import Site
-from utune.tuners._layer import BaseLayer, Geometry, WeightDelta, weight_layer
-from utune.tuners.base import TunerKind, TunerOptions
+from utune.tuners._layer import BaseLayer, DeltaWeightKind, Geometry, WeightDelta
+from utune.tuners.base import TunerOptions
 from utune.tuners.registry import register
 
 
@@ -51,16 +48,8 @@ class Loha(WeightDelta):
 
 
 @register
-class LohaKind(TunerKind):
+class LohaKind(DeltaWeightKind):
     kind = "loha"
+    module = Loha
     Options = LohaOptions
     summary = "y = W x + (alpha/r) (W1a W1b) * (W2a W2b) x on a Linear/Conv2d; LoHa (FedPara 2022, LyCORIS)"
-    placements = ("parallel",)
-    taps = {"parallel": ("input",)}  # ΔW reads the layer's own input: it folds into W
-    mergeable = True
-
-    def check(self, site: Site, ctx: PlanContext) -> None:
-        weight_layer(self, site, conv=True)
-
-    def build(self, site: Site, ctx: PlanContext) -> nn.Module:
-        return Loha(cast(BaseLayer, site.module), self.options)  # check() made sure

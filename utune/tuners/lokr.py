@@ -13,16 +13,13 @@ Mergeable: ``W += ΔW``. Not offered: PEFT's rank/module dropout and its CP-deco
 from __future__ import annotations
 
 import math
-from typing import cast
 
 import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from utune.graph.context import PlanContext
-from utune.graph.sites import Site
-from utune.tuners._layer import BaseLayer, Geometry, WeightDelta, weight_layer
-from utune.tuners.base import TunerKind, TunerOptions
+from utune.tuners._layer import BaseLayer, DeltaWeightKind, Geometry, WeightDelta
+from utune.tuners.base import TunerOptions
 from utune.tuners.registry import register
 
 
@@ -107,16 +104,8 @@ class Lokr(WeightDelta):
 
 
 @register
-class LokrKind(TunerKind):
+class LokrKind(DeltaWeightKind):
     kind = "lokr"
+    module = Lokr
     Options = LokrOptions
     summary = "y = W x + (alpha/r) (W1 kron W2) x on a Linear/Conv2d; LoKr (KronA 2022, LyCORIS)"
-    placements = ("parallel",)
-    taps = {"parallel": ("input",)}  # ΔW reads the layer's own input: it folds into W
-    mergeable = True
-
-    def check(self, site: Site, ctx: PlanContext) -> None:
-        weight_layer(self, site, conv=True)
-
-    def build(self, site: Site, ctx: PlanContext) -> nn.Module:
-        return Lokr(cast(BaseLayer, site.module), self.options)  # check() made sure
