@@ -1,5 +1,5 @@
-"""The README cannot drift from the code: its shell and Python blocks run, its specs validate, its tuner
-table is the registry's.
+"""The README and docs/ cannot drift from the code: their shell and Python blocks run, their specs
+validate, the README's tuner table is the registry's.
 
 A block preceded by ``<!-- ci: not run here: REASON -->`` is skipped (the reason says why). The rest run
 as written, in order within a block, from a fresh folder that holds the repository's ``quickstart/`` and
@@ -22,12 +22,14 @@ from utune.tuners.registry import kinds_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
+DOCS = [README, *sorted((REPO / "docs").glob("**/*.md"))]
 _SKIP = re.compile(r"<!--\s*ci:\s*not run here:\s*(?P<why>.+?)\s*-->")
 
 
-def blocks() -> list[tuple[str, str, str, str | None]]:
-    """(id, language, body, reason it is skipped or None) for every fenced block of the README."""
-    lines = README.read_text().splitlines()
+def blocks(doc: Path = README) -> list[tuple[str, str, str, str | None]]:
+    """(id, language, body, reason it is skipped or None) for every fenced block of ``doc``."""
+    lines = doc.read_text().splitlines()
+    name = "" if doc == README else doc.relative_to(REPO).as_posix() + ":"
     out, i = [], 0
     while i < len(lines):
         fence = re.fullmatch(r"```(\w+)", lines[i])
@@ -37,12 +39,12 @@ def blocks() -> list[tuple[str, str, str, str | None]]:
         end = lines.index("```", i + 1)
         skip = _SKIP.search(lines[i - 1]) if i else None
         body = "\n".join(lines[i + 1 : end]) + "\n"
-        out.append((f"{fence.group(1)}-line{i + 1}", fence.group(1), body, skip.group("why") if skip else None))
+        out.append((f"{name}{fence.group(1)}-line{i + 1}", fence.group(1), body, skip.group("why") if skip else None))
         i = end + 1
     return out
 
 
-BLOCKS = blocks()
+BLOCKS = [b for doc in DOCS for b in blocks(doc)]
 RUNNABLE = [b for b in BLOCKS if b[1] in ("bash", "python")]
 
 
@@ -53,8 +55,9 @@ def test_the_readme_has_runnable_blocks() -> None:
 
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
-    for name in ("quickstart", "specs"):
-        (tmp_path / name).symlink_to(REPO / name)
+    for name in ("quickstart", "specs", "examples"):  # relative paths work as from the repository root
+        if (REPO / name).exists():
+            (tmp_path / name).symlink_to(REPO / name)
     return tmp_path
 
 
