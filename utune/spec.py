@@ -269,6 +269,7 @@ class Spec(Section):
     _source_path: Path | None = PrivateAttr(default=None)
     _source_text: str | None = PrivateAttr(default=None)
     _overrides: tuple[str, ...] = PrivateAttr(default=())
+    _trusted: bool = PrivateAttr(default=True)  # the user gave it (else read from a data file: utune._imports)
 
     @model_validator(mode="after")
     def _one_image_size(self) -> Spec:
@@ -303,6 +304,12 @@ class Spec(Section):
     def overrides(self) -> tuple[str, ...]:
         return self._overrides
 
+    @property
+    def trusted(self) -> bool:
+        """Whether the user gave this spec (a file, dict or text they passed), so that the code it names
+        (``package.module:attr``) may be imported; False for a spec read from a data file."""
+        return self._trusted
+
     def __eq__(self, other: object) -> bool:
         """Equal when the resolved settings are; where the spec came from does not matter."""
         if not isinstance(other, Spec):
@@ -321,16 +328,23 @@ class _Problem:
     line: int | None = None  # already known (duplicate YAML keys)
 
 
-def load_spec(source: str | Path | dict[str, Any] | Spec, overrides: Sequence[str] = ()) -> Spec:
-    """Load and validate a spec from a file path, a dict, or a loaded Spec (overrides applied again)."""
+def load_spec(
+    source: str | Path | dict[str, Any] | Spec, overrides: Sequence[str] = (), *, trusted: bool | None = None
+) -> Spec:
+    """Load and validate a spec from a file path, a dict, or a loaded Spec (overrides applied again).
+
+    ``trusted``: the user gave this spec, so the code it names (``package.module:attr``) may be imported
+    (:mod:`utune._imports`); pass False for a spec read from a data file (a tuner file's embedded spec, a
+    PEFT folder, a run's ``spec.yaml``). Default: True, or a loaded Spec's own."""
     if isinstance(source, Spec):
-        spec = _build(spec_to_dict(source), None, source.source, overrides, prior=source.overrides)
+        keep = source.trusted if trusted is None else trusted and source.trusted
+        spec = _build(spec_to_dict(source), None, source.source, overrides, prior=source.overrides, trusted=keep)
         spec._source_path, spec._source_text = source.source_path, source.source_text
         return spec
     if isinstance(source, dict):
         data = copy.deepcopy(source)
         _resolve_paths(data, Path.cwd())
-        return _build(data, None, "<dict>", overrides)
+        return _build(data, None, "<dict>", overrides, trusted=trusted is not False)
     path = Path(source)
     if path.is_dir():
         raise SpecError(f"{path} is a folder, not a spec file", hint="pass the spec's .yaml file")
@@ -346,13 +360,19 @@ def load_spec(source: str | Path | dict[str, Any] | Spec, overrides: Sequence[st
         raise SpecError(
             f"cannot read spec {path}: {exc.strerror or exc}", hint="check the file's permissions"
         ) from None
-    return load_spec_text(text, str(path), overrides, path=path)
+    return load_spec_text(text, str(path), overrides, path=path, trusted=trusted is not False)
 
 
 def load_spec_text(
-    text: str, source: str = "<text>", overrides: Sequence[str] = (), *, path: Path | None = None
+    text: str,
+    source: str = "<text>",
+    overrides: Sequence[str] = (),
+    *,
+    path: Path | None = None,
+    trusted: bool = True,
 ) -> Spec:
-    """Load a spec from YAML text (e.g. the copy embedded in a tuner export); ``source`` names it."""
+    """Load a spec from YAML text (e.g. the copy embedded in a tuner export: pass ``trusted=False``);
+    ``source`` names it."""
     try:
         data, root = parse_yaml(text)
     except YamlSyntaxError as exc:
@@ -371,7 +391,7 @@ def load_spec_text(
     early = [_Problem(loc, msg, line=line) for loc, line, msg in duplicate_keys(root)]
     if path is not None:
         _resolve_paths(data, path.resolve().parent)  # paths in a file are relative to the file
-    spec = _build(data, root, source, overrides, early=early)
+    spec = _build(data, root, source, overrides, early=early, trusted=trusted)
     spec._source_path, spec._source_text = path, text
     return spec
 
@@ -413,8 +433,11 @@ def _build(
     overrides: Sequence[str],
     early: Sequence[_Problem] = (),
     prior: tuple[str, ...] = (),
+    trusted: bool = True,
 ) -> Spec:
     applied = _apply_overrides(data, overrides)
+    if trusted:  # the code this spec names may be imported (before validation: a kind's options need it)
+        _trust_refs(data)
     given = [o.path[:2] for o in applied if tuple(o.path[:2]) in PATH_KEYS]
     _resolve_paths(data, Path.cwd(), only=[tuple(g) for g in given])  # type: ignore[misc]
     problems = list(early)
@@ -429,7 +452,21 @@ def _build(
     if problems or spec is None:
         _fail(problems, source, root, data, applied)
     spec._source, spec._overrides = source, prior + tuple(overrides)
+    spec._trusted = trusted
     return spec
+
+
+def _trust_refs(data: dict[str, Any]) -> None:
+    """Record the ``package.module:attr`` names a user-given spec holds (``model.name``, each rule's ``kind``
+    and string options such as ``kind: module``'s ``class``) as the user's: see :mod:`utune._imports`."""
+    from utune._imports import is_ref, trust
+
+    model = data.get("model")
+    found = [model.get("name")] if isinstance(model, dict) else []
+    for rule in data.get("tuners") or []:
+        if isinstance(rule, dict):
+            found += list(rule.values())
+    trust(r for r in found if is_ref(r))
 
 
 def _version_problem(data: dict[str, Any]) -> _Problem | None:
