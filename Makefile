@@ -22,7 +22,7 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check utune tests bench quickstart
 	$(VENV)/bin/ruff format --check utune tests bench quickstart
-	$(VENV)/bin/mypy  # utune/graph, utune/tuners, utune/export (pyproject.toml [tool.mypy])
+	$(VENV)/bin/mypy  # the whole package (pyproject.toml [tool.mypy])
 
 # two worker processes (each test runs on one torch thread): the suite in about half the time on 2 cores;
 # a file's tests stay on one worker (module fixtures, the DDP tests' own two processes)

@@ -191,7 +191,7 @@ def test_ssf_on_every_batchnorm_of_a_resnet_merges(name: str, kwargs: dict) -> N
     built = build(spec(name, ALL_BN, ["fc"], kwargs=kwargs))
     train_steps(built)
     result = merged_state_dict(built)
-    sites = built.report["tuners"][0]["sites"]
+    sites = list(built.report["tuners"][0]["sites"])
     assert any("downsample" in s for s in sites)
     assert [f[2] for f in result.folds] == sites and [f[3] for f in result.folds] == sites  # each into its own BN
     check = verify_merged(built, result.state)

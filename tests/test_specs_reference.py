@@ -267,7 +267,7 @@ def test_trainable_counts(rel: str) -> None:
     assert c.report["tuner_params"] == sum(rules.values())
     for (spec_rel, rule), sites in SITES.items():
         if spec_rel == rel:
-            assert next(t["sites"] for t in c.report["tuners"] if t["name"] == rule) == sites
+            assert next(list(t["sites"]) for t in c.report["tuners"] if t["name"] == rule) == sites
 
 
 def test_full_fine_tuning_counts_every_parameter() -> None:

@@ -4,6 +4,7 @@ load_tuners (from a tuner-only file and from a run folder)."""
 from __future__ import annotations
 
 import copy
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +72,35 @@ def test_merge_and_unload_is_the_plain_model_with_the_tuners_folded() -> None:
     assert diff <= 1e-5 * scale
     with pytest.raises(ExportError, match=r"ad \(adapter\)"):  # a GELU adapter cannot fold: named
         utune.build(MIXED).model.merge_and_unload()
-    with pytest.raises(TunedModelError, match="needs the build"):
-        copy.deepcopy(built.model).merge_and_unload()
+
+
+def test_a_copied_or_unpickled_model_merges_and_loads_as_the_original() -> None:
+    """The tuned model carries its build record as data (no pointer back to the build): a deep copy and a
+    pickled round trip merge to the same plain model, and load tuners, independently of the original."""
+    built = utune.build(LORA)
+    train(built)
+    with torch.no_grad():
+        ref = built.model.eval()(X)
+        for other in (copy.deepcopy(built.model), pickle.loads(pickle.dumps(built.model))):
+            plain = other.eval().merge_and_unload().eval()
+            assert type(plain).__name__ == "VisionTransformer"
+            assert float((plain(X) - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    copied = copy.deepcopy(built.model)
+    mine = {id(n) for n in copied.graph.nodes}
+    from utune.tuned_ops import built_of
+
+    assert all(id(n) in mine for e in built_of(copied).manifest for n in e.nodes.values())  # the copy's own nodes
+    with torch.no_grad():  # the copy's tuners are its own: changing them leaves the original's merge alone
+        for p in copied.parameters():
+            if p.requires_grad:
+                p.zero_()
+        plain = built.model.merge_and_unload().eval()
+        assert float((plain(X) - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
+    from utune.tuned_ops import RECORD
+
+    del copied.__dict__[RECORD]  # a model without a build record (not made by utune.build) says so
+    with pytest.raises(TunedModelError, match="made by utune.build"):
+        copied.merge_and_unload()
 
 
 def test_print_trainable_parameters(capsys: pytest.CaptureFixture[str]) -> None:

@@ -49,7 +49,7 @@ def test_trainable_by_type_opens_every_norm_and_only_them(tmp_path: Path) -> Non
         f"{n}.{p}" for n, m in built.base.named_modules() if isinstance(m, nn.LayerNorm) for p in ("weight", "bias")
     }
     assert {n for n, p in built.model.named_parameters() if p.requires_grad} == norms
-    assert built.report["trainable"] == ["type=LayerNorm"]
+    assert list(built.report["trainable"]) == ["type=LayerNorm"]
     steps(built)
     export_tuners(built, tmp_path / "t.safetensors")  # the spec with a mapping in `trainable:` round-trips
     fresh = build(spec([], trainable=[{"type": "LayerNorm"}]))
@@ -64,7 +64,7 @@ def test_trainable_by_type_under_a_path() -> None:
     assert sorted(opened) == sorted(
         ["head.weight", "head.bias"] + [f"blocks.0.norm{i}.{p}" for i in (1, 2) for p in ("weight", "bias")]
     )
-    assert built.report["trainable"] == ["head", "type=LayerNorm, path=blocks.0.*"]
+    assert list(built.report["trainable"]) == ["head", "type=LayerNorm, path=blocks.0.*"]
 
 
 def test_trainable_by_type_errors_say_what_to_write() -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.2.0.dev0"
 
 if TYPE_CHECKING:
-    from utune.api import Built
+    from utune.engine.record import Built
     from utune.sets import TunerSets
     from utune.spec import Spec
 

@@ -168,8 +168,9 @@ def materialize(model: nn.Module, state: dict[str, torch.Tensor]) -> bool:
     model.to_empty(device="cpu")
     with torch.random.fork_rng(devices=[]):  # the real init computed these before its draws ended
         for m in model.modules():
-            if hasattr(m, "init_non_persistent_buffers"):
-                m.init_non_persistent_buffers()
+            init = getattr(m, "init_non_persistent_buffers", None)
+            if callable(init):
+                init()
     # fresh copies (a file's mapping is not kept: rewriting the file must not change or crash the model)
     model.load_state_dict({k: _copy_like(v, own[k]) for k, v in state.items()}, strict=True, assign=True)
     return not _meta_leftovers(model)

@@ -52,6 +52,8 @@ def _plain(obj: Any) -> Any:
     """JSON-able: NaN/inf become null (not JSON), tuples lists, paths and other objects strings."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
+    if hasattr(obj, "as_dict"):  # a record (utune.engine.record.BuildReport)
+        obj = obj.as_dict()
     if isinstance(obj, dict):
         return {str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):

@@ -180,7 +180,7 @@ def written_loc(loc: Loc, data: Any, missing: bool = False) -> Loc:
             and part in data
             or (isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data))
         ):
-            data = data[part]
+            data = data[part]  # type: ignore[index]  # the isinstance checks above pair data's type with part's
             out.append(part)
             continue
         if missing and isinstance(data, dict) and i == len(loc) - 1:

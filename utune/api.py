@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,7 @@ import torch
 from torch import fx, nn
 
 from utune._reference import reference_build
+from utune.engine.record import BuildReport, Built, RuleReport, Traced
 from utune.errors import SelectionError, TraceError
 from utune.graph.context import PlanContext
 from utune.graph.glob import glob_match
@@ -25,40 +26,9 @@ from utune.graph.trainable import TypeSelector, module_types, typed_parameters
 from utune.models import create_model, data_config, input_size
 from utune.spec import Spec, load_spec
 from utune.tuned import TunedModel
-from utune.tuned_ops import OWNER
+from utune.tuned_ops import RECORD, make_record
 from utune.tuners.base import TunerKind
 from utune.tuners.registry import get_kind
-
-
-@dataclass
-class Traced:
-    """A traced model with its sites, shapes propagated on a dummy batch."""
-
-    name: str
-    model: nn.Module
-    gm: fx.GraphModule
-    sites: dict[str, Site]
-    input_size: tuple[int, int, int]
-
-
-@dataclass
-class Built:
-    """The result of :func:`build`: the rewritten model (trainable parameters set) and its report."""
-
-    spec: Spec
-    model: TunedModel  # the rewritten GraphModule, with the base model's public API
-    base: nn.Module  # the untouched model object (shares the frozen parameters with ``model``)
-    report: dict[str, Any]
-    input_size: tuple[int, int, int]
-    data_config: dict[str, Any]
-    warnings: list[str] = field(default_factory=list)
-    manifest: Manifest = field(default_factory=Manifest)  # what the rewriter attached, in order
-    verify_batch: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, base output) when verify=True
-
-    @property
-    def tuner_modules(self) -> dict[str, list[str]]:
-        """Rule name -> the names of its tuner modules in ``model``, in the order they were attached."""
-        return {rule.name: self.manifest.modules(rule.name) for rule in self.spec.tuners}
 
 
 def _propagate_shapes(gm: fx.GraphModule, size: tuple[int, int, int], explicit: bool, batch: int = 2) -> None:
@@ -130,7 +100,7 @@ def inspect_with_rules(
             "path": path,
             "op": site.op,
             "type": site.type,
-            "shape": list(site.shape()) if site.shape() is not None else None,
+            "shape": list(shape) if (shape := site.shape()) is not None else None,
             "params": site.params,
         }
         if spec is not None:
@@ -169,10 +139,10 @@ def _attached(spec: Spec, rules: list[dict[str, Any]]) -> dict[str, list[str]] |
         rules[0]["warnings"].append(f"the spec does not build: {e.message}")
         return None
     out: dict[str, list[str]] = {}
-    for e in built.manifest:
-        tag = e.rule if e.module and not e.role else f"{e.rule} ({e.role or e.join})"
-        if tag not in out.setdefault(e.site, []):
-            out[e.site].append(tag)
+    for entry in built.manifest:
+        tag = entry.rule if entry.module and not entry.role else f"{entry.rule} ({entry.role or entry.join})"
+        if tag not in out.setdefault(entry.site, []):
+            out[entry.site].append(tag)
     for r in rules:
         r["attachments"] = len(built.manifest.rule(r["name"]))
     return out
@@ -266,32 +236,43 @@ def build(
     they are; ``utune.sets`` builds several tuner sets on one backbone this way).
     """
     t0 = time.perf_counter()
-    spec, notes, warnings = _resolve_classes(load_spec(spec_or_path, overrides))
+    spec, notes, warnings = resolve_classes(load_spec(spec_or_path, overrides))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.train.seed)
-        built = _build(spec, verify, seed, t0, base)
-    built.report["notes"] = notes
-    built.warnings[:0] = warnings
-    built.report["warnings"] = built.warnings
-    return built
+        return _build(spec, verify, seed, t0, base, notes, warnings)
 
 
-def _resolve_classes(spec: Spec) -> tuple[Spec, list[str], list[str]]:
-    """``model.num_classes`` defaults to the dataset's class count when the spec names a dataset."""
+def resolve_classes(spec: Spec, classes: int | None = None) -> tuple[Spec, list[str], list[str]]:
+    """The one place ``model.num_classes`` defaults to the dataset's class count (when the spec names a
+    dataset and leaves the count out): the spec with it set, the note saying so, and the warnings.
+    ``classes``: the count when the caller has already opened the data (nothing is read again)."""
     if spec.model.num_classes is not None or not spec.data.dataset:
         return spec, [], []
-    from utune.data import num_classes
-    from utune.errors import DataError
+    if classes is None:
+        from utune.data import num_classes
+        from utune.errors import DataError
 
-    try:
-        n = num_classes(spec.data)
-    except DataError as e:
-        return spec, [], [f"model.num_classes is left to the model's default: cannot count the classes ({e.message})"]
-    note = f"model.num_classes = {n}, the class count of {spec.data.dataset} (the spec leaves it out)"
-    return load_spec(spec, [f"model.num_classes={n}"]), [note], []
+        try:
+            classes = num_classes(spec.data)
+        except DataError as e:
+            why = f"model.num_classes is left to the model's default: cannot count the classes ({e.message})"
+            return spec, [], [why]
+    note = f"model.num_classes = {classes}, the class count of {spec.data.dataset} (the spec leaves it out)"
+    return load_spec(spec, [f"model.num_classes={classes}"]), [note], []
 
 
-def _build(spec: Spec, verify: bool, seed: int, t0: float, base: nn.Module | None = None) -> Built:
+_resolve_classes = resolve_classes  # the name utune.sets and older callers use
+
+
+def _build(
+    spec: Spec,
+    verify: bool,
+    seed: int,
+    t0: float,
+    base: nn.Module | None = None,
+    notes: list[str] | None = None,
+    warned: list[str] | None = None,
+) -> Built:
     m = spec.model
     model = (
         base
@@ -305,7 +286,8 @@ def _build(spec: Spec, verify: bool, seed: int, t0: float, base: nn.Module | Non
     times["trace_s"] = time.perf_counter() - t0 - times["create_s"]
     probe = _verify_batch(traced, seed) if verify else None
     rw = Rewriter(traced.gm, traced.sites, model, example=torch.zeros(2, *traced.input_size))
-    manifest, rows, warnings = attach_rules(spec, rw)
+    manifest, rows, selection_warnings = attach_rules(spec, rw)
+    warnings = [*(warned or []), *selection_warnings]
     rw.propagate(real=verify)  # runs the whole rewritten graph once (on meta): a rule that breaks it is named here
     times["rewrite_s"] = time.perf_counter() - t0 - times["create_s"] - times["trace_s"]
     opened = _freeze(traced.gm, list(spec.trainable), model)
@@ -315,18 +297,21 @@ def _build(spec: Spec, verify: bool, seed: int, t0: float, base: nn.Module | Non
         hold_frozen(traced.gm, getattr(torch, m.frozen_dtype))
     traced.gm.train(model.training)
     tuned = TunedModel.adopt(traced.gm, model, traced.input_size)
-    report = _report(spec, traced.gm, opened, rows, traced, warnings)
-    if probe is not None:
-        _verify(report, tuned, probe, warnings)
-    report["build_seconds"] = round(time.perf_counter() - t0, 3)
-    report["timings"] = {k: round(v, 3) for k, v in times.items()}  # model creation, trace + shapes, passes
+    checked = _verify(tuned, probe, warnings) if probe is not None else {}
+    times = {k: round(v, 3) for k, v in times.items()}  # model creation, trace + shapes, passes
+    report = _report(spec, traced.gm, opened, rows, traced).replace(
+        **checked,
+        build_seconds=round(time.perf_counter() - t0, 3),
+        timings=times,
+        warnings=tuple(warnings),
+        notes=tuple(notes or ()),
+    )
     config = data_config(model, m.img_size)
-    built = Built(spec, tuned, model, report, traced.input_size, config, warnings, manifest, probe)
-    tuned.__dict__[OWNER] = built  # merge_and_unload, load_tuners (utune.tuned_ops) need the build
-    return built
+    tuned.__dict__[RECORD] = make_record(spec, manifest, report, config)  # what merge and load read
+    return Built(spec, tuned, model, report, traced.input_size, config, warnings, manifest, probe)
 
 
-def attach_rules(spec: Spec, rw: Rewriter) -> tuple[Manifest, list[dict[str, Any]], list[str]]:
+def attach_rules(spec: Spec, rw: Rewriter) -> tuple[Manifest, list[RuleReport], list[str]]:
     """Select, check, plan and apply every rule in spec order; the manifest, one report row per rule, and
     the selection warnings."""
     ctx = PlanContext(rw)
@@ -340,18 +325,8 @@ def attach_rules(spec: Spec, rw: Rewriter) -> tuple[Manifest, list[dict[str, Any
             kind.check(site, ctx)
         entries = _attach(rw, kind, sites, ctx, rule.share)
         manifest.entries += entries
-        rows.append(
-            {
-                "name": rule.name,
-                "kind": rule.kind,
-                "placement": kind.placement,
-                "sites": [s.path for s in sites],
-                "params": sum(e.params for e in entries),
-                "identity_at_init": kind.identity_at_init,
-                "mergeable": kind.mergeable,
-                "attachments": [e.as_dict() for e in entries],
-            }
-        )
+        row = BuildReport.rule(rule.name, rule.kind, kind.placement, kind.identity_at_init, kind.mergeable, entries)
+        rows.append(dataclasses.replace(row, sites=tuple(s.path for s in sites)))  # selected, joined or not
     return manifest, rows, warnings
 
 
@@ -385,17 +360,17 @@ def _verify_batch(traced: Traced, seed: int) -> tuple[torch.Tensor, torch.Tensor
     return x, _forward_eval(traced.gm, x)
 
 
-def _verify(
-    report: dict[str, Any], model: nn.Module, probe: tuple[torch.Tensor, torch.Tensor], warnings: list[str]
-) -> None:
+def _verify(model: nn.Module, probe: tuple[torch.Tensor, torch.Tensor], warnings: list[str]) -> dict[str, float]:
+    """--verify: max |tuned - base| on the probe batch, and the base output's scale."""
     x, base_out = probe
-    report["identity_max_abs_diff"] = float((_forward_eval(model, x) - base_out).abs().max())
-    report["output_scale"] = float(base_out.abs().max())
-    if report["output_scale"] == 0.0:
+    found = {"identity_max_abs_diff": float((_forward_eval(model, x) - base_out).abs().max())}
+    found["output_scale"] = float(base_out.abs().max())
+    if found["output_scale"] == 0.0:
         warnings.append(
             "--verify: the base model's output is all zeros (its head starts at zero, as torchvision's "
             "without weights or the quickstart's backbone do), so |tuned - base| is the tuned output itself"
         )
+    return found
 
 
 def _num_outputs(gm: fx.GraphModule) -> int | None:
@@ -407,36 +382,37 @@ def _num_outputs(gm: fx.GraphModule) -> int | None:
     return int(shape[-1]) if shape is not None and len(shape) == 2 else None
 
 
-def _report(
-    spec: Spec, gm: fx.GraphModule, opened: list[str], rules: list[dict[str, Any]], traced: Traced, warnings: list[str]
-) -> dict[str, Any]:
+def _report(spec: Spec, gm: fx.GraphModule, opened: list[str], rules: list[RuleReport], traced: Traced) -> BuildReport:
     total = count(gm)
     trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad)
     base_trainable = sum(p.numel() for n, p in gm.named_parameters() if n in set(opened))
-    return {
-        "model": spec.model.name,
-        "num_classes": spec.model.num_classes,
-        "num_outputs": _num_outputs(gm),
-        "total_params": total,
-        "trainable_params": trainable,
-        "trainable_pct": 100.0 * trainable / max(total, 1),
-        "tuner_params": trainable - base_trainable,
-        "base_trainable_params": base_trainable,
-        "trainable": [t if isinstance(t, str) else t.describe() for t in spec.trainable],
-        "tuners": rules,
-        "input_size": list(traced.input_size),
-        "identity_max_abs_diff": None,
-        "build_seconds": None,
-        "warnings": warnings,
-    }
+    return BuildReport(
+        model=spec.model.name,
+        num_classes=spec.model.num_classes,
+        num_outputs=_num_outputs(gm),
+        total_params=total,
+        trainable_params=trainable,
+        trainable_pct=100.0 * trainable / max(total, 1),
+        tuner_params=trainable - base_trainable,
+        base_trainable_params=base_trainable,
+        trainable=tuple(t if isinstance(t, str) else t.describe() for t in spec.trainable),
+        tuners=tuple(rules),
+        input_size=traced.input_size,
+    )
 
 
-def refresh_verify(built: Built) -> None:
-    """Recompute ``identity_max_abs_diff`` after the tuners changed (e.g. weights loaded from a file)."""
-    if built.verify_batch is None:
-        return
-    x, base_out = built.verify_batch
-    built.report["identity_max_abs_diff"] = float((_forward_eval(built.model, x) - base_out).abs().max())
+def with_tuners(built: Built, path: str | Path, *, verify: bool = False) -> tuple[Built, dict[str, Any]]:
+    """Load a tuner-only file into ``built.model`` (in place); a new record whose report names the file and,
+    with ``verify`` (or when the build was verified), the loaded tuners' effect on the probe batch. Returns
+    it with what the file says about itself (:func:`utune.export.load_tuners`)."""
+    from utune.export.tuners_only import load_tuners
+
+    loaded = load_tuners(built, path)
+    changes: dict[str, Any] = {"tuners_file": str(path)}
+    if verify and built.verify_batch is not None:  # against the base: the loaded tuners' effect
+        x, base_out = built.verify_batch
+        changes["identity_max_abs_diff"] = float((_forward_eval(built.model, x) - base_out).abs().max())
+    return dataclasses.replace(built, report=built.report.replace(**changes)), loaded
 
 
 @torch.no_grad()

@@ -20,7 +20,7 @@ from torch import nn
 from utune.errors import UserInputError
 
 if TYPE_CHECKING:
-    from utune.api import Built
+    from utune.engine.record import Built
 
 COLORS = ["#6fa8dc", "#93c47d", "#e69138", "#c27ba0", "#8e7cc3", "#e06666", "#76a5af", "#ffd966"]
 _NUMBERED = re.compile(r"^(.*?)(\d+)$")

@@ -172,7 +172,7 @@ def _finish(
     from utune.train.loop import evaluate
 
     make_dir(out_dir, "multi-task run folder")
-    images = sum(total * t.loaders["train"].batch_size for t in tasks)  # type: ignore[operator]
+    images = sum(total * int(t.loaders["train"].batch_size or 0) for t in tasks)
     doc: dict[str, Any] = {
         "steps": total,
         "tasks": {},

@@ -13,10 +13,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from utune._fs import make_dir, remove_tree, write_text_atomic
@@ -36,7 +35,7 @@ from utune.train.checkpoint import (
 from utune.train.loop import Reporter, evaluate, fit
 
 if TYPE_CHECKING:
-    from utune.api import Built
+    from utune.engine.record import Built
 
 RUNS = Path("runs")
 
@@ -53,15 +52,6 @@ RESUME_SAFE = (
     "train.release_freed_memory",
     "export.*",
 )
-
-
-class BuiltLike(Protocol):
-    """What ``utune.api.build`` returns, as far as training needs it."""
-
-    model: nn.Module
-    spec: Any  # utune.spec.Spec: .model.name, .data (DataConfig), .train (TrainConfig)
-    data_config: dict
-    report: dict
 
 
 def build_loaders(
@@ -98,7 +88,7 @@ def build_loaders(
         if name in splits
     }
     for loader in loaders.values():  # uint8 batches: the loader says how they become the model's input, so
-        loader.input_norm = input_norm(data_config)  # type: ignore[attr-defined]  # fit/evaluate find it
+        loader.input_norm = input_norm(data_config)  # fit/evaluate find it
     return loaders
 
 
@@ -206,7 +196,7 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def train_run(
-    built: BuiltLike,
+    built: Built,
     out_dir: Path,
     resume: bool,
     *,
@@ -315,7 +305,7 @@ def eval_run(
     return {"run": str(run_dir), "checkpoint": str(folder), "dataset": spec.data.dataset, "split": split, **result}
 
 
-def check_classes(built: BuiltLike, classes: int, dataset: str | None) -> None:
+def check_classes(built: Built, classes: int, dataset: str | None) -> None:
     """The model's outputs must be the dataset's classes (a clear error, not an IndexError mid-run)."""
     outputs = built.report.get("num_outputs")
     if outputs is None or outputs == classes:

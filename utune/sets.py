@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Any, cast
 
@@ -30,11 +30,11 @@ def _copy_path(root: nn.Module, path: str) -> None:
     parent = root
     parts = path.split(".")
     for part in parts[:-1]:
-        child = copy.copy(parent._modules[part])
+        child = copy.copy(parent.get_submodule(part))
         child._modules = dict(child._modules)
         parent._modules[part] = child
         parent = child
-    parent._modules[parts[-1]] = copy.deepcopy(parent._modules[parts[-1]])
+    parent._modules[parts[-1]] = copy.deepcopy(parent.get_submodule(parts[-1]))
 
 
 def derive(base: nn.Module, trainable_owners: Sequence[str], num_classes: int | None) -> nn.Module:
@@ -53,7 +53,8 @@ def derive(base: nn.Module, trainable_owners: Sequence[str], num_classes: int | 
             )
         head = getattr(root, "pretrained_cfg", {}).get("classifier", "head")
         _copy_path(root, head) if isinstance(head, str) else None
-        root.reset_classifier(num_classes)
+        reset: Any = root.reset_classifier
+        reset(num_classes)
     return root
 
 
@@ -227,7 +228,7 @@ class _SharedRun(fx.Interpreter):
         return _narrow(self.cache[n.name], self.dims.get(n.name), self.rows)
 
 
-def _narrowable(graph: fx.Graph, shared: set[str], dims: Mapping[str, Any]) -> bool:
+def _narrowable(graph: fx.Graph, shared: Set[str], dims: Mapping[str, Any]) -> bool:
     """Every shared value a set's own nodes read has a known batch dim (or none)."""
     from utune.graph.batch import UNKNOWN
 

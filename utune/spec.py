@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, Literal, NoReturn, get_args
 
 import yaml
 from pydantic import (
@@ -421,7 +421,16 @@ def _resolve_paths(data: Any, base: Path, only: Iterable[tuple[str, str]] = PATH
     for section, key in only:
         part = data.get(section)
         value = part.get(key) if isinstance(part, dict) else None
-        if isinstance(value, str) and value.strip() and value.strip().lower() not in ("true", "false"):
+        if (
+            isinstance(part, dict)
+            and isinstance(value, str)
+            and value.strip()
+            and value.strip().lower()
+            not in (
+                "true",
+                "false",
+            )
+        ):
             path = Path(value).expanduser()
             part[key] = str(path if path.is_absolute() else (base / path).resolve())
 
@@ -462,7 +471,7 @@ def _trust_refs(data: dict[str, Any]) -> None:
     from utune._imports import is_ref, trust
 
     model = data.get("model")
-    found = [model.get("name")] if isinstance(model, dict) else []
+    found: list[Any] = [model.get("name")] if isinstance(model, dict) else []
     for rule in data.get("tuners") or []:
         if isinstance(rule, dict):
             found += list(rule.values())
@@ -589,7 +598,7 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-def _fail(problems: list[_Problem], source: str, root: Any, data: Any, applied: list[Override]) -> None:
+def _fail(problems: list[_Problem], source: str, root: Any, data: Any, applied: list[Override]) -> NoReturn:
     """Raise one SpecError listing every problem, sorted by line; problems of the same key are merged."""
     grouped: dict[str, tuple[tuple[int, int], list[str]]] = {}
     for p in problems:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
@@ -25,13 +26,17 @@ from torch import fx, nn
 from torch.fx.graph import PythonCode
 
 from utune.errors import TunedModelError, UnavailableAttributeError
+from utune.graph.manifest import Manifest
 from utune.graph.rewrite import TUNER_ROOT
 from utune.graph.shapes import NodeFailure, propagate_shapes
 from utune.graph.split import FEATURES, HEAD, Split, compile_graph, extract, find_split
-from utune.graph.trace import modes_kept
-from utune.tuned_ops import DISABLED, OWNER, TunedOps
+from utune.graph.trace import forget_unpatchable_wraps, modes_kept
+from utune.tuned_ops import BASE as _BASE
+from utune.tuned_ops import DISABLED, RECORD, TunedOps
+from utune.tuned_ops import SIZE as _SIZE
+from utune.tuned_ops import SPLIT as _SPLIT
 
-_BASE, _SIZE, _SPLIT, _PARTS = "_utune_base", "_utune_input_size", "_utune_split", "_utune_parts"
+_PARTS = "_utune_parts"
 
 # what the tuned model computes itself, when the base model has the method
 _OWN = {FEATURES: "_forward_features", HEAD: "_forward_head", "reset_classifier": "_reset_classifier"}
@@ -67,9 +72,15 @@ class TunedModel(TunedOps, fx.GraphModule):
     """The rewritten GraphModule with the base model's public API (see the module docstring)."""
 
     @classmethod
-    def adopt(cls, gm: fx.GraphModule, base: nn.Module, input_size: tuple[int, ...]) -> TunedModel:
-        """Make ``gm`` a TunedModel of ``base``, in place: the same object, nothing copied or re-registered."""
-        tuned = _adopt_state(gm, {_BASE: base, _SIZE: tuple(input_size)})
+    def adopt(
+        cls, gm: fx.GraphModule, base: nn.Module, input_size: tuple[int, ...], record: dict[str, Any] | None = None
+    ) -> TunedModel:
+        """Make ``gm`` a TunedModel of ``base``, in place: the same object, nothing copied or re-registered.
+        ``record``: what merge and load need of the build (:func:`utune.tuned_ops.make_record`)."""
+        state: dict[str, Any] = {_BASE: base, _SIZE: tuple(input_size)}
+        if record is not None:
+            state[RECORD] = record
+        tuned = _adopt_state(gm, state)
         try:
             tuned.__dict__[_SPLIT] = find_split(tuned, base)
         except TunedModelError as e:
@@ -169,32 +180,55 @@ class TunedModel(TunedOps, fx.GraphModule):
 
     # ----- copies -----
     def __deepcopy__(self, memo: dict[int, Any]) -> TunedModel:
-        if OWNER in self.__dict__:
-            memo[id(self.__dict__[OWNER])] = None  # the build stays with the original (its graph's nodes)
+        record = self.__dict__.get(RECORD)
+        if record is not None:  # its manifest names graph nodes: copied below, onto the copy's own nodes
+            memo[id(record)] = None
         res = cast(TunedModel, super().__deepcopy__(memo))  # a TunedModel: see _instance_class
-        res.__dict__.pop(OWNER, None)
         res.__dict__.pop(DISABLED, None)
         for key in _STATE:  # the base is copied with the same memo, so it shares the copied parameters
             if key in self.__dict__:
                 res.__dict__[key] = copy.deepcopy(self.__dict__[key], memo)
+        if record is not None:
+            portable = _portable(record, self.graph)
+            res.__dict__[RECORD] = _rebound(copy.deepcopy(portable, memo), res.graph)
         type(res).__name__ = type(self).__name__
         return res
 
     def __copy__(self) -> TunedModel:
         res = super().__copy__()  # a plain GraphModule sharing the modules (DataParallel replicas)
-        return _adopt_state(res, {k: self.__dict__[k] for k in _STATE if k in self.__dict__}, type(self).__name__)
+        kept = {k: self.__dict__[k] for k in (*_STATE, RECORD) if k in self.__dict__}  # shared, not copied
+        return _adopt_state(res, kept, type(self).__name__)
 
     def __reduce__(self) -> tuple[Any, ...]:
         fn, (body, import_block) = super().__reduce__()
         state = {k: body.pop(k) for k in _STATE if k in body}
-        for key in (_PARTS, OWNER, DISABLED):
+        for key in (_PARTS, RECORD, DISABLED):
             body.pop(key, None)
         if isinstance(state.get(_SPLIT), Split):  # unpickling re-traces the code, which renames nodes
             state[_SPLIT] = _positions(self.graph, state[_SPLIT])
+        if RECORD in self.__dict__:
+            state[RECORD] = _portable(self.__dict__[RECORD], self.graph)
         return (_unpickle, (fn, body, import_block, state, type(self).__name__))
 
 
 _STATE = (_BASE, _SIZE, _SPLIT)
+
+
+def _portable(record: dict[str, Any], graph: fx.Graph) -> dict[str, Any]:
+    """The record with its manifest's graph nodes as positions (among non-placeholder nodes, which a copy
+    and a re-trace keep in order); :func:`_rebound` maps them onto another graph's nodes."""
+    order = {n: i for i, n in enumerate(n for n in graph.nodes if n.op != "placeholder")}
+    positions: Any = lambda e: {k: order[n] for k, n in e.nodes.items()}  # noqa: E731  # stands for nodes
+    return {**record, "manifest": Manifest([dataclasses.replace(e, nodes=positions(e)) for e in record["manifest"]])}
+
+
+def _rebound(record: dict[str, Any], graph: fx.Graph) -> dict[str, Any]:
+    nodes = [n for n in graph.nodes if n.op != "placeholder"]
+    manifest: Manifest = record["manifest"]
+    for e in manifest:
+        at: dict[str, Any] = e.nodes  # positions, from _portable
+        e.nodes = {k: nodes[i] for k, i in at.items()}
+    return record
 
 
 def _adopt_state(gm: fx.GraphModule, state: dict[str, Any], name: str | None = None) -> TunedModel:
@@ -222,7 +256,11 @@ def _unpickle(
         nodes = [n.name for n in gm.graph.nodes if n.op != "placeholder"]
         features, pre, error = state[_SPLIT]
         state[_SPLIT] = Split(nodes[features], nodes[pre] if pre is not None else None, error)
-    return _adopt_state(gm, state, name)
+    if RECORD in state:
+        state[RECORD] = _rebound(state[RECORD], gm.graph)
+    tuned = _adopt_state(gm, state, name)
+    forget_unpatchable_wraps()  # its re-traced code registered one: keep later traces in this process working
+    return tuned
 
 
 # ----- reset_classifier: the graph follows the base's new head -----

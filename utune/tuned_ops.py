@@ -3,8 +3,9 @@
 :class:`TunedOps` is mixed into :class:`utune.tuned.TunedModel`: ``disable_tuners()`` (a context manager:
 inside, the output is the base model's), ``merge_and_unload()`` (the plain backbone with every tuner folded
 in, the algebra of ``utune export --merge``), ``print_trainable_parameters()``, ``load_tuners(path)`` (a
-tuner-only file or a run folder). They need the build that made the model (its spec and manifest), which
-``utune.api.build`` records on it; a copy of a tuned model has none and says so.
+tuner-only file or a run folder). They need what the build recorded on the model (its spec, manifest,
+report and data config, under :data:`RECORD`): data, not a pointer back to the build, so a deep copy or a
+pickled round trip keeps it (:mod:`utune.tuned` carries it through both).
 """
 
 from __future__ import annotations
@@ -12,30 +13,60 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from torch import nn
+from torch import fx, nn
 
+from utune.engine.record import Built
 from utune.errors import TunedModelError
 
 if TYPE_CHECKING:
-    from utune.api import Built
+    from utune.engine.record import BuildReport
+    from utune.graph.manifest import Manifest
+    from utune.spec import Spec
 
-OWNER, DISABLED = "_utune_built", "_utune_disabled"
+# what the tuned model keeps in its __dict__ (not as submodules: no state-dict keys): the base model, the
+# input size, the features/head split, the build's record, and the disable_tuners depth
+BASE, SIZE, SPLIT, RECORD, DISABLED = (
+    "_utune_base",
+    "_utune_input_size",
+    "_utune_split",
+    "_utune_record",
+    "_utune_disabled",
+)
+
+
+def make_record(spec: Spec, manifest: Manifest, report: BuildReport, data_config: dict[str, Any]) -> dict[str, Any]:
+    """What the tuned model keeps of its build (see the module docstring)."""
+    return {"spec": spec, "manifest": manifest, "report": report, "data_config": data_config}
+
+
+def built_of(model: nn.Module, what: str = "this") -> Built:
+    """The build record of a tuned model, from what the model carries (TunedModelError for another model)."""
+    record = model.__dict__.get(RECORD)
+    if record is None:
+        raise TunedModelError(
+            f"{what} needs a model made by utune.build (this {type(model).__name__} carries no build record)",
+            hint="call it on utune.build(spec).model, or a copy of it",
+        )
+    return Built(
+        spec=record["spec"],
+        model=cast(fx.GraphModule, model),
+        base=model.__dict__[BASE],
+        report=record["report"],
+        input_size=cast(tuple[int, int, int], tuple(model.__dict__[SIZE])),
+        data_config=record["data_config"],
+        warnings=list(record["report"].warnings),
+        manifest=record["manifest"],
+    )
 
 
 class TunedOps(nn.Module):
     """PEFT-style operations of a tuned model (see the module docstring)."""
 
     def _built(self, what: str) -> Built:
-        built = self.__dict__.get(OWNER)
-        if built is None:
-            raise TunedModelError(
-                f"{what} needs the build that made this model (a copy or an unpickled model has none)",
-                hint="call it on utune.build(spec).model itself",
-            )
-        return built  # type: ignore[no-any-return]
+        return built_of(self, what)
 
     # ----- the base model's output --------------------------------------------------------------------
     @contextmanager
@@ -51,7 +82,7 @@ class TunedOps(nn.Module):
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.__dict__.get(DISABLED):
-            base: nn.Module = self.__dict__["_utune_base"]
+            base: nn.Module = self.__dict__[BASE]
             shared = {id(m) for m in self.modules()}
             for m in base.modules():  # the base's own containers follow the tuned model's mode
                 if id(m) not in shared:

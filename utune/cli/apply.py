@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -25,7 +26,7 @@ from utune.cli._render import TrainProgress, print_report, print_summary
 from utune.errors import TrainingInterrupted, UserInputError
 
 if TYPE_CHECKING:
-    from utune.api import Built
+    from utune.engine.record import Built
 
 
 def register(app: typer.Typer) -> None:
@@ -65,28 +66,23 @@ def apply(
         return
     from utune.api import build
 
-    built = build(spec, ov, verify=verify)
-    _load_tuners(built, tuners, verify)
+    built = _load_tuners(build(spec, ov, verify=verify), tuners, verify)
     for w in built.warnings:
         out.warn(w)
     if fmt == "json":
-        out.print_json(built.report)
+        out.print_json(built.report.as_dict())
     else:
         print_report(built.report)
 
 
-def _load_tuners(built: Built, tuners: Path | None, verify: bool) -> None:
+def _load_tuners(built: Built, tuners: Path | None, verify: bool) -> Built:
     if tuners is None:
-        return
-    from utune.export import load_tuners
+        return built
+    from utune.api import with_tuners
 
-    loaded = load_tuners(built, tuners)
-    built.report["tuners_file"] = str(tuners)
+    built, loaded = with_tuners(built, tuners, verify=verify)
     out.note(f"loaded {loaded['tensors']} tensors from {tuners}")
-    if verify:  # --verify compares against the base: with loaded tuners it reports their effect
-        from utune.api import refresh_verify
-
-        refresh_verify(built)
+    return built
 
 
 def _train(
@@ -119,9 +115,9 @@ def _train(
         safe = check_resume_spec(run_dir, spec)
         out.note(f"resuming {run_dir}" + (f" (changed, harmless: {', '.join(safe)})" if safe else ""))
     built = build(spec, verify=verify)
-    built.report["notes"] = notes + built.report.get("notes", [])
+    built = dataclasses.replace(built, report=built.report.replace(notes=(*notes, *built.report.notes)))
     check_classes(built, opened.classes, spec.data.dataset)
-    _load_tuners(built, tuners, verify)
+    built = _load_tuners(built, tuners, verify)
     for w in built.warnings:
         out.warn(w)
     if fmt != "json":
@@ -138,7 +134,7 @@ def _train(
     if os.environ.get("RANK", "0") != "0":
         return
     if fmt == "json":
-        out.print_json({"run": str(run_dir), "report": built.report, "summary": summary})
+        out.print_json({"run": str(run_dir), "report": built.report.as_dict(), "summary": summary})
     else:
         print_summary(summary)
         out.info(f"run folder: {run_dir}  (next: utune eval {run_dir}; utune export {run_dir} --merge)")

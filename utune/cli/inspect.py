@@ -148,6 +148,7 @@ def spec_validate(
     from utune.spec import validate_files
 
     results = []
+    err: UtuneError | None
     for path, err in validate_files(files):
         if err is None and model:
             err = _check_against_model(path)

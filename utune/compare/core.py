@@ -9,11 +9,12 @@ only, so nothing about it can reach the choice. Scores are the final checkpoint'
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from utune._signals import stop_requested
 from utune.errors import Interrupted, UserInputError
@@ -111,7 +112,7 @@ def _choose(plan: _Plan) -> None:
     """The grid point with the best validation accuracy, then the lowest validation loss, then listed first."""
     scored = [(t, plan.results[t.run_dir]) for t in plan.select if "error" not in plan.results.get(t.run_dir, {})]
     if plan.points and not scored:
-        errors = {plan.results.get(t.run_dir, {}).get("error") for t in plan.select} - {None}
+        errors = {str(e) for t in plan.select if (e := plan.results.get(t.run_dir, {}).get("error")) is not None}
         plan.error = "every selection run failed: " + "; ".join(sorted(errors))
         return
     if not plan.points:
@@ -146,7 +147,7 @@ class _Runner:
         if self.jobs <= 1:
             for task in todo:
                 self._check_stop()
-                results[task.run_dir] = self._one(task, lambda t=task: execute(t))
+                results[task.run_dir] = self._one(task, functools.partial(execute, task))
             return results
         results.update(self._pooled(todo))
         self._check_stop()  # a SIGTERM to this process alone: the runs under way finished first
@@ -189,7 +190,8 @@ class _Runner:
             self.pool = cf.ProcessPoolExecutor(
                 self.jobs, mp_context=ctx, initializer=init_worker, initargs=(self.threads,)
             )
-        queue, running, results = list(todo), {}, {}
+        queue, results = list(todo), cast(dict[str, Any], {})
+        running: dict[cf.Future[Any], Any] = {}
         started = self.index
         while queue or running:
             while queue and len(running) < self.jobs:  # one task per free worker: "started" means started

@@ -99,7 +99,7 @@ def _train_and_score(task: RunTask) -> dict[str, Any]:
         "acc": scored["acc"],
         "loss": scored["loss"],
         "n": scored["n"],
-        "n_train": len(datasets["train"]),
+        "n_train": len(datasets["train"]),  # type: ignore[arg-type]  # map-style datasets have a length
         "trainable_params": built.report["trainable_params"],
         "total_params": built.report["total_params"],
         "trainable_pct": built.report["trainable_pct"],

@@ -233,7 +233,9 @@ def build_loader(
         raise DataError(f"batch size must be positive, got {batch_size}", hint="set train.batch_size >= 1")
     generator = torch.Generator()
     generator.manual_seed(seed)
-    sampler = DistributedSampler(ds, shuffle=train, seed=seed, drop_last=train) if distributed else None
+    sampler: DistributedSampler[Any] | None = (
+        DistributedSampler(ds, shuffle=train, seed=seed, drop_last=train) if distributed else None
+    )
     per_rank = len(sampler) if sampler is not None else len(ds)  # type: ignore[arg-type]
     return DataLoader(
         ds,

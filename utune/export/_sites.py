@@ -10,7 +10,7 @@ from utune.errors import ExportError, UtuneError
 from utune.graph.manifest import Entry
 
 if TYPE_CHECKING:
-    from utune.api import Built
+    from utune.engine.record import Built
 
 TunerSite = Entry  # one tuner module of the manifest: rule, kind, site, module name, join, inputs
 

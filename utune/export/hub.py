@@ -21,7 +21,7 @@ from utune.export.tuners_only import tuner_state, tuners_metadata
 from utune.spec import spec_to_yaml
 
 if TYPE_CHECKING:
-    from utune.api import Built
+    from utune.engine.record import Built
 
 _WHAT = {
     "merge": "Plain weights: every tuner folded into the backbone, no extra inference cost.",

@@ -47,7 +47,7 @@ from utune.graph.mha import state_key
 from utune.tuners.fold import Layer, NotMergeable, f64, layer_kind
 
 if TYPE_CHECKING:
-    from utune.api import Built
+    from utune.engine.record import Built
 
 TUNERS_ONLY_HINT = "export the tuners with --tuners-only instead (`utune apply SPEC --tuners FILE` loads them back)"
 

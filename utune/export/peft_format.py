@@ -42,7 +42,7 @@ from utune.train.checkpoint import trainable_state
 from utune.tuners.lora import SLICES, Lora
 
 if TYPE_CHECKING:
-    from utune.api import Built
+    from utune.engine.record import Built
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

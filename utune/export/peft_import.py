@@ -29,7 +29,7 @@ from utune.export.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PREFIX
 from utune.export.tuners_only import _key_map
 
 if TYPE_CHECKING:
-    from utune.api import Built
+    from utune.engine.record import Built
 
 _HINT = "convert LoRA or IA3 adapters trained without DoRA, fan_in_fan_out or trained biases"
 

@@ -16,7 +16,7 @@ from utune.export.tuners_only import export_tuners
 from utune.spec import spec_hash
 
 if TYPE_CHECKING:
-    from utune.api import Built
+    from utune.engine.record import Built
 
 MODES = ("merge", "tuners-only", "peft")
 DEFAULT_NAMES = {"merge": "merged.safetensors", "tuners-only": "tuners.safetensors", "peft": "peft"}

@@ -40,7 +40,7 @@ from utune.spec import Spec, load_spec_text, spec_hash, spec_to_dict, spec_to_ya
 from utune.train.checkpoint import trainable_state
 
 if TYPE_CHECKING:
-    from utune.api import Built
+    from utune.engine.record import Built
 
 FORMAT = "tuners/1"
 FINGERPRINT_SAMPLES = 64

@@ -313,6 +313,7 @@ def trace(model: nn.Module, name: str = "model", img_size: int | None = None) ->
     """Trace ``model`` to a GraphModule sharing its parameters; TraceError names the model and cause.
 
     ``img_size``: the size the model was built at (the eval-mode check below runs it at that size)."""
+    forget_unpatchable_wraps()  # a torch.fx leftover from an unpickled graph would fail this trace
     was_training = model.training
     try:
         pin_attention(model)
@@ -355,3 +356,20 @@ def trace(model: nn.Module, name: str = "model", img_size: int | None = None) ->
         return gm_train
     gm_eval.train(was_training)
     return gm_eval
+
+
+def forget_unpatchable_wraps() -> None:
+    """Drop torch.fx wrap registrations that name no global of their module.
+
+    Re-tracing a graph that specialised an optional argument to None (``concrete_args``), as unpickling a
+    GraphModule does, registers ``torch.fx._symbolic_trace._assert_is_none`` by its dotted name in the
+    generated module's globals, where no such key exists; every later ``symbolic_trace`` in the process then
+    fails with a KeyError while patching it. Such an entry can never be patched, so forgetting it is safe.
+    """
+    import builtins
+
+    import torch.fx._symbolic_trace as st
+
+    table = st._wrapped_fns_to_patch
+    for key in [k for k, frame in table.items() if k[1] not in frame and not hasattr(builtins, k[1])]:
+        del table[key]

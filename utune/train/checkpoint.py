@@ -69,7 +69,7 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
         prefix = f"{mod_name}." if mod_name else ""
         for n, p in own:
             keep(prefix + n, p)
-        skip = getattr(module, "_non_persistent_buffers_set", set())
+        skip: set[str] = getattr(module, "_non_persistent_buffers_set", set())
         for n, b in module.named_buffers(recurse=False):
             if b is not None and n not in skip:
                 keep(prefix + n, b)
@@ -136,7 +136,7 @@ def check_frozen(model: nn.Module, state: Mapping[str, Any], folder: Path, *, no
 
 def rng_state() -> dict[str, Any]:
     """This process's RNG streams (torch CPU/CUDA, numpy, random) as weights_only-loadable values."""
-    np_state = np.random.get_state()
+    np_state: tuple[Any, ...] = tuple(np.random.get_state())
     py_version, py_internal, py_gauss = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),

@@ -61,7 +61,7 @@ def is_sharded(tensor: torch.Tensor) -> bool:
 
 def full(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Every sharded tensor gathered in full (a collective: every rank calls it), the rest as they are."""
-    return {k: v.full_tensor().detach() if is_sharded(v) else v for k, v in tensors.items()}
+    return {k: v.full_tensor().detach() if is_sharded(v) else v for k, v in tensors.items()}  # type: ignore[attr-defined]
 
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -447,7 +447,7 @@ class Trainer:
             self.ddp = DDP(self.model, device_ids=ids, find_unused_parameters=False)
         self.train_model: nn.Module = self.ddp if self.ddp is not None else self.model
         if self.cfg.compile:
-            self.train_model = torch.compile(self.train_model)
+            self.train_model = cast(nn.Module, torch.compile(self.train_model))
         self.reporter.start(self.total, self.state.step)
         self._t0 = time.perf_counter()
         try:

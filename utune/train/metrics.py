@@ -66,7 +66,7 @@ class MetricsLog:
 
 def read_metrics(path: Path) -> list[dict]:
     """Records of a ``metrics.jsonl`` (a torn last line from a killed writer is skipped)."""
-    out = []
+    out: list[dict] = []
     if not path.is_file():
         return out
     for line in path.read_text().splitlines():

@@ -1,0 +1,1 @@
+"""The engine's records: what a build returns (:mod:`utune.engine.record`)."""
