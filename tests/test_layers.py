@@ -1,18 +1,50 @@
-"""The code's shape, checked: packages import in one direction, functions fit on a screen, the export
-code is typed on the built model.
+"""The code's shape, checked: the package is an ordered list of layers, each module imports only its own
+layer or lower ones, no module imports itself back (``TYPE_CHECKING`` and lazy imports counted), functions fit
+on a screen, the export code is typed on the build record.
 
-Units are the modules and packages directly under ``utune/`` (``graph``, ``tuners``, ``spec``, ``api``...).
-Imports under ``if TYPE_CHECKING:`` are for type checkers only and are not counted.
+Every module under ``utune/`` must be named by exactly one layer (a new module must be placed: add it here
+and to docs/architecture.md).
 """
 
 from __future__ import annotations
 
 import ast
+import fnmatch
 from pathlib import Path
 
 UTUNE = Path(__file__).resolve().parents[1] / "utune"
-HIGHER = {"spec", "api", "tuned", "train", "export", "cli"}  # what graph and tuners must not import
 MAX_LINES = 60
+
+# lowest first: a module may import its own layer and the layers above it in this list, never one below
+LAYERS: list[tuple[str, tuple[str, ...]]] = [
+    (
+        "foundation",
+        (
+            "utune._version",
+            "utune.errors",
+            "utune._output",
+            "utune._reference",
+            "utune._schema",
+            "utune._yamlpos",
+            "utune._names",
+            "utune._meta_init",
+            "utune._fs",
+            "utune._imports",
+            "utune._signals",
+        ),
+    ),
+    ("models", ("utune.models",)),  # the one place that knows timm / torchvision names and weights
+    ("graph", ("utune.graph", "utune.graph.*")),  # trace, sites, select, the rewriter, the manifest
+    ("tuners", ("utune.tuners", "utune.tuners.*")),  # the kinds: plans, never graph nodes
+    ("spec", ("utune.config", "utune.spec")),
+    ("record", ("utune.engine", "utune.engine.*")),  # what a build returns: every consumer reads it
+    ("data and training", ("utune.data", "utune.data.*", "utune.train", "utune.train.*")),
+    ("tuned model and export", ("utune.tuned_ops", "utune.tuned", "utune.export", "utune.export.*")),
+    ("build", ("utune.api", "utune.sets", "utune.draw")),
+    ("workflows", ("utune.runs", "utune.multitask", "utune.compare", "utune.compare.*")),
+    ("facade", ("utune",)),  # utune.build, utune.load_spec...: imports lazily on call
+    ("cli", ("utune.cli", "utune.cli.*", "utune.__main__")),
+]
 
 
 def _module(path: Path) -> str:
@@ -20,45 +52,35 @@ def _module(path: Path) -> str:
     return ".".join(("utune", *parts)).removesuffix(".__init__")
 
 
-def _unit(module: str) -> str:
-    parts = module.split(".")
-    return parts[1] if len(parts) > 1 else "utune"
+MODULES = {_module(p): p for p in UTUNE.rglob("*.py")}
 
 
-def _typing_only(tree: ast.AST) -> set[int]:
-    ids: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
-            ids |= {id(n) for n in ast.walk(node)}
-    return ids
+def _resolve(name: str) -> str:
+    """The utune module an import names (``utune.graph.manifest.Entry`` -> ``utune.graph.manifest``)."""
+    while name and name not in MODULES:
+        name = name.rpartition(".")[0]
+    return name
 
 
-def _imports(path: Path) -> set[str]:
-    """utune modules ``path`` imports at run time (lazy imports inside functions included)."""
-    tree = ast.parse(path.read_text())
-    skip = _typing_only(tree)
+def imports(path: Path) -> set[str]:
+    """utune modules ``path`` imports: at run time, lazily inside functions, or for type checkers only."""
     found: set[str] = set()
-    for node in ast.walk(tree):
-        if id(node) in skip:
-            continue
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names if a.name.startswith("utune")}
+            found |= {_resolve(a.name) for a in node.names if a.name.startswith("utune")}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("utune"):
-            if node.module == "utune":  # from utune import _output, __version__
-                found |= {f"utune.{a.name}" for a in node.names if not a.name.startswith("__")}
-            else:
-                found.add(node.module or "")
+            for a in node.names:  # `from utune.graph import manifest` names a module; `import Entry` does not
+                full = f"{node.module}.{a.name}"
+                found.add(full if full in MODULES else _resolve(node.module or ""))
+    found.discard(_module(path))
+    found.discard("")
     return found
 
 
-def unit_graph() -> dict[str, set[str]]:
-    edges: dict[str, set[str]] = {}
-    for path in UTUNE.rglob("*.py"):
-        me = _unit(_module(path))
-        for other in _imports(path):
-            if _unit(other) != me:
-                edges.setdefault(me, set()).add(_unit(other))
-    return edges
+def layer_of(module: str) -> int:
+    hits = [i for i, (_, pats) in enumerate(LAYERS) if any(fnmatch.fnmatchcase(module, p) for p in pats)]
+    assert len(hits) == 1, f"{module} is in {len(hits)} layers; name it in exactly one of tests/test_layers.py's"
+    return hits[0]
 
 
 def _cycle(edges: dict[str, set[str]]) -> list[str] | None:
@@ -83,17 +105,31 @@ def _cycle(edges: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-def test_no_import_cycle_between_packages() -> None:
-    edges = unit_graph()
-    edges.pop("utune", None)  # the package's facade (utune.build, utune.load_spec) imports lazily on call
-    assert _cycle(edges) is None, f"import cycle: {' -> '.join(_cycle(edges) or [])}"
+def test_every_module_is_in_exactly_one_layer() -> None:
+    for module in MODULES:
+        layer_of(module)
 
 
-def test_graph_and_tuners_import_no_higher_layer() -> None:
-    edges = unit_graph()
-    for low in ("graph", "tuners"):
-        assert not edges.get(low, set()) & HIGHER, f"utune.{low} imports {sorted(edges[low] & HIGHER)}"
-    assert "tuners" not in edges.get("graph", set()), "the engine (graph) must not know the kinds (tuners)"
+def test_modules_import_only_their_layer_or_lower_ones() -> None:
+    wrong = []
+    for module, path in sorted(MODULES.items()):
+        mine = layer_of(module)
+        for other in sorted(imports(path)):
+            if layer_of(other) > mine:
+                wrong.append(f"{module} ({LAYERS[mine][0]}) imports {other} ({LAYERS[layer_of(other)][0]})")
+    assert not wrong, "imports against the layers:\n" + "\n".join(wrong)
+
+
+def test_no_import_cycle_between_modules() -> None:
+    edges = {m: imports(p) for m, p in MODULES.items()}
+    found = _cycle(edges)
+    assert found is None, f"import cycle: {' -> '.join(found or [])}"
+
+
+def test_the_checks_see_type_checking_and_lazy_imports() -> None:
+    """The import scan counts what a type checker and a function body import (the old check skipped them)."""
+    assert "utune.spec" in imports(UTUNE / "engine" / "record.py")  # under TYPE_CHECKING only
+    assert "utune.export.merge" in imports(UTUNE / "tuned_ops.py")  # inside a method
 
 
 def test_no_function_is_longer_than_a_screen() -> None:

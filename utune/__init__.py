@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.2.0.dev0"
+from utune._version import __version__
 
 if TYPE_CHECKING:
     from utune.engine.record import Built

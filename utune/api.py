@@ -56,14 +56,35 @@ def trace_model(model: nn.Module, name: str, img_size: int | None = None) -> Tra
 
 
 def inspect(
-    model_or_name: str | nn.Module | Spec | Path, spec: Spec | str | Path | None = None
+    model_or_name: str | nn.Module | Spec | Path,
+    spec: Spec | str | Path | None = None,
+    *,
+    grep: str | None = None,
+    depth: int | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per site: ``path, op, type, shape, params`` (and ``rules`` when a spec is given)."""
-    return inspect_with_rules(model_or_name, spec)[0]
+    """One row per site: ``path, op, type, shape, params`` (and ``rules`` when a spec is given).
+
+    ``grep``: only sites whose path matches this glob (``blocks.*.attn.*``) or, without wildcards, contains
+    it; ``depth``: only sites at most that many dotted segments deep (0: the top-level modules)."""
+    return inspect_with_rules(model_or_name, spec, grep=grep, depth=depth)[0]
+
+
+def filter_sites(rows: list[dict[str, Any]], grep: str | None = None, depth: int | None = None) -> list[dict[str, Any]]:
+    """The rows of :func:`inspect` that ``grep`` and ``depth`` keep (see there)."""
+    if grep:
+        wild = any(c in grep for c in "*?[")
+        rows = [r for r in rows if (glob_match(grep, r["path"]) if wild else grep in r["path"])]
+    if depth is not None:
+        rows = [r for r in rows if r["path"].split("::")[0].count(".") < depth]
+    return rows
 
 
 def inspect_with_rules(
-    model_or_name: str | nn.Module | Spec | Path, spec: Spec | str | Path | None = None
+    model_or_name: str | nn.Module | Spec | Path,
+    spec: Spec | str | Path | None = None,
+    *,
+    grep: str | None = None,
+    depth: int | None = None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The site rows of :func:`inspect` and, with a spec, one entry per rule: ``name, kind, sites`` and
     ``error`` (why it matches nothing) and ``warnings``."""
@@ -106,7 +127,7 @@ def inspect_with_rules(
         if spec is not None:
             row["rules"] = matches.get(path, [])
         rows.append(row)
-    return rows, rules
+    return filter_sites(rows, grep, depth), rules
 
 
 def _trace_by_name(name: str, num_classes: int | None, kwargs: dict[str, Any], img_size: int | None) -> Traced:

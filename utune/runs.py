@@ -10,8 +10,10 @@ failed start is never what a later default picks.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from utune._fs import make_dir, remove_tree, write_text_atomic
 from utune.config import DataConfig, TrainConfig
+from utune.engine.record import Built
 from utune.errors import CheckpointError, DataError, SpecError, UserInputError
 from utune.train import distributed as du
 from utune.train.checkpoint import (
@@ -35,7 +38,7 @@ from utune.train.checkpoint import (
 from utune.train.loop import Reporter, evaluate, fit
 
 if TYPE_CHECKING:
-    from utune.engine.record import Built
+    from utune.spec import Spec
 
 RUNS = Path("runs")
 
@@ -251,6 +254,68 @@ def train_run(
         du.cleanup()
 
 
+@dataclass
+class TrainResult:
+    """What :func:`train_spec` did: the run folder, the build (its report), the summary of :func:`fit`."""
+
+    run_dir: Path
+    built: Built
+    summary: dict[str, Any]
+
+
+def train_spec(
+    spec: str | Path | dict[str, Any] | Spec,
+    overrides: Sequence[str] = (),
+    *,
+    out: Path | None = None,
+    resume: bool = False,
+    tuners: Path | None = None,
+    download: bool = False,
+    verify: bool = False,
+    reporter: Reporter | None = None,
+    on_built: Callable[[Built, Path, list[str]], None] | None = None,
+) -> TrainResult:
+    """Train a spec: ``utune apply SPEC --train`` as one call.
+
+    The spec, then the run folder (``out``; default ``runs/<spec>-<time>``, or this spec's latest run with
+    ``resume``) and the data, all checked before the slow build; ``model.num_classes`` defaults to the
+    dataset's (:func:`utune.api.resolve_classes`); a resumed run must keep the settings that change the result.
+    Then build, check the head against the classes, load ``tuners`` (a tuner-only file) if given, and train.
+    ``on_built(built, run_dir, notes)`` runs before training starts (the CLI shows the report there); ``notes``
+    says what was resolved (the resumed run's harmless changes).
+    """
+    from utune.api import build, resolve_classes, with_tuners
+    from utune.data import open_datasets
+    from utune.spec import load_spec
+    from utune.train.distributed import check_environment
+
+    loaded = load_spec(spec, list(overrides))
+    check_environment(loaded.train.device)
+    name = str(spec) if isinstance(spec, str | Path) else (loaded.source_path or loaded.source)
+    run_dir = resolve_run_dir(str(name), out, resume)
+    opened = open_datasets(loaded.data, splits=("train", "val"), download=download)
+    loaded, class_notes, warnings = resolve_classes(loaded, opened.classes)
+    notes: list[str] = []
+    if resume:
+        safe = check_resume_spec(run_dir, loaded)
+        notes.append(f"resuming {run_dir}" + (f" (changed, harmless: {', '.join(safe)})" if safe else ""))
+    built = build(loaded, verify=verify)
+    built = dataclasses.replace(
+        built,
+        report=built.report.replace(notes=(*class_notes, *built.report.notes)),
+        warnings=[*warnings, *built.warnings],
+    )
+    check_classes(built, opened.classes, loaded.data.dataset)
+    if tuners is not None:
+        built, loaded_file = with_tuners(built, tuners, verify=verify)
+        notes.append(f"loaded {loaded_file['tensors']} tensors from {tuners}")
+    if on_built is not None:
+        on_built(built, run_dir, notes)
+    datasets = opened.attach(built.data_config, device_normalize=True)  # normalised on the device
+    summary = train_run(built, run_dir, resume, datasets=datasets, reporter=reporter)
+    return TrainResult(run_dir, built, summary)
+
+
 # ---- evaluation ---------------------------------------------------------------------------------------
 
 
@@ -360,6 +425,73 @@ def default_output(source: Path | str | None, mode: str) -> Path:
 
     run = Path(source) if source is not None else latest_run()
     return run / "export" / DEFAULT_NAMES[mode]
+
+
+def choose_mode(merge: bool = False, tuners_only: bool = False, peft: bool = False, spec_export: Any = None) -> str:
+    """The export mode: the one flag given (two exclude each other), else the spec's ``export:`` section
+    (``merge: true`` or ``format: peft``), else ``tuners-only``."""
+    chosen = [name for name, on in (("--merge", merge), ("--tuners-only", tuners_only), ("--peft", peft)) if on]
+    if len(chosen) > 1:
+        raise UserInputError(f"{' and '.join(chosen)} exclude each other", hint="choose one export mode")
+    if chosen:
+        return chosen[0].lstrip("-")
+    if spec_export is not None:
+        if getattr(spec_export, "merge", False):
+            return "merge"
+        if getattr(spec_export, "format", None) == "peft":
+            return "peft"
+    return "tuners-only"
+
+
+def export_source(
+    source: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    merge: bool = False,
+    tuners_only: bool = False,
+    peft: bool = False,
+    output: Path | None = None,
+    force: bool = False,
+    verify: bool = True,
+    which: str = "latest",
+    tuners: Path | None = None,
+    folder: bool = False,
+    notify: Callable[[str, str], None] | None = None,
+) -> tuple[str, dict[str, Any]]:
+    """``utune export`` as one call: the mode and what :func:`utune.export.run.export` (or, with ``folder``,
+    :func:`utune.export.hub.export_folder`) returned.
+
+    ``source``: a run folder (default: the latest run with a checkpoint) or a spec file (then ``output`` is
+    required, and ``tuners`` loads trained tuners onto it). Bad flags and an existing output are refused before
+    the (slow) rebuild. ``notify(level, text)`` hears what was chosen for the user (``note``/``warn``).
+    """
+    from utune.export.io import check_target
+    from utune.export.run import export
+
+    say = notify or (lambda level, text: None)
+    choose_mode(merge, tuners_only, peft)  # bad flags fail before anything is read
+    from_spec = source is not None and str(source).endswith((".yaml", ".yml"))
+    if output is not None:
+        check_target(output, force)
+    elif from_spec:
+        raise UserInputError("exporting from a spec needs -o/--output", hint=f"utune export {source} ... -o FILE")
+    if from_spec and tuners is None:
+        say("warn", f"exporting {source} without --tuners: its tuners are as initialised, not trained")
+    if source is None:
+        source = latest_run(RUNS)
+        say("note", f"using the latest run: {source}")
+    built = load_source(source, overrides, tuners=tuners, which=which)
+    mode = choose_mode(merge, tuners_only, peft, getattr(built.spec, "export", None))
+    if folder:
+        from utune.export.hub import export_folder
+
+        if mode == "peft":
+            raise UserInputError("--peft writes a folder already; --folder goes with --merge or --tuners-only")
+        run = None if from_spec else Path(source)
+        path = output if output is not None else Path(source) / "export" / ("merged" if mode == "merge" else "tuners")
+        return mode, export_folder(built, mode, path, run=run, force=force, verify=verify)
+    path = output if output is not None else default_output(source, mode)
+    return mode, export(built, mode, path, force=force, verify=verify)
 
 
 def import_peft(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -95,38 +94,31 @@ def _train(
     download: bool,
     fmt: str,
 ) -> None:
-    """Spec, then the run folder and the data (both checked before the slow build), then build and train."""
-    from utune.api import build
-    from utune.data import open_datasets
-    from utune.runs import check_classes, check_resume_spec, resolve_run_dir, train_run
-    from utune.spec import load_spec
+    """``utune.runs.train_spec``, its report shown before training starts and its summary after."""
+    from utune.runs import train_spec
 
-    spec = load_spec(spec_path, ov)
-    from utune.train.distributed import check_environment
+    def show(built: Built, run_dir: Path, notes: list[str]) -> None:
+        for note in notes:
+            out.note(note)
+        for w in built.warnings:
+            out.warn(w)
+        if fmt != "json":
+            print_report(built.report)
+        out.note(f"run folder: {run_dir}")
 
-    check_environment(spec.train.device)
-    run_dir = resolve_run_dir(str(spec_path), out_dir, resume)
-    opened = open_datasets(spec.data, splits=("train", "val"), download=download)
-    notes = []
-    if spec.model.num_classes is None:
-        spec = load_spec(spec, [f"model.num_classes={opened.classes}"])
-        notes.append(f"model.num_classes = {opened.classes}, the class count of {spec.data.dataset} (not in the spec)")
-    if resume:
-        safe = check_resume_spec(run_dir, spec)
-        out.note(f"resuming {run_dir}" + (f" (changed, harmless: {', '.join(safe)})" if safe else ""))
-    built = build(spec, verify=verify)
-    built = dataclasses.replace(built, report=built.report.replace(notes=(*notes, *built.report.notes)))
-    check_classes(built, opened.classes, spec.data.dataset)
-    built = _load_tuners(built, tuners, verify)
-    for w in built.warnings:
-        out.warn(w)
-    if fmt != "json":
-        print_report(built.report)
-    out.note(f"run folder: {run_dir}")
-    datasets = opened.attach(built.data_config, device_normalize=True)  # normalised on the device
     progress = TrainProgress(enabled=os.environ.get("RANK", "0") == "0")
     try:
-        summary = train_run(built, run_dir, resume, datasets=datasets, reporter=progress)
+        result = train_spec(
+            spec_path,
+            ov,
+            out=out_dir,
+            resume=resume,
+            tuners=tuners,
+            download=download,
+            verify=verify,
+            reporter=progress,
+            on_built=show,
+        )
     except TrainingInterrupted as e:
         if e.hint:
             e.hint = e.hint.replace("SPEC", str(spec_path))
@@ -134,9 +126,10 @@ def _train(
     if os.environ.get("RANK", "0") != "0":
         return
     if fmt == "json":
-        out.print_json({"run": str(run_dir), "report": built.report.as_dict(), "summary": summary})
+        out.print_json({"run": str(result.run_dir), "report": result.built.report, "summary": result.summary})
     else:
-        print_summary(summary)
+        print_summary(result.summary)
+        run_dir = result.run_dir
         out.info(f"run folder: {run_dir}  (next: utune eval {run_dir}; utune export {run_dir} --merge)")
 
 

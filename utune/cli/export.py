@@ -20,20 +20,6 @@ def register(app: typer.Typer) -> None:
     app.command("import-peft")(import_peft_cmd)
 
 
-def _mode(merge: bool, tuners_only: bool, peft: bool, spec_export: Any = None) -> str:
-    chosen = [name for name, on in (("--merge", merge), ("--tuners-only", tuners_only), ("--peft", peft)) if on]
-    if len(chosen) > 1:
-        raise UserInputError(f"{' and '.join(chosen)} exclude each other", hint="choose one export mode")
-    if chosen:
-        return chosen[0].lstrip("-")
-    if spec_export is not None:  # the spec's own `export:` section decides when the command line does not
-        if getattr(spec_export, "merge", False):
-            return "merge"
-        if getattr(spec_export, "format", None) == "peft":
-            return "peft"
-    return "tuners-only"
-
-
 def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -78,57 +64,37 @@ def export_cmd(
     if show_spec is not None:
         _show_spec(show_spec)
         return
-    from utune.export.run import export
-    from utune.runs import default_output, load_source
+    from utune.runs import export_source
 
     source, ov = split_overrides(source, overrides)
     check_choice("--checkpoint", checkpoint, ("latest", "best"))
-    _mode(merge, tuners_only, peft)  # bad flags and an existing -o fail before the (slow) rebuild
-    source, from_spec = _source(source, output, force, tuners)
-    built = load_source(source, ov, tuners=tuners, which=checkpoint)
-    mode = _mode(merge, tuners_only, peft, getattr(built.spec, "export", None))
+    mode, result = export_source(
+        source,
+        ov,
+        merge=merge,
+        tuners_only=tuners_only,
+        peft=peft,
+        output=output,
+        force=force,
+        verify=not no_verify,
+        which=checkpoint,
+        tuners=tuners,
+        folder=folder,
+        notify=lambda level, text: out.warn(text) if level == "warn" else out.note(text),
+    )
     if folder:
-        _folder(built, mode, source, from_spec, output, force, no_verify)
-        return
-    path = output if output is not None else default_output(source, mode)
-    result = export(built, mode, path, force=force, verify=not no_verify)
-    _show(result, mode, no_verify)
-
-
-def _source(source: str | None, output: Path | None, force: bool, tuners: Path | None) -> tuple[str, bool]:
-    """The run or spec to export (the latest run when none), checked before the slow rebuild."""
-    from utune.export.io import check_target
-    from utune.runs import RUNS, latest_run
-
-    from_spec = source is not None and source.endswith((".yaml", ".yml"))
-    if output is not None:
-        check_target(output, force)
-    elif from_spec:
-        raise UserInputError("exporting from a spec needs -o/--output", hint=f"utune export {source} ... -o FILE")
-    if from_spec and tuners is None:
-        out.warn(f"exporting {source} without --tuners: its tuners are as initialised, not trained")
-    if source is None:
-        source = str(latest_run(RUNS))
-        out.note(f"using the latest run: {source}")
-    return source, from_spec
+        _show_folder(result)
+    else:
+        _show(result, mode, no_verify)
 
 
 def _show_spec(path: Path) -> None:
-    from utune.cli.inspect import embedded_spec
+    from utune.export.tuners_only import embedded_spec
 
     out.console().print(embedded_spec(path), markup=False, highlight=False, soft_wrap=True, end="")
 
 
-def _folder(
-    built: Any, mode: str, source: str, from_spec: bool, output: Path | None, force: bool, no_verify: bool
-) -> None:
-    from utune.export.hub import export_folder
-
-    if mode == "peft":
-        raise UserInputError("--peft writes a folder already; --folder goes with --merge or --tuners-only")
-    run = None if from_spec else Path(source)
-    path = output if output is not None else Path(source) / "export" / ("merged" if mode == "merge" else "tuners")
-    result = export_folder(built, mode, path, run=run, force=force, verify=not no_verify)
+def _show_folder(result: dict[str, Any]) -> None:
     check = result.pop("verify", None)
     if out.json_mode():
         if check is not None:

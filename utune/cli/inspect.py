@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from utune import _output as out
 from utune.cli._common import Format, set_format
-from utune.errors import UserInputError, UtuneError
+from utune.errors import UtuneError
 
 
 def register(app: typer.Typer, spec_app: typer.Typer) -> None:
@@ -40,14 +40,8 @@ def inspect(
         if (found := unknown_model(model_or_spec)) is not None:  # before the (slow) torch import
             raise ModelError(*found)
     from utune.api import inspect_with_rules
-    from utune.graph.glob import glob_match
 
-    rows, rules = inspect_with_rules(model_or_spec, spec=spec)
-    if grep:
-        wild = any(c in grep for c in "*?[")
-        rows = [r for r in rows if (glob_match(grep, r["path"]) if wild else grep in r["path"])]
-    if depth is not None:
-        rows = [r for r in rows if r["path"].split("::")[0].count(".") < depth]
+    rows, rules = inspect_with_rules(model_or_spec, spec=spec, grep=grep, depth=depth)
     if fmt == "json":
         out.print_json(rows)
     else:
@@ -195,28 +189,9 @@ def spec_show(
     source: Annotated[Path, typer.Argument(help="a tuner file (.safetensors from export), or a run directory")],
 ) -> None:
     """Print the spec a tuner file or a training run carries (YAML, re-loadable with `utune apply`)."""
+    from utune.export.tuners_only import embedded_spec
+
     out.console().print(embedded_spec(source), markup=False, highlight=False, soft_wrap=True, end="")
-
-
-def embedded_spec(source: Path) -> str:
-    """The spec text stored in a tuner-only file's metadata, or a run's ``spec.yaml``."""
-    from utune.errors import CheckpointError
-
-    if source.is_dir():
-        spec = source / "spec.yaml"
-        if not spec.is_file():
-            raise CheckpointError(f"{source} is not a utune run directory (no spec.yaml)", hint="pass a run folder")
-        return spec.read_text()
-    from utune.export.io import read_safetensors
-
-    _, meta = read_safetensors(source, "tuner file")
-    text = meta.get("utune.spec")
-    if text is None:
-        what = "merged weights" if meta.get("utune.format", "").startswith("merged/") else "no utune metadata"
-        raise UserInputError(
-            f"{source} carries no spec ({what})", hint="tuner files from `utune export --tuners-only` carry theirs"
-        )
-    return text if text.endswith("\n") else text + "\n"
 
 
 def draw(

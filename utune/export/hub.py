@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import utune
+from utune._version import __version__
 from utune.export.io import publish_dir, safetensors_bytes
 from utune.export.merge import merged_state_dict, plain_model, verify_merged
 from utune.export.tuners_only import tuner_state, tuners_metadata
@@ -96,7 +96,7 @@ utune apply {spec_source} --train
 utune export RUN {"--merge" if mode == "merge" else "--tuners-only"} --folder
 ```
 
-Load: `{load}`. Written by utune {utune.__version__}; the resolved spec is `utune_spec.yaml`.
+Load: `{load}`. Written by utune {__version__}; the resolved spec is `utune_spec.yaml`.
 """
 
 

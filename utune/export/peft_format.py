@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-import utune
+from utune._version import __version__
 from utune.errors import ExportError
 from utune.export._sites import TunerSite, refusal, tuner_sites
 from utune.export.io import publish_dir, safetensors_bytes
@@ -204,7 +204,7 @@ def export_peft(built: Built, folder: Path, *, force: bool = False, verify: bool
     config, tensors = peft_adapter(built)
     meta = {
         "format": "pt",
-        "utune.version": utune.__version__,
+        "utune.version": __version__,
         "utune.spec_hash": spec_hash(built.spec),
         "utune.base_model": built.spec.model.name,
     }

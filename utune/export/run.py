@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import utune
+from utune._version import __version__
 from utune.errors import ExportError, UserInputError
 from utune.export.io import check_target, write_safetensors
 from utune.export.merge import merged_state_dict, verify_merged
@@ -46,7 +46,7 @@ def export_merged(built: Built, path: Path, *, force: bool = False, verify: bool
     meta = {
         "format": "pt",
         "utune.format": "merged/1",
-        "utune.version": utune.__version__,
+        "utune.version": __version__,
         "utune.base_model": m.name,
         "utune.num_classes": json.dumps(m.num_classes),
         "utune.model_kwargs": json.dumps(dict(m.kwargs), sort_keys=True, default=str),

@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-import utune
-from utune.errors import CheckpointError, ExportError
+from utune._version import __version__
+from utune.errors import CheckpointError, ExportError, UserInputError
 from utune.export._sites import TunerSite, tuner_sites
 from utune.export.io import read_safetensors, write_safetensors
 from utune.graph.rewrite import TUNER_ROOT
@@ -132,7 +132,7 @@ def tuners_metadata(built: Built, tensors: dict[str, torch.Tensor]) -> dict[str,
     return {
         "format": "pt",
         "utune.format": FORMAT,
-        "utune.version": utune.__version__,
+        "utune.version": __version__,
         "utune.spec": spec_to_yaml(spec),
         "utune.spec_hash": spec_hash(spec),
         "utune.tuners_hash": tuners_hash(spec),
@@ -215,7 +215,7 @@ def read_tuners(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         )
     if fmt != FORMAT:
         raise CheckpointError(
-            f"{path} has format {fmt!r}; this utune ({utune.__version__}) reads {FORMAT!r}",
+            f"{path} has format {fmt!r}; this utune ({__version__}) reads {FORMAT!r}",
             hint=f"it was written by utune {meta.get('utune.version', '?')}; use that version or export again",
         )
     if meta.get("utune.tensors_sha256") != tensors_checksum(tensors):
@@ -275,3 +275,20 @@ def load_tuners(built: Built, path: Path | str, *, check_base: bool = True) -> d
         "spec_hash": meta.get("utune.spec_hash"),
         "base_model": meta.get("utune.base_model"),
     }
+
+
+def embedded_spec(source: Path) -> str:
+    """The spec text stored in a tuner-only file's metadata, or a run's ``spec.yaml``."""
+    if source.is_dir():
+        spec = source / "spec.yaml"
+        if not spec.is_file():
+            raise CheckpointError(f"{source} is not a utune run directory (no spec.yaml)", hint="pass a run folder")
+        return spec.read_text()
+    _, meta = read_safetensors(source, "tuner file")
+    text = meta.get("utune.spec")
+    if text is None:
+        what = "merged weights" if meta.get("utune.format", "").startswith("merged/") else "no utune metadata"
+        raise UserInputError(
+            f"{source} carries no spec ({what})", hint="tuner files from `utune export --tuners-only` carry theirs"
+        )
+    return text if text.endswith("\n") else text + "\n"
