@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.utune-installed
 
-.PHONY: install test lint quickstart bench clean docs
+.PHONY: install test test-fast lint quickstart bench clean docs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,12 +30,18 @@ TEST_WORKERS ?= 2
 test: lint
 	$(PY) -m pytest -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
+# the tests that start no subprocess and no process group (tests/conftest.py marks the rest `slow`): a few
+# minutes on 2 cores, for the edit-test loop; `make test` (what CI runs) is still the gate
+test-fast: $(STAMP)
+	$(PY) -m pytest -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+
 quickstart: $(STAMP)
 	$(PY) quickstart/run.py $(QUICKSTART_ARGS)
 
-# the README's tuner-kinds table, regenerated from the registry (tests/test_readme.py checks it)
+# the README's tuner-kinds table and docs/cli.md, regenerated (tests/test_readme.py, tests/test_docs.py check them)
 docs: $(STAMP)
 	$(PY) -c "from utune.tuners.registry import update_readme; update_readme('README.md')"
+	$(PY) -m utune.cli.reference > docs/cli.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

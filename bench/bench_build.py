@@ -95,7 +95,7 @@ def bench_case(case: str, repeats: int, folder: Path) -> dict[str, Any]:
     import timm
 
     from utune._reference import reference
-    from utune.api import build
+    from utune.engine.build import build
 
     spec, overrides = _spec(case)
     path = str(ROOT / CASES[case][0])
@@ -180,7 +180,7 @@ def child_main(what: str, model: str, old: bool) -> None:
     import timm  # noqa: F401  (imports are not timed)
 
     from utune._reference import reference
-    from utune.api import inspect
+    from utune.engine.build import inspect
 
     if what == "imports":
         print(json.dumps({"seconds": 0.0}))

@@ -75,8 +75,8 @@ def model_rate(args: argparse.Namespace, data_config: dict, norm: Any) -> float:
     import torch
     import torch.nn.functional as F
 
-    from utune.api import build
-    from utune.config import TrainConfig
+    from utune.engine.build import build
+    from utune.spec.sections import TrainConfig
     from utune.train.optim import build_optimizer
 
     device = torch.device(args.device)

@@ -77,8 +77,8 @@ def run_row(method: str, compiled: bool, args: argparse.Namespace) -> dict[str, 
     import torch
     import torch.nn.functional as F
 
-    from utune.api import build
-    from utune.config import TrainConfig
+    from utune.engine.build import build
+    from utune.spec.sections import TrainConfig
     from utune.train.optim import build_optimizer
 
     torch.manual_seed(0)

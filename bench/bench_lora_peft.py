@@ -83,7 +83,7 @@ def build_arms(model_name: str, img_size: int, num_classes: int, slices: list[st
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from utune.api import build
+    from utune.engine.build import build
     from utune.tuners.lora import Lora
 
     ours = build(_spec(model_name, img_size, num_classes, slices)).model

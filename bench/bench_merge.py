@@ -30,7 +30,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.machine import describe_machine, write_results  # noqa: E402
-from utune.api import build  # noqa: E402
+from utune.engine.build import build  # noqa: E402
 from utune.export import merged_state_dict, verify_merged  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"

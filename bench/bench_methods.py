@@ -54,7 +54,7 @@ def run_one(method: str, args: argparse.Namespace) -> dict[str, Any]:
     if method in PEFT_METHODS:
         model, counts = _peft_model(args.model, args.img_size, 100)
     else:
-        from utune.api import build
+        from utune.engine.build import build
 
         built = build(spec_for(method, args.model, args.img_size))
         model = built.model
@@ -203,7 +203,7 @@ def apply_scaling(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_one_apply(model: str) -> dict[str, Any]:
-    from utune.api import build
+    from utune.engine.build import build
 
     built = build(spec_for("utuning_dual", model, 224))
     t = built.report["timings"]

@@ -224,8 +224,8 @@ def _size_for(name: str) -> int | None:
 
 def sweep_model(name: str) -> dict[str, Any]:
     """Build the three specs on one model; a row per tuner."""
-    import utune.api
-    from utune.api import build, trace_model
+    import utune.engine.build
+    from utune.engine.build import build, trace_model
     from utune.errors import UtuneError
     from utune.models import create_model
 
@@ -262,7 +262,7 @@ def sweep_model(name: str) -> dict[str, Any]:
             continue
         t1 = time.perf_counter()
         try:
-            with mock.patch.object(utune.api, "create_model", fresh):
+            with mock.patch.object(utune.engine.build, "create_model", fresh):
                 built = build(spec, verify=True)
             diff, scale = built.report["identity_max_abs_diff"], built.report["output_scale"]
             ok = diff <= TOL * max(scale, 1.0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from utune.api import build
+from utune.engine.build import build
 from utune.tuners.adapter import Adapter, AdapterOptions
 
 

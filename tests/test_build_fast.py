@@ -21,7 +21,7 @@ import utune.models
 from tests.archs import ARCHS, HEADS, model_section
 from tests.test_tuners_contract import spec_for
 from utune._reference import reference
-from utune.api import Built, _trace_by_name, build, inspect
+from utune.engine.build import Built, _trace_by_name, build, inspect
 from utune.errors import RewriteError
 from utune.models import create_model
 from utune.spec import load_spec

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.archs import HEADS, model_section
-from utune.api import build
+from utune.engine.build import build
 
 CASES = {"vit": "blocks.*", "deit": "blocks.*", "resnet": "layer*", "convnext": "stages.*", "swin": "layers.*"}
 
@@ -111,7 +111,7 @@ def test_tuner_only_export_round_trips(tmp_path: Any) -> None:
 def test_inspect_with_a_bypass_spec_marks_the_stages(tmp_path: Any) -> None:
     import yaml
 
-    from utune.api import inspect
+    from utune.engine.build import inspect
 
     path = tmp_path / "by.yaml"
     path.write_text(yaml.safe_dump(bypass_spec("vit")))

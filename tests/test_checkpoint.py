@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from utune import runs as run_mod
-from utune.config import DataConfig, TrainConfig
 from utune.errors import CheckpointError
+from utune.spec.sections import DataConfig, TrainConfig
 from utune.train import checkpoint as ck
 from utune.train.loop import fit
 
@@ -226,7 +226,7 @@ def test_resume_refuses_a_different_setup(tmp_path: Path) -> None:
         fit(tiny_vit(), train_cfg(max_steps=5), loaders, tmp_path / "fresh", resume=True)
 
 
-# ---- run level, with stand-ins for utune.api / utune.spec -----------------------------------------
+# ---- run level, with stand-ins for utune.engine.build / utune.spec -----------------------------------------
 
 
 @dataclass
@@ -258,7 +258,7 @@ def test_train_run_and_eval_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(run_mod, "build_loaders", fake_loaders)
     fake_spec = types.SimpleNamespace(spec_to_yaml=lambda s: "version: 1\n", load_spec=lambda path, overrides=(): spec)
     monkeypatch.setitem(sys.modules, "utune.spec", fake_spec)
-    monkeypatch.setitem(sys.modules, "utune.api", types.SimpleNamespace(build=fake_build))
+    monkeypatch.setitem(sys.modules, "utune.engine.build", types.SimpleNamespace(build=fake_build))
 
     monkeypatch.setattr(run_mod.time, "strftime", lambda fmt: "20250101-120000")
     out = run_mod.default_run_dir("specs/vit_lora.yaml", base=tmp_path / "runs")
@@ -277,7 +277,7 @@ def test_train_run_and_eval_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert seen_specs[-1][1] == ["data.dataset=fashion-mnist"]
 
     other_base = _Built(tiny_vit(seed=1), spec)
-    monkeypatch.setitem(sys.modules, "utune.api", types.SimpleNamespace(build=lambda *a, **k: other_base))
+    monkeypatch.setitem(sys.modules, "utune.engine.build", types.SimpleNamespace(build=lambda *a, **k: other_base))
     with pytest.raises(CheckpointError, match="frozen weights differ"):
         run_mod.eval_run(out, None, "val")
     with pytest.raises(CheckpointError, match="not a utune run directory"):
@@ -296,8 +296,8 @@ train: {epochs: 0, max_steps: 4, batch_size: 32, log_every: 2, device: cpu}
 
 
 def test_train_and_eval_run_with_the_real_builder(tmp_path: Path) -> None:
-    # Integration with utune.api.build and utune.data (digits ship with scikit-learn: offline).
-    from utune.api import build
+    # Integration with utune.engine.build.build and utune.data (digits ship with scikit-learn: offline).
+    from utune.engine.build import build
 
     spec = tmp_path / "tiny.yaml"
     spec.write_text(_SPEC)

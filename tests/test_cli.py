@@ -61,12 +61,39 @@ BAD_SPECS = {
 }
 
 
+# what each message must name: the problem, and where (the spec's line) or what to do (a hint)
+NAMED = {
+    "bad_layers": ("spec.yaml:6", "range 5-2 is empty"),
+    "bad_placement": ("spec.yaml:6", "has no placement 'sequential'"),
+    "bad_version": ("spec.yaml:1", "unsupported spec version 2"),
+    "dup_names": ("spec.yaml:7", "duplicate rule name 'a'"),
+    "empty": ("spec.yaml:1", "the spec is empty"),
+    "lora_on_norm": ("hint:", "it is a LayerNorm"),
+    "no_match": ("hint: closest sites: blocks.", "matches no site"),
+    "no_version": ("spec.yaml:1", "version: missing"),
+    "not_mapping": ("spec.yaml:1", "got a list"),
+    "prefix_on_conv": ("hint:", "prefix cannot attach to layer1.0.conv1"),
+    "scalar": ("spec.yaml:1", "got a str"),
+    "slices_not_qkv": ("hint:", "`slices` need a fused qkv Linear"),
+    "trainable_nothing": ("hint: closest: head.", "trainable glob 'haed' matches no parameter"),
+    "unknown_kind": ("spec.yaml:6", "did you mean lora"),
+    "unknown_model": ("spec.yaml:2", "did you mean vit_base_patch16_224"),
+    "unknown_rule_key": ("spec.yaml:6", "did you mean 'rank'"),
+    "unknown_top_key": ("spec.yaml:5", "did you mean 'tuners'"),
+    "weights_missing": ("hint:", "'/nonexistent/w.safetensors' does not exist"),
+    "wrong_type": ("spec.yaml:6", "tuners.0.dim"),
+    "yaml_syntax": ("spec.yaml:3", "YAML syntax error"),
+}
+
+
 @pytest.mark.parametrize("case", sorted(BAD_SPECS))
 def test_bad_spec_exits_2_with_one_message(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, err = run(["apply", write(tmp_path, BAD_SPECS[case]), "--dry-run"], capsys)
     assert code == 2, (code, err)
     assert err.startswith("error:") and "Traceback" not in err + out
-    assert "hint:" in err or "line" in err or ":" in err
+    where, what = NAMED[case]
+    assert where in err and what in err, (case, err)
+    assert sum(line.startswith("error:") for line in err.splitlines()) == 1, err  # one message
 
 
 @pytest.mark.parametrize(

@@ -22,10 +22,10 @@ from PIL import Image
 from torch.utils.data import DistributedSampler
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from utune.config import DataConfig
 from utune.data import build_datasets, build_loader, dataset_names, dataset_root, num_classes
 from utune.data.datasets import fashion_mnist
 from utune.errors import DataError
+from utune.spec.sections import DataConfig
 
 DATA_CONFIG = {
     "input_size": (3, 32, 32),

@@ -27,7 +27,7 @@ from test_train_loop import Digits, digits_loaders, tiny_vit, train_cfg
 from utune.train import distributed as du
 from utune import runs as run_mod
 from utune.train.checkpoint import trainable_state
-from utune.config import DataConfig
+from utune.spec.sections import DataConfig
 from utune.train.loop import evaluate
 from utune.train.sampling import ShardSampler
 

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from utune.config import DataConfig
 from utune.data import build_datasets, num_classes, open_datasets
 from utune.data.datasets.transforms import build_transform
 from utune.errors import DataError, SpecError
 from utune.spec import load_spec, spec_json_schema
+from utune.spec.sections import DataConfig
 
 DC = {"input_size": (1, 8, 8), "mean": (0.5,), "std": (0.5,), "crop_pct": 1.0}
 

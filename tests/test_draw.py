@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from tests.archs import model_section
-from utune.api import build
 from utune.cli import main
-from utune.draw import draw_structure, plot_runs, rows_of
+from utune.engine.build import build
+from utune.export.draw import draw_structure, plot_runs, rows_of
 from utune.runs import train_run
 
 RULES: dict[str, list[dict[str, Any]]] = {

@@ -21,8 +21,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from utune.api import build
 from utune.cli import app
+from utune.engine.build import build
 from utune.errors import CheckpointError, ExportError, UserInputError
 from utune.export import (
     export_merged,

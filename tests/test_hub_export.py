@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 
-from utune.api import build
+from utune.engine.build import build
 from utune.export import load_tuners
 from utune.export.hub import export_folder
 

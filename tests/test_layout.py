@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-import utune.api
-from utune.api import build, trace_model
+import utune.engine.build
+from utune.engine.build import build, trace_model
 from utune.errors import SelectionError, SpecError
 from utune.graph.layout import channel_dim
 
@@ -42,7 +42,7 @@ def test_blocks_the_sweep_refused_take_an_adapter(model: str, at: str) -> None:
     assert all(m.channel_dim == 1 for m in _adapters(built))  # NCHW maps, whatever happens inside the block
 
 
-def _adapters(built: utune.api.Built) -> list[nn.Module]:
+def _adapters(built: utune.engine.build.Built) -> list[nn.Module]:
     return [built.model.get_submodule(e.module) for e in built.manifest.tuners()]
 
 
@@ -182,13 +182,13 @@ class _TwoPath(nn.Module):
         return self.head(same.mean(1) + a.mean(1) + b.mean(1))
 
 
-def _build_two_path(**rule: Any) -> utune.api.Built:
+def _build_two_path(**rule: Any) -> utune.engine.build.Built:
     spec = adapter_spec("test_vit", "pair", 16, **rule)
-    with mock.patch.object(utune.api, "create_model", lambda *_, **__: _TwoPath()):
+    with mock.patch.object(utune.engine.build, "create_model", lambda *_, **__: _TwoPath()):
         return build(spec, verify=True)
 
 
-def _read(built: utune.api.Built) -> str:
+def _read(built: utune.engine.build.Built) -> str:
     """What the adapter reads: ``x`` (the tokens) or ``y`` (tokens * 3)."""
     node = built.manifest.tuners()[0].nodes["call"].args[0]
     return "y" if node.target is operator.mul else "x"

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utune.api import build
+from utune.engine.build import build
 from utune.errors import ExportError
 from utune.export import export_merged
 

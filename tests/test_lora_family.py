@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from tests.archs import model_section
-from utune.api import Built, build
+from utune.engine.build import Built, build
 from utune.errors import ExportError, SelectionError, SpecError
 from utune.export import export_merged, export_peft, export_tuners, load_tuners, merged_state_dict
 from utune.export.merge import forward_eval, plain_model

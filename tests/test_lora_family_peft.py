@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from utune.api import Built, build
+from utune.engine.build import Built, build
 from utune.export.merge import forward_eval, merged_state_dict, plain_model
 
 peft = pytest.importorskip("peft")

@@ -53,7 +53,7 @@ def test_the_trainer_sets_it_when_the_spec_asks(tmp_path: Path) -> None:
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from utune.config import TrainConfig
+    from utune.spec.sections import TrainConfig
     from utune.train import loop
 
     data = TensorDataset(torch.randn(8, 4), torch.randint(0, 2, (8,)))

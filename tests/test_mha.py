@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from tests.archs import model_section
-from utune.api import Built, build
+from utune.engine.build import Built, build
 from utune.errors import ExportError
 from utune.export.merge import forward_eval, merged_state_dict, plain_model
 from utune.graph.trace import trace

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from tests.test_cli_user import SCRIPT, _wait_for, env_for, ok, utune
-from utune.sets import TunerSets, _SharedRun, build_sets
+from utune.engine.sets import TunerSets, _SharedRun, build_sets
 
 
 def _spec(model: str, tuners: list[dict[str, Any]], classes: int, img: int = 32) -> dict[str, Any]:

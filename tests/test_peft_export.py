@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from utune.api import build
+from utune.engine.build import build
 from utune.errors import ExportError
 from utune.export import export_peft
 from utune.export.merge import forward_eval

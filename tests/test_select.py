@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.archs import ARCHS
-from utune.api import Traced, trace_model
+from utune.engine.build import Traced, trace_model
 from utune.errors import SelectionError
 from utune.graph.glob import glob_match
 from utune.graph.select import Selector, select

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from utune.api import Built, build
+from utune.engine.build import Built, build
 from utune.errors import RewriteError, SelectionError
 from utune.export import export_tuners, load_tuners, merged_state_dict
 from utune.export.merge import forward_eval, plain_model

@@ -13,7 +13,7 @@ no size-dependent parameter trains, and rebuilds at the real size where one does
 Random initialisation of a backbone (86 M parameters for ViT-B) costs more than the rest of a build, and
 14 specs share one: the model factory is memoised and every build gets a deep copy of its model, which
 is what a fresh ``create_model`` call would return up to the random values. Everything else is
-``utune.api.build`` as the CLI runs it. Builds run on one thread: with batches this small a second one
+``utune.engine.build.build`` as the CLI runs it. Builds run on one thread: with batches this small a second one
 mostly spin-waits, which on a shared 2-core machine costs several times the CPU time.
 """
 
@@ -32,9 +32,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import utune.api
-from utune.api import Built, build
+import utune.engine.build
 from utune.cli import app
+from utune.engine.build import Built, build
 from utune.models import create_model
 from utune.spec import load_spec
 
@@ -150,7 +150,7 @@ def _fresh_model(
 def build_spec(rel: str, real_size: bool = False) -> Built:
     path = SPECS / rel
     extra = [] if real_size else small_input(load_spec(path).model.name)
-    with mock.patch.object(utune.api, "create_model", _fresh_model):
+    with mock.patch.object(utune.engine.build, "create_model", _fresh_model):
         return build(path, [*NO_DOWNLOAD, *extra])
 
 

@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-from utune.api import build  # noqa: E402
+from utune.engine.build import build  # noqa: E402
 from utune.runs import train_run  # noqa: E402
 from utune.train.metrics import read_metrics  # noqa: E402
 

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, Dataset
 
-from utune.config import TrainConfig
+from utune.spec.sections import TrainConfig
 from utune.train.loop import evaluate, fit, freeze_batchnorm
 from utune.train.optim import param_groups
 
@@ -257,8 +257,8 @@ def test_compile_trains_like_eager_and_throughput_leaves_out_the_compile_step(
 
 def test_uint8_batches_normalised_on_the_device_train_like_float_batches(tmp_path: Path) -> None:
     """data built with device_normalize (uint8 pixels) + InputNorm in the loop == the CPU-normalised path."""
-    from utune.config import DataConfig
     from utune.data import InputNorm, build_datasets
+    from utune.spec.sections import DataConfig
 
     data_config = {"input_size": (3, 32, 32), "mean": (0.485, 0.456, 0.406), "std": (0.229, 0.224, 0.225)}
     cfg = DataConfig(dataset="digits", augment="crop-flip")

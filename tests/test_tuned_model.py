@@ -13,12 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-import utune.api as api
-from utune.api import Built, build
+import utune.engine.build as api
+from utune.engine.build import Built, build
+from utune.engine.tuned import TunedModel
 from utune.errors import TunedModelError, UnavailableAttributeError
 from utune.graph.rewrite import TUNER_ROOT
 from utune.train.checkpoint import trainable_state
-from utune.tuned import TunedModel
 
 K = 10  # classes
 LORA_VIT = {"name": "lo", "kind": "lora", "at": "blocks.*.attn.qkv", "rank": 4}

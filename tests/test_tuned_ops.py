@@ -87,7 +87,7 @@ def test_a_copied_or_unpickled_model_merges_and_loads_as_the_original() -> None:
             assert float((plain(X) - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
     copied = copy.deepcopy(built.model)
     mine = {id(n) for n in copied.graph.nodes}
-    from utune.tuned_ops import built_of
+    from utune.engine.tuned_ops import built_of
 
     assert all(id(n) in mine for e in built_of(copied).manifest for n in e.nodes.values())  # the copy's own nodes
     with torch.no_grad():  # the copy's tuners are its own: changing them leaves the original's merge alone
@@ -96,7 +96,7 @@ def test_a_copied_or_unpickled_model_merges_and_loads_as_the_original() -> None:
                 p.zero_()
         plain = built.model.merge_and_unload().eval()
         assert float((plain(X) - ref).abs().max()) <= 1e-5 * float(ref.abs().max())
-    from utune.tuned_ops import RECORD
+    from utune.engine.tuned_ops import RECORD
 
     del copied.__dict__[RECORD]  # a model without a build record (not made by utune.build) says so
     with pytest.raises(TunedModelError, match="made by utune.build"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.archs import model_section
-from utune.api import build
+from utune.engine.build import build
 from utune.errors import SelectionError, UtuneError
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from tests.archs import HEADS, model_section
-from utune.api import Built, build
+from utune.engine.build import Built, build
 from utune.graph.rewrite import TUNER_ROOT
 from utune.graph.trace import trace
 from utune.tuners.registry import get_kind

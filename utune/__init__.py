@@ -5,7 +5,7 @@ The Python API the CLI is built on::
     import utune
     spec = utune.load_spec("spec.yaml", overrides=["tuners.0.dim=16"])
     built = utune.build(spec)        # .model (the rewritten GraphModule, with the base model's API), .report
-    feats = built.model.forward_features(x)  # timm models: the tuned features (utune.tuned.TunedModel)
+    feats = built.model.forward_features(x)  # timm models: the tuned features (utune.engine.tuned.TunedModel)
     rows = utune.inspect("vit_base_patch16_224")
     sets = utune.build_sets({"cifar": "a.yaml", "pets": "pets.safetensors"})  # one backbone, named tuners
 """
@@ -18,7 +18,7 @@ from utune._version import __version__
 
 if TYPE_CHECKING:
     from utune.engine.record import Built
-    from utune.sets import TunerSets
+    from utune.engine.sets import TunerSets
     from utune.spec import Spec
 
 __all__ = ["__version__", "build", "build_sets", "inspect", "load_spec"]
@@ -31,18 +31,18 @@ def load_spec(source: Any, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
 
 
 def build(spec_or_path: Any, overrides: list[str] | tuple[str, ...] = (), **kwargs: Any) -> Built:
-    from utune.api import build as _build
+    from utune.engine.build import build as _build
 
     return _build(spec_or_path, overrides, **kwargs)
 
 
 def inspect(model_or_name: Any, spec: Any = None) -> list[dict[str, Any]]:
-    from utune.api import inspect as _inspect
+    from utune.engine.build import inspect as _inspect
 
     return _inspect(model_or_name, spec)
 
 
 def build_sets(sources: Any) -> TunerSets:
-    from utune.sets import build_sets as _build_sets
+    from utune.engine.sets import build_sets as _build_sets
 
     return _build_sets(sources)

@@ -1,4 +1,4 @@
-"""The ``utune`` command: a thin Typer layer over the Python API (:mod:`utune.api`, :mod:`utune.runs`,
+"""The ``utune`` command: a thin Typer layer over the Python API (:mod:`utune.engine.build`, :mod:`utune.runs`,
 :mod:`utune.export`).
 
 Every expected failure is a :class:`utune.errors.UtuneError`; :func:`main` prints it as one line plus a

@@ -63,7 +63,7 @@ def apply(
     if train:
         _train(spec, ov, verify, out_dir, resume, tuners, download, fmt)
         return
-    from utune.api import build
+    from utune.engine.build import build
 
     built = _load_tuners(build(spec, ov, verify=verify), tuners, verify)
     for w in built.warnings:
@@ -77,7 +77,7 @@ def apply(
 def _load_tuners(built: Built, tuners: Path | None, verify: bool) -> Built:
     if tuners is None:
         return built
-    from utune.api import with_tuners
+    from utune.engine.build import with_tuners
 
     built, loaded = with_tuners(built, tuners, verify=verify)
     out.note(f"loaded {loaded['tensors']} tensors from {tuners}")

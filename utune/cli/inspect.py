@@ -34,12 +34,12 @@ def inspect(
     """List the sites of a model's graph: path, op, type, output shape, parameters. Needs no weights."""
     set_format(fmt, ("table", "tree", "json"))
     if not model_or_spec.endswith((".yaml", ".yml")):
-        from utune._names import unknown_model
         from utune.errors import ModelError
+        from utune.models.names import unknown_model
 
         if (found := unknown_model(model_or_spec)) is not None:  # before the (slow) torch import
             raise ModelError(*found)
-    from utune.api import inspect_with_rules
+    from utune.engine.build import inspect_with_rules
 
     rows, rules = inspect_with_rules(model_or_spec, spec=spec, grep=grep, depth=depth)
     if fmt == "json":
@@ -160,7 +160,7 @@ def spec_validate(
 
 
 def _check_against_model(path: Path) -> UtuneError | None:
-    from utune.api import build
+    from utune.engine.build import build
     from utune.spec import load_spec
 
     try:
@@ -200,8 +200,8 @@ def draw(
     output: Annotated[Path, typer.Option("--output", "-o", help=".png, .svg or .pdf")] = Path("structure.png"),
 ) -> None:
     """Draw where each rule's tuners sit on the backbone (no weights needed)."""
-    from utune.api import build
-    from utune.draw import draw_structure
+    from utune.engine.build import build
+    from utune.export.draw import draw_structure
     from utune.spec import load_spec
 
     loaded = load_spec(spec, list(overrides or []))
@@ -214,6 +214,6 @@ def plot(
     output: Annotated[Path, typer.Option("--output", "-o", help=".png, .svg or .pdf")] = Path("curves.png"),
 ) -> None:
     """Plot the training loss and evaluation accuracy of one or several runs."""
-    from utune.draw import plot_runs
+    from utune.export.draw import plot_runs
 
     out.info(f"wrote {plot_runs(runs, output)}")

@@ -1,5 +1,5 @@
 """``utune multitask SPEC...``: several tasks trained on one backbone pass (a thin layer over
-:func:`utune.multitask.train_sets`)."""
+:func:`utune.runs.multitask.train_sets`)."""
 
 from __future__ import annotations
 
@@ -84,8 +84,8 @@ def multitask_cmd(
         raise UserInputError(
             f"--steps must be at least 1, got {steps}", hint="leave it out to train for the specs' epochs"
         )
-    from utune.multitask import train_sets
     from utune.runs import default_run_dir
+    from utune.runs.multitask import train_sets
     from utune.spec import load_spec
 
     target = out_dir or default_run_dir("multitask")

@@ -70,8 +70,8 @@ def execute(task: RunTask) -> dict[str, Any]:
 
 def _train_and_score(task: RunTask) -> dict[str, Any]:
     from utune._fs import write_text_atomic
-    from utune.api import build
     from utune.data import open_datasets
+    from utune.engine.build import build
     from utune.runs import check_classes, check_resume_spec, train_run
     from utune.spec import load_spec, spec_hash
     from utune.train.checkpoint import has_checkpoint

@@ -50,12 +50,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from utune._signals import ignore_sigint_in_worker
-from utune.config import DataConfig
 from utune.data import derive
 from utune.data.datasets._common import Source, data_base, resolve_root
 from utune.data.datasets.registry import ENTRIES, TRAIN_SPLITS, Entry, lookup, names
 from utune.data.datasets.transforms import InputNorm, build_transform
 from utune.errors import DataError
+from utune.spec.sections import DataConfig
 
 __all__ = [
     "InputNorm",

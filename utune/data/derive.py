@@ -24,8 +24,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
-from utune.config import DataConfig
 from utune.errors import DataError
+from utune.spec.sections import DataConfig
 
 ROTATIONS = 4
 _TURNS = {1: Image.Transpose.ROTATE_90, 2: Image.Transpose.ROTATE_180, 3: Image.Transpose.ROTATE_270}

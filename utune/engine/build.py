@@ -12,6 +12,8 @@ from torch import fx, nn
 
 from utune._reference import reference_build
 from utune.engine.record import BuildReport, Built, RuleReport, Traced
+from utune.engine.tuned import TunedModel
+from utune.engine.tuned_ops import RECORD, make_record
 from utune.errors import SelectionError, TraceError
 from utune.graph.context import PlanContext
 from utune.graph.glob import glob_match
@@ -25,8 +27,6 @@ from utune.graph.trace import trace
 from utune.graph.trainable import TypeSelector, module_types, typed_parameters
 from utune.models import create_model, data_config, input_size
 from utune.spec import Spec, load_spec
-from utune.tuned import TunedModel
-from utune.tuned_ops import RECORD, make_record
 from utune.tuners.base import TunerKind
 from utune.tuners.registry import get_kind
 
@@ -254,7 +254,7 @@ def build(
     torch RNG is left as it was), so a random (``pretrained: false``) backbone and the tuners' init are the
     same on every build: a run can be resumed, evaluated and exported from its spec alone. ``base``: an
     existing model of the spec's architecture to tune instead of creating one (its modules are used as
-    they are; ``utune.sets`` builds several tuner sets on one backbone this way).
+    they are; ``utune.engine.sets`` builds several tuner sets on one backbone this way).
     """
     t0 = time.perf_counter()
     spec, notes, warnings = resolve_classes(load_spec(spec_or_path, overrides))
@@ -282,7 +282,7 @@ def resolve_classes(spec: Spec, classes: int | None = None) -> tuple[Spec, list[
     return load_spec(spec, [f"model.num_classes={classes}"]), [note], []
 
 
-_resolve_classes = resolve_classes  # the name utune.sets and older callers use
+_resolve_classes = resolve_classes  # the name utune.engine.sets and older callers use
 
 
 def _build(

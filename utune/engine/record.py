@@ -2,8 +2,8 @@
 
 A leaf of the package: it imports the graph layer (sites, the manifest) and nothing that consumes a build,
 so the export code, runs, drawings and the CLI may all import it without a cycle. The tuned model carries
-the parts of the record that merge and load need (:data:`RECORD`, see :mod:`utune.tuned`), so a copied or
-unpickled model can still ``merge_and_unload()``: :func:`utune.tuned_ops.built_of` makes the record back.
+the parts of the record that merge and load need (:data:`RECORD`, see :mod:`utune.engine.tuned`), so a copied or
+unpickled model can still ``merge_and_unload()``: :func:`utune.engine.tuned_ops.built_of` makes the record back.
 
 :class:`BuildReport` is the typed, read-only summary of a build, derived from the manifest: a rule's
 parameter count and attachments are its entries'. It reads like the mapping it replaced
@@ -135,7 +135,7 @@ class Built:
     """The result of :func:`utune.build`: the rewritten model (trainable parameters set) and its report."""
 
     spec: Spec
-    model: fx.GraphModule  # a utune.tuned.TunedModel: the rewritten graph, with the base model's public API
+    model: fx.GraphModule  # a utune.engine.tuned.TunedModel: the rewritten graph, with the base model's public API
     base: nn.Module  # the untouched model object (shares the frozen parameters with ``model``)
     report: BuildReport
     input_size: tuple[int, int, int]

@@ -263,7 +263,7 @@ def _rows_of(out: Any, rows: slice) -> Any:
 def build_sets(sources: Mapping[str, Any]) -> TunerSets:
     """Build every named set on one backbone (the first set's model, created once); a tuner file's set
     loads its tensors. The sets must share the architecture: model name, kwargs, size, base weights."""
-    from utune.api import _resolve_classes, build
+    from utune.engine.build import _resolve_classes, build
     from utune.export.tuners_only import load_tuners
 
     if not sources:

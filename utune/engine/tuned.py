@@ -25,16 +25,16 @@ import torch
 from torch import fx, nn
 from torch.fx.graph import PythonCode
 
+from utune.engine.tuned_ops import BASE as _BASE
+from utune.engine.tuned_ops import DISABLED, RECORD, TunedOps
+from utune.engine.tuned_ops import SIZE as _SIZE
+from utune.engine.tuned_ops import SPLIT as _SPLIT
 from utune.errors import TunedModelError, UnavailableAttributeError
 from utune.graph.manifest import Manifest
 from utune.graph.rewrite import TUNER_ROOT
 from utune.graph.shapes import NodeFailure, propagate_shapes
 from utune.graph.split import FEATURES, HEAD, Split, compile_graph, extract, find_split
 from utune.graph.trace import forget_unpatchable_wraps, modes_kept
-from utune.tuned_ops import BASE as _BASE
-from utune.tuned_ops import DISABLED, RECORD, TunedOps
-from utune.tuned_ops import SIZE as _SIZE
-from utune.tuned_ops import SPLIT as _SPLIT
 
 _PARTS = "_utune_parts"
 
@@ -76,7 +76,7 @@ class TunedModel(TunedOps, fx.GraphModule):
         cls, gm: fx.GraphModule, base: nn.Module, input_size: tuple[int, ...], record: dict[str, Any] | None = None
     ) -> TunedModel:
         """Make ``gm`` a TunedModel of ``base``, in place: the same object, nothing copied or re-registered.
-        ``record``: what merge and load need of the build (:func:`utune.tuned_ops.make_record`)."""
+        ``record``: what merge and load need of the build (:func:`utune.engine.tuned_ops.make_record`)."""
         state: dict[str, Any] = {_BASE: base, _SIZE: tuple(input_size)}
         if record is not None:
             state[RECORD] = record

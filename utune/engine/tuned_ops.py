@@ -1,11 +1,11 @@
 """What PEFT users reach for on a tuned model, named as PEFT names it where the meaning is the same.
 
-:class:`TunedOps` is mixed into :class:`utune.tuned.TunedModel`: ``disable_tuners()`` (a context manager:
+:class:`TunedOps` is mixed into :class:`utune.engine.tuned.TunedModel`: ``disable_tuners()`` (a context manager:
 inside, the output is the base model's), ``merge_and_unload()`` (the plain backbone with every tuner folded
 in, the algebra of ``utune export --merge``), ``print_trainable_parameters()``, ``load_tuners(path)`` (a
 tuner-only file or a run folder). They need what the build recorded on the model (its spec, manifest,
 report and data config, under :data:`RECORD`): data, not a pointer back to the build, so a deep copy or a
-pickled round trip keeps it (:mod:`utune.tuned` carries it through both).
+pickled round trip keeps it (:mod:`utune.engine.tuned` carries it through both).
 """
 
 from __future__ import annotations

@@ -88,7 +88,7 @@ class _Graph:
         att = self.attached.get(ts.module)
         call = att.nodes.get("call") if att is not None else None
         if att is None or call is None:
-            raise NotMergeable("there is no record of how it was attached (build the model with utune.api.build)")
+            raise NotMergeable("there is no record of how it was attached (build the model with utune.build)")
         if call.graph is not self.gm.graph:
             raise NotMergeable("the record of how it was attached belongs to another copy of the model's graph")
         n = len(self.calls.get(ts.module, []))

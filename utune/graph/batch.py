@@ -1,6 +1,6 @@
 """Which dim of each value of a graph is the batch, found by running the graph on two batch sizes on meta.
 
-A multi-task step (:mod:`utune.sets`) runs the shared backbone once on the tasks' batches concatenated and
+A multi-task step (:mod:`utune.engine.sets`) runs the shared backbone once on the tasks' batches concatenated and
 each task's own tuners on its rows only. That needs, for every value a task reads from the shared part, the
 dim that holds the batch (to take the task's rows), and every size that *is* the batch size (``B`` in
 ``x.reshape(B, N, 3, H, D)``, to become the task's row count). Sizes are not guessed: the graph runs on the

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from utune._names import TORCHVISION_PREFIX, unknown_model
 from utune._reference import reference_build
 from utune.errors import ModelError
+from utune.models.names import TORCHVISION_PREFIX, unknown_model
 
 
 def _unknown(name: str) -> ModelError | None:
@@ -194,7 +194,7 @@ def _from_file_on_meta(make: Callable[[], nn.Module], state: dict[str, torch.Ten
     model and RNG state as a real init then a load, without the init's arithmetic. None, the RNG as it was,
     when ``state`` does not cover every tensor (a head for other classes keeps its random init) or a tensor
     cannot be made real: the caller creates the model for real."""
-    from utune._meta_init import covers, create_on_meta, materialize, probe
+    from utune.models.meta_init import covers, create_on_meta, materialize, probe
 
     rng = torch.get_rng_state()
     try:

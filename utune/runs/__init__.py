@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from utune._fs import make_dir, remove_tree, write_text_atomic
-from utune.config import DataConfig, TrainConfig
+from utune.spec.sections import DataConfig, TrainConfig
 from utune.engine.record import Built
 from utune.errors import CheckpointError, DataError, SpecError, UserInputError
 from utune.train import distributed as du
@@ -279,12 +279,12 @@ def train_spec(
 
     The spec, then the run folder (``out``; default ``runs/<spec>-<time>``, or this spec's latest run with
     ``resume``) and the data, all checked before the slow build; ``model.num_classes`` defaults to the
-    dataset's (:func:`utune.api.resolve_classes`); a resumed run must keep the settings that change the result.
+    dataset's (:func:`utune.engine.build.resolve_classes`); a resumed run must keep the settings that change the result.
     Then build, check the head against the classes, load ``tuners`` (a tuner-only file) if given, and train.
     ``on_built(built, run_dir, notes)`` runs before training starts (the CLI shows the report there); ``notes``
     says what was resolved (the resumed run's harmless changes).
     """
-    from utune.api import build, resolve_classes, with_tuners
+    from utune.engine.build import build, resolve_classes, with_tuners
     from utune.data import open_datasets
     from utune.spec import load_spec
     from utune.train.distributed import check_environment
@@ -325,7 +325,7 @@ def restore_run(run_dir: Path, overrides: Sequence[str] = (), *, which: str = "l
     The frozen weights must be the ones the run trained against (checked by fingerprint); the trainable
     tensors load strictly by name. Shared by ``utune eval`` and ``utune export``.
     """
-    from utune.api import build
+    from utune.engine.build import build
 
     recorded_spec(run_dir)  # a clear error for a folder that is not a run
     folder = resolve_checkpoint(Path(run_dir), which)
@@ -402,7 +402,7 @@ def load_source(
     which: str = "latest",
 ) -> Built:
     """A run directory (its checkpoint), or a spec file (plus a tuner file, when given)."""
-    from utune.api import build
+    from utune.engine.build import build
     from utune.export.tuners_only import load_tuners
 
     if source is not None and str(source).endswith((".yaml", ".yml")):
@@ -499,7 +499,7 @@ def import_peft(
 ) -> dict[str, Any]:
     """Convert a PEFT folder: build the spec on ``model``, load the tensors, check against PEFT, write
     ``output`` (a tuner file) and its spec beside it (``.yaml``). Returns a summary."""
-    from utune.api import build
+    from utune.engine.build import build
     from utune.export.io import check_target, write_bytes_atomic
     from utune.export.peft_import import load_into, peft_to_spec, verify_with_peft
     from utune.export.tuners_only import export_tuners

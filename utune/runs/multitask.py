@@ -1,7 +1,7 @@
 """Multi-task training: K tasks, each its own spec and dataset, trained on one backbone with one shared pass.
 
 ``utune.train_sets({"digits": "a.yaml", "fmnist": "b.yaml"}, "runs/mt")`` (``utune multitask``) builds the
-tasks' tuner sets on one backbone (:func:`utune.sets.build_sets`) and trains them together. Each step takes
+tasks' tuner sets on one backbone (:func:`utune.engine.sets.build_sets`) and trains them together. Each step takes
 one batch from every task's training loader (its own dataset, transform, batch size), concatenates them,
 runs what no task's tuners reach once on all the rows (for Res-Tuning-Bypass tasks: the whole frozen
 backbone), and each task's tuners and head on its own rows only (:meth:`TunerSets.forward_sets` with
@@ -137,7 +137,7 @@ def train_sets(
 ) -> dict[str, Any]:
     """Train every task of ``sources`` (name -> spec path, dict or Spec) together in ``out_dir``; returns
     the contents of ``out_dir/multitask.json``. See the module docstring."""
-    from utune.sets import build_sets
+    from utune.engine.sets import build_sets
     from utune.train import distributed as du
     from utune.train.checkpoint import has_checkpoint
     from utune.train.loop import _private_rng, freeze_batchnorm, seed_everything

@@ -35,7 +35,12 @@ from pydantic import (
 from pydantic.json_schema import SkipJsonSchema
 
 from utune._schema import Section
-from utune._yamlpos import (
+from utune.errors import OverrideError, SpecError
+from utune.graph.select import Selector
+from utune.graph.share import Share
+from utune.graph.trainable import TypeSelector
+from utune.spec.sections import DataConfig, TrainConfig
+from utune.spec.yamlpos import (
     Loc,
     Override,
     YamlSyntaxError,
@@ -45,11 +50,6 @@ from utune._yamlpos import (
     parse_yaml,
     written_loc,
 )
-from utune.config import DataConfig, TrainConfig
-from utune.errors import OverrideError, SpecError
-from utune.graph.select import Selector
-from utune.graph.share import Share
-from utune.graph.trainable import TypeSelector
 from utune.tuners.registry import get_kind, kinds
 
 SPEC_VERSION = 1
@@ -140,7 +140,7 @@ class ModelConfig(Section):
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        from utune._names import unknown_model
+        from utune.models.names import unknown_model
 
         found = unknown_model(name)
         if found is not None:

@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader
 
 from utune._fs import write_text_atomic
 from utune._signals import last_signal, stop_acknowledged, stop_requested
-from utune.config import TrainConfig
 from utune.errors import CheckpointError, DataError, DistributedError, TrainingInterrupted
+from utune.spec.sections import TrainConfig
 from utune.train import distributed as du
 from utune.train import fsdp
 from utune.train.checkpoint import (

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from utune.config import TrainConfig
 from utune.errors import UserInputError
+from utune.spec.sections import TrainConfig
 
 
 def trainable_named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
