@@ -159,8 +159,12 @@ def prefix_tokens(root: nn.Module) -> int:
 
 
 def patch_embedding(root: nn.Module) -> nn.Conv2d | None:
-    """The convolution that cuts the image into patches: timm's ``patch_embed.proj``, torchvision's ``conv_proj``."""
-    conv = getattr(getattr(root, "patch_embed", None), "proj", None) or getattr(root, "conv_proj", None)
+    """The convolution that cuts the image into patches: timm's ``patch_embed.proj``, torchvision's ``conv_proj``;
+    None for a hybrid ViT, whose ``proj`` reads a CNN's features, not image patches."""
+    embed = getattr(root, "patch_embed", None)
+    if embed is not None and getattr(embed, "backbone", None) is not None:
+        return None
+    conv = getattr(embed, "proj", None) if embed is not None else getattr(root, "conv_proj", None)
     return conv if isinstance(conv, nn.Conv2d) else None
 
 
@@ -220,8 +224,8 @@ class PromptKind(TunerKind):
         if conv is None:
             raise self.fail(
                 site,
-                "`init: vpt` sizes its bound from the patch embedding (patch_embed.proj or conv_proj), and this "
-                "model has none",
+                "`init: vpt` sizes its bound from the convolution that embeds image patches (patch_embed.proj "
+                "or conv_proj), and this model has none",
                 hint="use init: normal (with init_std) for this model",
             )
         fan_in = conv.weight[0].numel()  # in_chans * p * p (3 * 16 * 16 = 768 on ViT-B/16)
