@@ -173,6 +173,8 @@ OFFICIAL: dict[str, dict[str, dict[str, Any]]] = {
     "vpt_deep.yaml": {"prompt": {"init": "vpt", "dropout": 0.0}},
     "vpt_shallow.yaml": {"prompt": {"init": "vpt", "dropout": 0.0}},
     "ssf.yaml": {"ssf": {"init_std": 0.02}},
+    "glora.yaml": {"glora": {"rank": 4, "a_b": "lora", "c": "lora"}},  # X_u: Kaiming, not xavier (the header)
+    "fact_tk.yaml": {"fact": {"form": "tk", "rank": 32, "scale": 0.1, "dropout": 0.1}},  # the MLP slices (header)
 }
 
 
