@@ -233,3 +233,12 @@ def test_options_are_listed_as_runtime_only() -> None:
     assert kinds["prompt"]["dropout"]["runtime_only"] and kinds["prompt"]["init"]["runtime_only"]
     assert kinds["prompt"]["init"]["default"] == "normal"
     assert (kinds["prompt"]["init"]["schema"]) == {"type": "string", "enum": ["normal", "vpt"]}
+
+
+def test_every_vpt_spec_draws_vpts_init() -> None:
+    """U-Tuning Table 8 compares VPT across backbones: every VPT spec draws its prompts as VPT's code does."""
+    files = sorted((REPO / "specs").rglob("vpt_*.yaml"))
+    assert len(files) == 8
+    for f in files:
+        assert [r.options.init for r in load_spec(f).tuners] == ["vpt"], f
+        assert "init: vpt" in f.read_text().split("version: 1")[0], f"{f}: the header should say so"
