@@ -147,7 +147,7 @@ def test_ssf_reference_sites_fold_into_a_plain_model() -> None:
     """ssf.yaml's selector on test_vit: SSF's sites, and every gamma/beta folds (its `export.merge: true`)."""
     rule = load_spec(SPECS / "ssf.yaml").tuners[0]
     built = build(spec_with({"kind": "ssf", "at": rule.at.model_dump(), "init_std": 0.02}))
-    sites = built.report["tuners"][0]["sites"]
+    sites = list(built.report["tuners"][0]["sites"])
     per_block = ["norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"]
     assert sites == ["patch_embed.proj", *[f"blocks.{i}.{s}" for i in range(6) for s in per_block], "norm"]
     c, hidden = 64, built.base.blocks[0].mlp.fc1.out_features  # test_vit: C = 64, fc1 to 3C
