@@ -102,12 +102,14 @@ EXPECTED: dict[str, tuple[int, dict[str, int]]] = {
     "vit_b16_cifar100/ln_tune.yaml": (115_300, {}),
     "vit_b16_cifar100/adapter_plus.yaml": (242_884, {"adapter": 165_984}),
     "vit_b16_cifar100/vqt.yaml": (1_007_716, {"vqt": 1_007_716}),
+    "vit_b16_cifar100/ssf.yaml": (282_724, {"ssf": 205_824}),  # SSF's CIFAR-100 row: 0.28 M with the head
     "vit_b16_cifar100/noah_subnet.yaml": (
         397_230,
         {"prompt": 52_992, "lora_r10": 92_160, "lora_r5": 30_720, "lora_r1": 21_504}
         | {"adapter_d10": 96_828, "adapter_d5": 16_906, "adapter_d1": 9_220},
     ),
 }
+SSF_BLOCK_SITES = ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
 # The sites a rule attaches to, where the count alone would not show a wrong selection.
 SITES = {
     ("vit_b16_cifar100/utuning_1.yaml", "mha"): ["blocks.0.attn"],
@@ -115,6 +117,11 @@ SITES = {
     ("vit_b16_cifar100/vpt_shallow.yaml", "prompt"): ["blocks.0"],
     ("vit_b16_cifar100/difffit.yaml", "gamma"): [f"blocks.{i}.{b}" for i in range(6) for b in ("attn", "mlp")],
     ("vit_b16_cifar100/noah_subnet.yaml", "lora_r5"): ["blocks.2.attn.qkv", "blocks.3.attn.qkv"],
+    ("vit_b16_cifar100/ssf.yaml", "ssf"): [  # SSF's sites: the patch embedding, every norm and Linear of a block
+        "patch_embed.proj",
+        *(f"blocks.{i}.{p}" for i in range(12) for p in SSF_BLOCK_SITES),
+        "norm",
+    ],
     ("vit_b16_cifar100/fact_tt.yaml", "fact"): [
         f"blocks.{i}.{p}" for i in range(12) for p in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
     ],

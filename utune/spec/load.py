@@ -655,6 +655,12 @@ def spec_to_yaml(spec: Spec) -> str:
 # out of the hash while they hold these defaults, so a newer utune reuses an older one's finished runs
 # (``utune compare``, ``bench/transfer.py``) instead of training them again.
 HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {("train", "release_freed_memory"): False}
+# The same for options a kind gained later, (kind, option): the default, at which it builds what it built before.
+HASH_NEUTRAL_OPTIONS: dict[tuple[str, str], Any] = {
+    ("adapter", "dropout"): 0.0,
+    ("prompt", "dropout"): 0.0,
+    ("prompt", "init"): "normal",
+}
 
 
 def spec_hash(spec: Spec) -> str:
@@ -663,6 +669,10 @@ def spec_hash(spec: Spec) -> str:
     for (section, key), default in HASH_NEUTRAL_DEFAULTS.items():
         if data.get(section, {}).get(key, default) == default:
             data.get(section, {}).pop(key, None)
+    for rule in data.get("tuners", []):
+        for (kind, key), default in HASH_NEUTRAL_OPTIONS.items():
+            if rule.get("kind") == kind and rule.get(key, default) == default:
+                rule.pop(key, None)
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 

@@ -1,10 +1,12 @@
 """Bottleneck adapter: ``U(x) = s ⊙ W_up · act(W_down · x)``.
 
 Houlsby et al. 2019 (sequential on FFN), AdaptFormer (Chen et al. 2022, parallel on FFN, dim 64,
-scale 0.1), U-Tuning's P-Adapter (Jiang et al. 2023, parallel, per-channel scale), Adapter+ (Steitz & Roth
-2024, arXiv 2406.06820: sequential after the block, channel scale, ``init: houlsby``). Identity at init:
-``W_up`` starts at zero (``init: xavier`` gives the papers' code init instead, ``init: houlsby`` Houlsby's
-truncated N(0, 0.01) for both projections; neither is the identity).
+scale 0.1, dropout 0.1 on the bottleneck), U-Tuning's P-Adapter (Jiang et al. 2023, parallel, per-channel
+scale), Adapter+ (Steitz & Roth 2024, arXiv 2406.06820: sequential after the block, channel scale,
+``init: houlsby``). Identity at init: ``W_up`` starts at zero (``init: xavier`` gives the papers' code init
+instead, ``init: houlsby`` Houlsby's truncated N(0, 0.01) for both projections; neither is the identity).
+``dropout`` (training only) acts on the bottleneck, after the activation and before ``W_up``, as AdaptFormer's
+and NOAH's code do.
 On token tensors ``(B, N, C)`` it maps the last dim; on feature maps ``(B, C, H, W)`` it is a
 channel bottleneck of 1x1 convolutions. A parallel adapter beside a CNN stage that downsamples by an
 integer factor average-pools its input by that factor first (as ResNet-D's shortcut does); by another factor
@@ -34,7 +36,7 @@ from utune.tuners.registry import register
 
 
 class AdapterOptions(TunerOptions):
-    runtime_only: ClassVar[tuple[str, ...]] = ("drop_path",)  # training noise only: no weight depends on it
+    runtime_only: ClassVar[tuple[str, ...]] = ("drop_path", "dropout")  # training noise: no weight depends on it
 
     dim: int = Field(default=10, gt=0, description="bottleneck width L (10 in U-Tuning/Res-Tuning, 64 in AdaptFormer)")
     act: Literal["gelu", "quick_gelu", "relu", "silu", "identity"] = Field(
@@ -51,6 +53,12 @@ class AdapterOptions(TunerOptions):
         default="zero",
         description="zero: W_up = 0, identity at init; xavier: the papers' code init; houlsby: both projections "
         "~ N(0, 0.01) truncated at 2 std (Adapter+); the last two are not the identity",
+    )
+    dropout: float = Field(
+        default=0.0,
+        ge=0,
+        lt=1,
+        description="dropout on the bottleneck (after act, before W_up) in training (AdaptFormer, NOAH: 0.1)",
     )
     drop_path: float = Field(
         default=0.0, ge=0, lt=1, description="stochastic depth on the adapter's output in training (Adapter+: 0.1)"
@@ -70,6 +78,8 @@ class Adapter(nn.Module):
         self.grid = grid  # tokens (B, N, C) pooled on their sqrt(N) x sqrt(N) grid (a token-merging stage)
         self.down = nn.Linear(c_in, opts.dim)
         self.act = ACTIVATIONS[opts.act]()
+        # no module (and no op in the graph) at 0: specs without dropout build what they always built
+        self.dropout = nn.Dropout(opts.dropout) if opts.dropout > 0 else None
         self.up = nn.Linear(opts.dim, c_out)
         self.scale = Scale(opts.scale, c_out, c_in)
         self.drop_path = DropPath(opts.drop_path) if opts.drop_path > 0 else nn.Identity()
@@ -114,7 +124,10 @@ class Adapter(nn.Module):
             x = _pool(x.transpose(1, 2).unflatten(2, (self.grid, self.grid)), self.pool).flatten(2).transpose(1, 2)
         elif self.pool != 1:  # NCHW: pool H, W; NHWC: move channels first, pool, move back
             x = _pool(x, self.pool) if d == 1 else _pool(x.movedim(-1, 1), self.pool).movedim(1, -1)
-        y = self.drop_path(channel_linear(self.act(channel_linear(x, self.down, d)), self.up, d))
+        h = self.act(channel_linear(x, self.down, d))
+        if self.dropout is not None:
+            h = self.dropout(h)
+        y = self.drop_path(channel_linear(h, self.up, d))
         if self.scale.mode in ("none", "const"):
             return self.scale(y)
         last = y if d == -1 else y.movedim(d, -1)

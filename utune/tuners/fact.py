@@ -12,8 +12,15 @@ layer* (one tensor each for the whole rule: :mod:`utune.graph.share`) and a smal
 
 A layer's output gains ``s · V Σ U x`` per slice (dropout on the core's output in training, 0.1 in the
 official code); ``V`` starts at zero, so the model starts as the base. Mergeable: ``W += s · [V Σ_k U]``, the
-same shared ``U, V`` folding into every layer. The official FacT-TK code assigns core entries to the four fc
-slices through a reshape that mixes them; utune keeps the paper's slice-aligned Tucker form (same count).
+same shared ``U, V`` folding into every layer.
+
+FacT-TK differs from the official code (JieShibo/PETL-ViT, ``FacT/fact_tk.py``) in the MLP, deliberately:
+utune reads every slice's core the same way, ``Σ_k[x, y] = Σ_c C[x, y, c] P_k[c]`` with ``x`` on ``U``'s side
+and ``y`` on ``V``'s (the paper's slice-aligned Tucker form), as the official code does for q, k, v and o. The
+official fc1 and fc2 instead reshape their four slices' cores ``(r, r, 4)`` to ``(r, 4r)`` and read the
+flattened ``(y, slice)`` index as ``(slice', y')``, mixing core entries across slices; and fc2 reads its cores
+transposed, its first two modes swapped (``x`` on ``V``'s side, the mixed index on ``U``'s). Same parameter
+count, same function class, not the same function of equal tensors on fc1 and fc2 (attention agrees exactly).
 Any traceable model's Linear layers whose widths are multiples of one d share the factors (timm and
 torchvision ViTs; Swin or ConvNeXt stages of widths d, 2d, 4d... slice into d x d too); a layer whose width is
 not a multiple of d is refused, with the hint to give it its own rule.

@@ -11,6 +11,12 @@ the official forward). A layer without a bias gets no C, D, E (PEFT's choice; su
 to fold into). Mergeable: ``W += W ⊙ A + B``, ``b += b ⊙ D + E + W C``.
 
 Linear layers only (the paper, its code and PEFT define GLoRA on Linear layers).
+
+Deliberate differences from the official code (Arnav0400/ViT-Slim, ``GLoRA/layer.py``), none of them in the
+function of equal tensors: a lora path's ``X_u`` is Kaiming-uniform (``a = sqrt(5)``, LoRA's and PEFT's init)
+where the official supernet draws it xavier-uniform (both start the path at zero, ``X_d`` being zero, so only
+the scale of the first updates differs); and a layer without a bias gets no ``C``, ``D``, ``E``, where the
+official layer adds ``E + W C`` as its bias (PEFT's choice; ViT Linears all have biases).
 """
 
 from __future__ import annotations

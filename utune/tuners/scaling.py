@@ -141,6 +141,13 @@ class SsfKind(_ChannelKind):
     Options = SsfOptions
     summary = "y = gamma * OP(x) + beta; Lian et al. 2022 (SSF)"
 
+    @property
+    def identity_at_init(self) -> bool:  # type: ignore[override]
+        """Only ``init_std: 0`` starts as the base model (SSF's code draws N(1, 0.02), N(0, 0.02)); the
+        registry's probe has no rule: the default, 0."""
+        opts = getattr(self, "options", None)
+        return opts is None or opts.init_std == 0
+
 
 @register
 class Ia3Kind(_ChannelKind):
