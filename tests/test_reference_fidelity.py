@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tests.test_cli_user import ok, utune
-from utune.api import Built, build
+from utune.engine.build import Built, build
 from utune.export.merge import forward_eval, merged_state_dict, plain_model
 from utune.export.tuners_only import tuners_hash
 from utune.spec import load_spec, spec_hash, spec_to_dict
