@@ -30,8 +30,9 @@ TEST_WORKERS ?= 2
 test: lint
 	$(PY) -m pytest -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
+# the installed command (from a wheel too: `pip install utune && utune quickstart`); runs quickstart/run.py
 quickstart: $(STAMP)
-	$(PY) quickstart/run.py $(QUICKSTART_ARGS)
+	$(VENV)/bin/utune quickstart $(QUICKSTART_ARGS)
 
 # the README's tuner-kinds table, regenerated from the registry (tests/test_readme.py checks it)
 docs: $(STAMP)

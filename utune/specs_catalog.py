@@ -339,9 +339,9 @@ def _absolute_paths(text: str, base: Path) -> tuple[str, list[str]]:
         if not isinstance(value, str) or value.strip().lower() in ("true", "false") or Path(value).is_absolute():
             continue
         line = re.compile(rf"^(\s*{key}:\s*){re.escape(value)}(?=\s|$)", re.M)
-        if len(line.findall(text)) == 1:
-            absolute = str((base / value).resolve())
-            text = line.sub(lambda m, new=absolute: m.group(1) + new, text)
+        found = list(line.finditer(text))
+        if len(found) == 1:  # the one line that says it: replaced there, comments and layout kept
+            text = text[: found[0].end(1)] + str((base / value).resolve()) + text[found[0].end() :]
             done.append(f"{section}.{key}")
     return text, done
 

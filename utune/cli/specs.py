@@ -120,19 +120,25 @@ def quickstart(
     ] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="run folder (default: runs/quickstart-<time>)")] = None,
     threads: Annotated[int | None, typer.Option("--threads", help="torch threads (default 1; see the README)")] = None,
+    augment: Annotated[
+        str, typer.Option("--augment", help="the training transform: none (the specs'), timm or crop (see README)")
+    ] = "none",
     no_export: Annotated[bool, typer.Option("--no-export", help="skip the export step")] = False,
 ) -> None:
     """The quickstart, offline: six methods tune a small ViT that utune pre-trained on Fashion-MNIST to
     scikit-learn's digits, then evaluate and export (about 2 min on 2 cores); prints the results table."""
+    from utune.cli._common import check_choice
     from utune.errors import UtuneError
     from utune.specs_catalog import roots
 
+    check_choice("--augment", augment, ("none", "timm", "crop"))
     run = roots().quickstart / "run.py"
     if not run.is_file():
         raise UtuneError(f"the quickstart is missing from this installation ({run})", hint="reinstall utune")
     args = [*(["--smoke"] if smoke else []), *(["--no-export"] if no_export else [])]
     args += [*(["--methods", methods] if methods else []), *(["--out", str(out_dir)] if out_dir else [])]
-    args += [*(["--threads", str(threads)] if threads is not None else []), *(overrides or [])]
+    args += [*(["--threads", str(threads)] if threads is not None else []), "--augment", augment]
+    args += list(overrides or [])
     code = _run_quickstart(run, args)
     if code:
         raise typer.Exit(code)
