@@ -34,9 +34,11 @@ test: lint
 quickstart: $(STAMP)
 	$(VENV)/bin/utune quickstart $(QUICKSTART_ARGS)
 
-# the README's tuner-kinds table, regenerated from the registry (tests/test_readme.py checks it)
+# the README's tuner-kinds table, regenerated from the registry (tests/test_readme.py checks it), and the
+# built-in specs' counts (utune/_specs_index.json, a meta build of each spec: about a minute; tests/test_dist.py)
 docs: $(STAMP)
 	$(PY) -c "from utune.tuners.registry import update_readme; update_readme('README.md')"
+	$(PY) -m utune.specs_catalog
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

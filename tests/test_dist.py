@@ -162,7 +162,8 @@ def test_the_unpacked_wheel_reads_its_own_specs(unpacked: Path, tmp_path: Path) 
 
 
 def test_the_index_is_current_and_agrees_with_the_tested_counts() -> None:
-    assert specs_catalog.stale() == [], "a spec changed: rewrite the index with `python -m utune.specs_catalog`"
+    stale = specs_catalog.stale()
+    assert stale == [], f"{stale} changed: rewrite the index with `make docs` (python -m utune.specs_catalog)"
     index = json.loads(specs_catalog.INDEX.read_text())["specs"]
     for name, (trainable, _) in EXPECTED.items():  # tests/test_specs_reference.py builds each for real
         assert index[name.removesuffix(".yaml")]["trainable"] == trainable, name

@@ -11,8 +11,8 @@ spec is ``quickstart/pretrain``). A name also resolves from its last segments wh
 
 The trainable-parameter counts come from a build of each spec on the meta device (exact, no weights: about
 a second a spec, a minute for all); ``utune/_specs_index.json`` caches them keyed by each file's sha256
-(``python -m utune.specs_catalog`` rewrites it; ``tests/test_dist.py`` checks it is current). A spec whose
-hash is not in the index is built on the spot, so a listing is never stale.
+(``make docs`` or ``python -m utune.specs_catalog`` rewrites it; ``tests/test_dist.py`` checks it is
+current). A spec whose hash is not in the index is built on the spot, so a listing is never stale.
 """
 
 from __future__ import annotations

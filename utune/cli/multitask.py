@@ -28,17 +28,12 @@ def parse_tasks(args: list[str]) -> tuple[dict[str, Path], dict[str, list[str]]]
     own: list[tuple[str, str]] = []
     for a in args:
         name, _, path = a.partition("=")
-        if Path(a).is_file() or ("=" not in a and is_builtin_name(a)):
+        if Path(a).is_file() or "=" not in a:  # a file, else a built-in's name (an error names the closest)
             path = str(spec_file(a))
             name = Path(path).stem
         elif path and "." not in name and ":" not in name and not Path(path).is_file() and is_builtin_name(path):
             path = str(spec_file(path))  # NAME=BUILTIN (an override's key has a dot: section.key=value)
         elif not (path and Path(path).is_file()):
-            if "=" not in a:
-                raise UserInputError(
-                    f"spec file not found: {a} (nor a built-in spec of that name)",
-                    hint="utune multitask A.yaml B.yaml [key=value...]; `utune specs` lists the built-in specs",
-                )
             task, colon, override = a.partition(":")
             if colon and "=" not in task:
                 own.append((task, override))
