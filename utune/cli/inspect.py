@@ -24,7 +24,9 @@ def register(app: typer.Typer, spec_app: typer.Typer) -> None:
 
 
 def inspect(
-    model_or_spec: Annotated[str, typer.Argument(help="a timm name, torchvision:NAME, or a spec .yaml")],
+    model_or_spec: Annotated[
+        str, typer.Argument(help="a timm name, torchvision:NAME, a spec .yaml or a built-in spec's name")
+    ],
     grep: Annotated[str | None, typer.Option(help="only sites whose path matches this glob (or substring)")] = None,
     depth: Annotated[int | None, typer.Option(min=0, help="only sites at most N segments deep")] = None,
     spec: Annotated[
