@@ -35,13 +35,16 @@ test: lint
 test-fast: $(STAMP)
 	$(PY) -m pytest -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
+# the installed command (from a wheel too: `pip install utune && utune quickstart`); runs quickstart/run.py
 quickstart: $(STAMP)
-	$(PY) quickstart/run.py $(QUICKSTART_ARGS)
+	$(VENV)/bin/utune quickstart $(QUICKSTART_ARGS)
 
-# the README's tuner-kinds table and docs/cli.md, regenerated (tests/test_readme.py, tests/test_docs.py check them)
+# the README's tuner-kinds table (tests/test_readme.py), docs/cli.md (tests/test_docs.py), and the built-in
+# specs' counts (utune/_specs_index.json, a meta build of each spec: about a minute; tests/test_dist.py)
 docs: $(STAMP)
 	$(PY) -c "from utune.tuners.registry import update_readme; update_readme('README.md')"
 	$(PY) -m utune.cli.reference > docs/cli.md
+	$(PY) -m utune.runs.catalog
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -67,3 +67,15 @@ def check_choice(name: str, value: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise UserInputError(f"unknown {name} {value!r}", hint=f"use one of: {', '.join(allowed)}")
     return value
+
+
+def spec_file(arg: str | Path) -> Path:
+    """A spec argument: an existing file (it wins), else a built-in spec's name (``utune specs``); which one
+    was used is said on stderr when a built-in was involved. The one place the CLI resolves spec names."""
+    from utune.spec.catalog import resolve
+
+    resolved = resolve(arg)
+    line = resolved.describe()
+    if line:
+        out.note(line)
+    return resolved.path

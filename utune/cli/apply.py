@@ -19,6 +19,7 @@ from utune.cli._common import (
     check_choice,
     data_overrides,
     set_format,
+    spec_file,
     split_overrides,
 )
 from utune.cli._render import TrainProgress, print_report, print_summary
@@ -34,7 +35,7 @@ def register(app: typer.Typer) -> None:
 
 
 def apply(
-    spec: Annotated[Path, typer.Argument(help="the spec .yaml")],
+    spec: Annotated[str, typer.Argument(help="the spec .yaml, or a built-in spec's name (utune specs)")],
     overrides: Overrides = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="build and report, do not train (the default)")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="compare tuned and base outputs on a random batch")] = False,
@@ -60,12 +61,13 @@ def apply(
     for flag, given in (("--resume", resume), ("--out", out_dir is not None), ("--download", download)):
         if given and not train:
             raise UserInputError(f"{flag} needs --train", hint=f"utune apply {spec} --train {flag} ...")
+    path = spec_file(spec)
     if train:
-        _train(spec, ov, verify, out_dir, resume, tuners, download, fmt)
+        _train(path, ov, verify, out_dir, resume, tuners, download, fmt)
         return
     from utune.engine.build import build
 
-    built = _load_tuners(build(spec, ov, verify=verify), tuners, verify)
+    built = _load_tuners(build(path, ov, verify=verify), tuners, verify)
     for w in built.warnings:
         out.warn(w)
     if fmt == "json":

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from utune import _output as out
-from utune.cli._common import DataDir, Dataset, Format, data_overrides, set_format
+from utune.cli._common import DataDir, Dataset, Format, data_overrides, set_format, spec_file
 from utune.errors import UserInputError
 
 
@@ -71,7 +71,9 @@ def _split_args(args: list[str]) -> tuple[list[str], list[str]]:
 
 
 def compare_cmd(
-    specs: Annotated[list[str], typer.Argument(help="spec files (one per method), then key=value overrides for all")],
+    specs: Annotated[
+        list[str], typer.Argument(help="spec files or built-in names (one per method), then key=value overrides")
+    ],
     dataset: Dataset = None,
     data_dir: DataDir = None,
     seeds: Annotated[int, typer.Option("--seeds", help="final runs per method (seeds 0..N-1)")] = 3,
@@ -101,6 +103,7 @@ def compare_cmd(
     from utune.compare.table import COLUMNS, caption, rows
 
     files, ov = _split_args(specs)
+    files = [str(spec_file(f)) for f in files]  # a file here, else a built-in spec's name
     ov += data_overrides(dataset, data_dir)
     values = parse_grid(grid or [], lr_grid)
     if val_size <= 0:

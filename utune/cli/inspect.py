@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 
 from utune import _output as out
-from utune.cli._common import Format, set_format
+from utune.cli._common import Format, set_format, spec_file
 from utune.errors import UtuneError
 
 
@@ -24,16 +24,25 @@ def register(app: typer.Typer, spec_app: typer.Typer) -> None:
 
 
 def inspect(
-    model_or_spec: Annotated[str, typer.Argument(help="a timm name, torchvision:NAME, or a spec .yaml")],
+    model_or_spec: Annotated[
+        str, typer.Argument(help="a timm name, torchvision:NAME, a spec .yaml or a built-in spec's name")
+    ],
     grep: Annotated[str | None, typer.Option(help="only sites whose path matches this glob (or substring)")] = None,
     depth: Annotated[int | None, typer.Option(min=0, help="only sites at most N segments deep")] = None,
-    spec: Annotated[Path | None, typer.Option(help="show which rule of this spec matches each site")] = None,
+    spec: Annotated[
+        str | None, typer.Option(help="show which rule of this spec (a file or a built-in name) matches each site")
+    ] = None,
     all_ops: Annotated[bool, typer.Option("--all", help="include functional calls in table/tree")] = False,
     fmt: Format = "table",
 ) -> None:
     """List the sites of a model's graph: path, op, type, output shape, parameters. Needs no weights."""
     set_format(fmt, ("table", "tree", "json"))
-    if not model_or_spec.endswith((".yaml", ".yml")):
+    target = model_or_spec
+    from utune.spec.catalog import is_builtin_name
+
+    if model_or_spec.endswith((".yaml", ".yml")) or Path(model_or_spec).is_file() or is_builtin_name(model_or_spec):
+        target = str(spec_file(model_or_spec))
+    else:
         from utune.errors import ModelError
         from utune.models.names import unknown_model
 
@@ -41,7 +50,7 @@ def inspect(
             raise ModelError(*found)
     from utune.engine.build import inspect_with_rules
 
-    rows, rules = inspect_with_rules(model_or_spec, spec=spec, grep=grep, depth=depth)
+    rows, rules = inspect_with_rules(target, spec=spec_file(spec) if spec is not None else None, grep=grep, depth=depth)
     if fmt == "json":
         out.print_json(rows)
     else:
@@ -126,7 +135,7 @@ def _shown(value: Any) -> str:
 
 
 def spec_validate(
-    files: Annotated[list[Path], typer.Argument(help="spec files to check")],
+    files: Annotated[list[str], typer.Argument(help="spec files (or built-in spec names) to check")],
     model: Annotated[
         bool,
         typer.Option("--model", help="also build each spec's model (no weights) to check model names and selectors"),
@@ -139,11 +148,18 @@ def spec_validate(
     every rule's `at:` matches sites its kind can serve, and the `trainable:` globs (a dry run, no weights).
     """
     set_format(fmt)
+    from utune.errors import SpecError
     from utune.spec import validate_files
 
+    paths: list[Path] = []
+    for f in files:
+        try:
+            paths.append(spec_file(f))
+        except SpecError:  # neither a file nor a built-in: validate_files reports it with the others
+            paths.append(Path(f))
     results = []
     err: UtuneError | None
-    for path, err in validate_files(files):
+    for path, err in validate_files(paths):
         if err is None and model:
             err = _check_against_model(path)
         checked = "schema, kinds and options" + (", model, selectors and trainable globs" if model else "")
@@ -186,16 +202,26 @@ def spec_schema() -> None:
 
 
 def spec_show(
-    source: Annotated[Path, typer.Argument(help="a tuner file (.safetensors from export), or a run directory")],
+    source: Annotated[
+        Path, typer.Argument(help="a tuner file (.safetensors from export), a run directory, or a built-in spec's name")
+    ],
 ) -> None:
-    """Print the spec a tuner file or a training run carries (YAML, re-loadable with `utune apply`)."""
+    """Print the spec a tuner file or a training run carries (YAML, re-loadable with `utune apply`), or a
+    built-in spec (as `utune specs show NAME`)."""
     from utune.export.tuners_only import embedded_spec
 
+    if not source.exists() and not str(source).endswith(".safetensors"):
+        from utune.spec.catalog import matches
+
+        if matches(str(source)):
+            text = spec_file(str(source)).read_text(encoding="utf-8")
+            out.console().print(text, markup=False, highlight=False, soft_wrap=True, end="")
+            return
     out.console().print(embedded_spec(source), markup=False, highlight=False, soft_wrap=True, end="")
 
 
 def draw(
-    spec: Annotated[Path, typer.Argument(help="the spec .yaml")],
+    spec: Annotated[str, typer.Argument(help="the spec .yaml, or a built-in spec's name")],
     overrides: Annotated[list[str] | None, typer.Argument(help="key.path=value overrides")] = None,
     output: Annotated[Path, typer.Option("--output", "-o", help=".png, .svg or .pdf")] = Path("structure.png"),
 ) -> None:
@@ -204,7 +230,7 @@ def draw(
     from utune.export.draw import draw_structure
     from utune.spec import load_spec
 
-    loaded = load_spec(spec, list(overrides or []))
+    loaded = load_spec(spec_file(spec), list(overrides or []))
     built = build(loaded, ["model.pretrained=false"] if loaded.model.pretrained is True else [])
     out.info(f"wrote {draw_structure(built, output)}")
 

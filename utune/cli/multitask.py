@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from utune import _output as out
-from utune.cli._common import Format, set_format
+from utune.cli._common import Format, set_format, spec_file
 from utune.errors import UserInputError
 
 
@@ -21,16 +21,19 @@ def register(app: typer.Typer) -> None:
 def parse_tasks(args: list[str]) -> tuple[dict[str, Path], dict[str, list[str]]]:
     """``SPEC`` (named by its file stem) or ``NAME=SPEC`` per task, then ``key=value`` overrides for every
     task and ``NAME:key=value`` for one. Returns the tasks and each task's overrides."""
+    from utune.spec.catalog import is_builtin_name
+
     tasks: dict[str, Path] = {}
     common: list[str] = []
     own: list[tuple[str, str]] = []
     for a in args:
         name, _, path = a.partition("=")
-        if Path(a).is_file():
-            name, path = Path(a).stem, a
+        if Path(a).is_file() or "=" not in a:  # a file, else a built-in's name (an error names the closest)
+            path = str(spec_file(a))
+            name = Path(path).stem
+        elif path and "." not in name and ":" not in name and not Path(path).is_file() and is_builtin_name(path):
+            path = str(spec_file(path))  # NAME=BUILTIN (an override's key has a dot: section.key=value)
         elif not (path and Path(path).is_file()):
-            if "=" not in a:
-                raise UserInputError(f"spec file not found: {a}", hint="utune multitask A.yaml B.yaml [key=value...]")
             task, colon, override = a.partition(":")
             if colon and "=" not in task:
                 own.append((task, override))

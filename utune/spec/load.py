@@ -351,8 +351,12 @@ def load_spec(
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
+        builtin = _builtin(path)  # a built-in spec's name (utune.spec.catalog) where no such file exists
+        if builtin is not None:
+            return load_spec(builtin, overrides, trusted=trusted)
         raise SpecError(
-            f"spec file not found: {path}", hint="check the path (relative to the current folder)"
+            f"spec file not found: {path}",
+            hint="check the path (relative to the current folder); `utune specs` lists the built-in specs",
         ) from None
     except UnicodeDecodeError:
         raise SpecError(f"spec {path} is not a text file (not UTF-8)", hint="pass the spec's .yaml file") from None
@@ -361,6 +365,12 @@ def load_spec(
             f"cannot read spec {path}: {exc.strerror or exc}", hint="check the file's permissions"
         ) from None
     return load_spec_text(text, str(path), overrides, path=path, trusted=trusted is not False)
+
+
+def _builtin(path: Path) -> Path | None:
+    from utune.spec.catalog import find, is_builtin_name
+
+    return find(str(path)).path if is_builtin_name(str(path)) else None
 
 
 def load_spec_text(
