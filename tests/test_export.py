@@ -21,6 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+from utune import _fs as fs
 from utune.cli import app
 from utune.engine.build import build
 from utune.errors import CheckpointError, ExportError, UserInputError
@@ -32,7 +33,6 @@ from utune.export import (
     peft_adapter,
     tuner_state,
 )
-from utune.export import io as export_io
 from utune.export.merge import forward_eval, verify_merged
 from utune.graph.manifest import Tap
 from utune.runs import load_run
@@ -442,7 +442,7 @@ def test_full_disk_leaves_no_partial_file(
         os.write(fd, bytes(data[:10]))  # a partial write, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(export_io, "_write_all", full)
+    monkeypatch.setattr(fs, "_write_all", full)  # the one atomic writer (utune._fs) every export goes through
     out = tmp_path / "t.safetensors"
     with pytest.raises(ExportError, match="no space left"):
         export_tuners(trained["built"], out)

@@ -1,5 +1,9 @@
 """Files utune writes: atomic replacement, folders that follow the umask, and one error for a failed write.
 
+This is the one file-safety module: every file utune writes (checkpoint pointers, metrics, run specs and
+summaries, exports, run names) goes through :func:`atomic_write` (a temp file beside the target, fsynced,
+one ``os.replace``, the folder fsynced), or, for folders, a temp folder and one rename.
+
 A failed write (full disk, no permission, a file where a folder should be) becomes a
 :class:`~utune.errors.StorageError` naming the path and the fix, raised only after the partial file is
 removed; what stood under the name before is untouched.
@@ -11,6 +15,7 @@ import errno
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from utune.errors import StorageError, UtuneError
@@ -79,35 +84,60 @@ def temp_dir(parent: Path, prefix: str) -> Path:
     return tmp
 
 
-def fsync_path(path: Path) -> None:
-    """fsync a file or folder (folders: where the file system allows it)."""
+def fsync_path(path: Path, *, strict: bool = False) -> None:
+    """fsync a file or folder. Not ``strict``: a file system that cannot open or sync a folder is let be (the
+    rename is atomic all the same); ``strict``: a failure is raised (a checkpoint's files must be on disk)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
+        if strict:
+            raise
         return
     try:
         os.fsync(fd)
     except OSError:
-        pass
+        if strict:
+            raise
     finally:
         os.close(fd)
 
 
-def write_text_atomic(path: Path, text: str, *, what: str = "file") -> None:
-    """Write ``text`` to ``path`` through a temp file and one rename; StorageError (temp removed) on failure."""
+_CHUNK = 64 << 20  # write in 64 MiB pieces: a short write or ENOSPC surfaces at a clear point
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view[:_CHUNK]) :]
+
+
+def atomic_write(
+    path: Path, data: bytes, *, what: str = "file", on_error: Callable[[OSError], BaseException] | None = None
+) -> None:
+    """Write ``data`` to ``path`` through ``.<name>.tmp-<pid>`` beside it (fsynced), one ``os.replace``, then
+    an fsync of the folder. A failure removes the temp file and leaves what stood under the name untouched;
+    an OSError becomes ``on_error(e)`` (default: a StorageError naming ``what`` and the path)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the umask decides the mode
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise storage_error(e, path, what=what) from None
-    except BaseException:
+        raise (on_error(e) if on_error is not None else storage_error(e, path, what=what)) from None
+    except BaseException:  # a signal (KeyboardInterrupt): the temp file goes too
         tmp.unlink(missing_ok=True)
         raise
+    fsync_path(path.parent)
+
+
+def write_text_atomic(path: Path, text: str, *, what: str = "file") -> None:
+    """Write ``text`` (UTF-8) atomically: :func:`atomic_write`."""
+    atomic_write(path, text.encode("utf-8"), what=what)
 
 
 def remove_tree(path: Path) -> None:

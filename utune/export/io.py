@@ -18,10 +18,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as st_save
 
-from utune._fs import describe, temp_dir
+from utune._fs import atomic_write, describe, fsync_path, temp_dir
 from utune.errors import CheckpointError, ExportError
-
-_CHUNK = 64 << 20  # write in 64 MiB pieces: a short write or ENOSPC surfaces at a clear point
 
 
 def check_target(path: Path, force: bool) -> None:
@@ -69,51 +67,18 @@ def _os_error(e: OSError, path: Path) -> ExportError:
     return ExportError(f"cannot write {path}: {describe(e)}", hint="check the folder's permissions and space")
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some filesystems do not allow opening folders; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view[:_CHUNK])
-        view = view[n:]
-
-
 def write_bytes_atomic(path: Path, data: bytes, *, force: bool = False) -> None:
     """Write ``data`` to ``path`` atomically; an existing file is replaced only with ``force``."""
     path = Path(path)
     check_target(path, force)
     if path.is_dir():
         raise ExportError(f"{path} is a folder, not a file", hint="choose a file name ending in .safetensors")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     created = _make_parents(path)
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # the umask decides the mode
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        _remove_empty(created)
-        raise _os_error(e, path) from None
-    except BaseException:  # a signal (KeyboardInterrupt): the temp file goes too
-        tmp.unlink(missing_ok=True)
+        atomic_write(path, data, on_error=lambda e: _os_error(e, path))
+    except BaseException:
         _remove_empty(created)
         raise
-    _fsync_dir(path.parent)
 
 
 def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
@@ -148,11 +113,7 @@ def publish_dir(path: Path, fill: Callable[[Path], None], *, force: bool = False
     try:
         fill(tmp)
         for f in tmp.iterdir():
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(f, strict=True)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
@@ -171,7 +132,7 @@ def publish_dir(path: Path, fill: Callable[[Path], None], *, force: bool = False
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def read_safetensors(path: Path, what: str = "tuner file") -> tuple[dict[str, torch.Tensor], dict[str, str]]:

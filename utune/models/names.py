@@ -44,14 +44,15 @@ def _from_registries() -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 def _write(path: Path, timm_names: tuple[str, ...], tv_names: tuple[str, ...]) -> None:
+    from utune._fs import write_text_atomic
+    from utune.errors import StorageError
+
     lines = [*timm_names, *(TORCHVISION_PREFIX + n for n in tv_names)]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text("\n".join(lines) + "\n")
-        os.replace(tmp, path)
-    except OSError:  # a read-only home: the registries are read again next time
-        tmp.unlink(missing_ok=True)
+        write_text_atomic(path, "\n".join(lines) + "\n", what="model-name cache")
+    except (OSError, StorageError):  # a read-only home: the registries are read again next time
+        pass
 
 
 @functools.lru_cache(maxsize=1)

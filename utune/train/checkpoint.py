@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from utune._fs import make_dir, storage_error, temp_dir
+from utune._fs import atomic_write, fsync_path, make_dir, storage_error, temp_dir
 from utune.errors import CheckpointError
 from utune.graph.rewrite import TUNER_ROOT
 
@@ -169,25 +169,12 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 
 
 def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_path(path, strict=True)
 
 
 def _write_pointer(ckpt_dir: Path, tag: str, target: str) -> None:
-    tmp = ckpt_dir / f".{tag}.txt.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w") as f:
-            f.write(target + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, ckpt_dir / f"{tag}.txt")
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_path(ckpt_dir)
+    """``latest.txt`` / ``best.txt`` replaced atomically; an OSError reaches save_checkpoint as it is."""
+    atomic_write(ckpt_dir / f"{tag}.txt", (target + "\n").encode(), on_error=lambda e: e)
 
 
 def _publish(tmp: Path, final: Path) -> None:

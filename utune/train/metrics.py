@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from utune._fs import make_dir, storage_error
+from utune._fs import make_dir, storage_error, write_text_atomic
 
 
 def _json_value(v: Any) -> Any:
@@ -33,17 +32,10 @@ class MetricsLog:
             # Rewriting from the checkpoint's records drops the lines an interrupted run wrote after
             # that checkpoint, so a resumed run's file reads like an uninterrupted one.
             make_dir(path.parent, "run folder")
-            tmp = path.with_name(path.name + ".tmp")
+            write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in self.records), what="metrics log")
             try:
-                with open(tmp, "w") as f:
-                    for r in self.records:
-                        f.write(json.dumps(r) + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
                 self._file = open(path, "a")  # noqa: SIM115 - kept open for the run; closed in close()
             except OSError as e:
-                tmp.unlink(missing_ok=True)
                 raise storage_error(e, path, what="metrics log") from None
 
     def write(self, record: Mapping[str, Any]) -> None:
