@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -132,8 +133,8 @@ def _train(
     try:
         summary = train_run(built, run_dir, resume, datasets=datasets, reporter=progress)
     except TrainingInterrupted as e:
-        if e.hint:
-            e.hint = e.hint.replace("SPEC", str(spec_path))
+        if e.hint:  # the command as typed: the user's overrides too, or pasting it is refused (check_resume_spec)
+            e.hint = e.hint.replace("SPEC", " ".join(shlex.quote(a) for a in [str(spec_path), *ov]))
         raise
     if os.environ.get("RANK", "0") != "0":
         return

@@ -36,6 +36,8 @@ def rows(doc: Mapping[str, Any]) -> list[list[str]]:
         acc = f"{_pct(r['acc_mean'])} ± {_pct(r['acc_ci95'])}" if r.get("acc_ci95") is not None else _pct(r["acc_mean"])
         if r.get("error"):
             acc += f" (some seeds failed: {r['error']})"
+        elif r.get("note"):
+            acc += f" ({r['note']})"
         mem = r.get("peak_tensor_bytes")
         table.append(
             [
