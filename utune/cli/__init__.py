@@ -24,6 +24,7 @@ from utune.cli import compare as _compare
 from utune.cli import export as _export
 from utune.cli import inspect as _inspect
 from utune.cli import multitask as _multitask
+from utune.cli import predict as _predict
 from utune.errors import UtuneError
 
 app = typer.Typer(
@@ -58,6 +59,7 @@ _apply.register(app)
 _export.register(app)
 _compare.register(app)
 _multitask.register(app)
+_predict.register(app)
 
 
 def _is_training(argv: list[str]) -> bool:
