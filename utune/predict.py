@@ -196,6 +196,7 @@ def predict(
     """
     if top_k < 1 or batch_size < 1:
         raise UserInputError("--top-k and --batch-size must be at least 1")
+    source_kind(Path(source))  # the cheap checks first: the source, then the images
     paths = collect_images(inputs)
     bad = images.check_images([str(p) for p in paths], cache_dir=None, key="")
     warnings = []

@@ -37,6 +37,7 @@ def _final_row(plan: Any) -> dict[str, Any]:
         "total_params": first.get("total_params"),
         "trainable_pct": first.get("trainable_pct"),
         "n_test": first.get("n"),
+        "split": first.get("split", "test"),  # val where the data has no test split
         "n_train": first.get("n_train"),
         "seeds": [
             {"seed": r["task"]["seed"], "acc": r["acc"], "loss": r["loss"], "run_dir": r["task"]["run_dir"]}

@@ -39,9 +39,10 @@ class UnreadableImageError(DataError):
     as ``UnreadableImageError(<worker traceback text>)``: the original one-line message is recovered."""
 
     def __init__(self, message: str, hint: str | None = None) -> None:
-        if "Original Traceback" in message:  # torch's ExceptionWrapper.reraise: keep the original last line
-            last = message.strip().splitlines()[-1]
-            message = last.split(": ", 1)[1] if ": " in last else last
+        if "Original Traceback" in message:  # torch's ExceptionWrapper.reraise: keep the original message
+            marker = f"{type(self).__name__}: "
+            found = [line.split(marker, 1)[1] for line in message.splitlines() if marker in line]
+            message = found[-1] if found else message.strip().splitlines()[-1]
         super().__init__(message, hint or _HINT)
 
 
