@@ -315,3 +315,12 @@ def test_the_resume_hint_repeats_the_overrides_and_pasting_it_resumes(tmp_path: 
     assert hint == "utune apply spec.yaml " + " ".join(args) + " --train --out run --resume"
     r = ok(utune(*hint.split()[1:], "--format", "json", cwd=tmp_path))
     assert r.json()["summary"]["step"] == 40  # type: ignore[index]
+
+
+def test_the_confusion_picture_stays_readable_at_100_classes(tmp_path: Path) -> None:
+    from utune.draw import confusion_png
+
+    counts = (np.eye(100, dtype=int) * 30 + 1).tolist()
+    confusion_png(counts, [f"class_{i}" for i in range(100)], tmp_path / "c.png", title="100 classes")
+    with Image.open(tmp_path / "c.png") as picture:
+        assert min(picture.size) > 3000  # ~37 px per class: every name printed at a legible size
