@@ -9,6 +9,7 @@ tuned model's argmax computed here in Python, for a run, a tuner file and a merg
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import struct
@@ -200,7 +201,9 @@ def test_predict_agrees_with_the_models_argmax_for_a_run_a_tuner_file_and_a_merg
     plain = timm.create_model(f"local-dir:{work / 'merged'}", pretrained=True)
     merged = _python_argmax(plain, create_transform(**resolve_model_data_config(plain)), images)
     assert from_file == expected and merged == expected
-    for source in ([str(run)], ["tuners.safetensors", "--spec", str(run / "spec.yaml")], ["merged"]):
+    ok(utune("export", str(run), "--tuners-only", "--folder", "-o", "tuner_folder", cwd=work))
+    sources = [[str(run)], ["tuners.safetensors", "--spec", str(run / "spec.yaml")], ["merged"], ["tuner_folder"]]
+    for source in sources:
         doc = ok(utune("predict", *source, "photos", "--skip-bad-images", "--format", "json", cwd=work)).json()
         got = [p["top"][0]["index"] for p in doc["predictions"] if "broken" not in p["path"]]
         assert got == expected, source
@@ -324,3 +327,43 @@ def test_the_confusion_picture_stays_readable_at_100_classes(tmp_path: Path) -> 
     confusion_png(counts, [f"class_{i}" for i in range(100)], tmp_path / "c.png", title="100 classes")
     with Image.open(tmp_path / "c.png") as picture:
         assert min(picture.size) > 3000  # ~37 px per class: every name printed at a legible size
+
+
+def test_csv_labels_as_integers_with_a_split_column_and_its_mistakes(tmp_path: Path) -> None:
+    from utune.config import DataConfig
+    from utune.data import available_splits, open_datasets
+    from utune.errors import DataError
+
+    paths = write_photos(tmp_path / "img", per_class=4)
+    rows = [f"{p.relative_to(tmp_path).as_posix()},{CLASSES.index(p.parent.name)},{'val' if i % 4 == 0 else 'train'}"
+            for i, p in enumerate(paths)]  # fmt: skip
+    (tmp_path / "a.csv").write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    cfg = DataConfig(dataset="csv", root=str(tmp_path / "a.csv"))
+    opened = open_datasets(cfg, splits=("train", "val"))
+    assert opened.class_names == ["0", "1", "2"] and opened.classes == 3
+    assert (len(opened.datasets["train"]), len(opened.datasets["val"])) == (9, 3)
+    assert available_splits(cfg) == ("train", "val")
+    bad = {
+        "path,label\nimg/cat/0.png,0\nimg/dog/0.png,2\n": "class 1 has no image",
+        "file,label\nimg/cat/0.png,cat\n": "must name the columns path and label",
+        "path,label\nimg/cat/0.png,cat\nimg/nope.png,dog\n": "img/nope.png (line 3)",
+        "path,label\nimg/cat/0.png,cat\nimg/cat/1.jpg,cat\n": "a classifier needs two or more classes",
+        "path,label,split\nimg/cat/0.png,cat,train\nimg/dog/0.png,dog,holdout\n": "a.csv:3: unknown split 'holdout'",
+    }
+    for text, message in bad.items():
+        (tmp_path / "a.csv").write_text(text)
+        with pytest.raises(DataError, match=re.escape(message)):
+            open_datasets(cfg, splits=("train",))
+
+
+def test_a_flat_folder_carves_stratified_val_and_test(tmp_path: Path) -> None:
+    from utune.config import DataConfig
+    from utune.data import open_datasets, scored_split
+
+    write_photos(tmp_path / "flat", per_class=10)
+    cfg = DataConfig(dataset="imagefolder", root=str(tmp_path / "flat"), val_size=0.2, test_size=0.3)
+    opened = open_datasets(cfg, splits=("train", "val", "test"))
+    sizes = {s: len(d) for s, d in opened.datasets.items()}
+    assert sizes == {"train": 17, "val": 4, "test": 9}  # test first: 30 % of 30; val: 20 % of the other 21
+    assert sorted(opened.datasets["test"].targets) == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # stratified by class
+    assert scored_split(cfg, None) == ("test", None)

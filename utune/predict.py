@@ -76,7 +76,7 @@ def _from_tuners(source: Path, spec: Path | None, which: str, overrides: Sequenc
 
 
 def _from_tuner_folder(source: Path, spec: Path | None, which: str, overrides: Sequence[str]) -> Predictor:
-    found = _from_tuners(source / "tuners.safetensors", spec or source / "utune_spec.yaml", which, overrides)
+    found = _from_tuners(source / "tuners.safetensors", spec, which, overrides)  # the file carries the spec too
     found.kind = "tuner-folder"
     return found
 
