@@ -320,7 +320,7 @@ def eval_run(
     result = evaluate(
         built.model.to(device), loaders[split], device, amp=spec.train.amp, input_norm=norm, classes=classes
     )
-    names = spec.model.class_names or opened.class_names or [str(i) for i in range(classes)]
+    names = getattr(spec.model, "class_names", None) or opened.class_names or [str(i) for i in range(classes)]
     folder = resolve_checkpoint(run_dir, which)
     return {
         "run": str(run_dir),
