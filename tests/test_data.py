@@ -246,11 +246,12 @@ def test_imagefolder_with_grayscale_images_and_test_fallback(tmp_path: Path) -> 
 
 def test_imagefolder_val_class_missing_from_train(tmp_path: Path) -> None:
     _save_image(tmp_path / "f" / "train" / "ant" / "0.png", 0)
+    _save_image(tmp_path / "f" / "train" / "bee" / "0.png", 3)
     _save_image(tmp_path / "f" / "val" / "ant" / "0.png", 1)
     _save_image(tmp_path / "f" / "val" / "wasp" / "0.png", 2)
     with pytest.raises(DataError, match="'wasp'"):
         build_datasets(_cfg("imagefolder", tmp_path / "f"), DATA_CONFIG)
-    with pytest.raises(DataError, match=str(tmp_path / "g" / "train")):
+    with pytest.raises(DataError, match=f"not found: looked in {tmp_path / 'g'}"):
         num_classes(_cfg("imagefolder", tmp_path / "g"))
 
 

@@ -38,7 +38,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data and training", ("utune.data", "utune.data.*", "utune.train", "utune.train.*")),
     ("tuned model and export", ("utune.engine.tuned_ops", "utune.engine.tuned", "utune.export", "utune.export.*")),
     ("build", ("utune.engine.build", "utune.engine.sets")),
-    ("workflows", ("utune.runs", "utune.runs.*", "utune.compare", "utune.compare.*")),
+    ("workflows", ("utune.runs", "utune.runs.*", "utune.compare", "utune.compare.*")),  # train, eval, predict
     ("facade", ("utune",)),  # utune.build, utune.load_spec...: imports lazily on call
     ("cli", ("utune.cli", "utune.cli.*", "utune.__main__")),
 ]

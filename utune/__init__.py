@@ -8,6 +8,7 @@ The Python API the CLI is built on::
     feats = built.model.forward_features(x)  # timm models: the tuned features (utune.engine.tuned.TunedModel)
     rows = utune.inspect("vit_base_patch16_224")
     sets = utune.build_sets({"cifar": "a.yaml", "pets": "pets.safetensors"})  # one backbone, named tuners
+    result = utune.predict("runs/spec-20261207-120000", ["photos/"])  # top-5 labels per image
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from utune.engine.sets import TunerSets
     from utune.spec import Spec
 
-__all__ = ["__version__", "build", "build_sets", "inspect", "load_spec"]
+__all__ = ["__version__", "build", "build_sets", "inspect", "load_spec", "predict"]
 
 
 def load_spec(source: Any, overrides: list[str] | tuple[str, ...] = ()) -> Spec:
@@ -46,3 +47,10 @@ def build_sets(sources: Any) -> TunerSets:
     from utune.engine.sets import build_sets as _build_sets
 
     return _build_sets(sources)
+
+
+def predict(source: Any, images: Any, **kwargs: Any) -> dict[str, Any]:
+    """Label image files with a run, a tuner file (``spec=``) or an export folder: see :mod:`utune.runs.predict`."""
+    from utune.runs.predict import predict as _predict
+
+    return _predict(source, images, **kwargs)

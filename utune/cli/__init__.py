@@ -24,8 +24,9 @@ from utune.cli import compare as _compare
 from utune.cli import export as _export
 from utune.cli import inspect as _inspect
 from utune.cli import multitask as _multitask
+from utune.cli import predict as _predict
 from utune.cli import specs as _specs
-from utune.errors import Interrupted, UtuneError
+from utune.errors import UtuneError
 
 app = typer.Typer(
     help="Config-driven model surgery for parameter-efficient transfer learning (U-Tuning).",
@@ -60,16 +61,33 @@ _export.register(app)
 _compare.register(app)
 _multitask.register(app)
 _specs.register(app)
+_predict.register(app)
 
 
 def _is_training(argv: list[str]) -> bool:
     return bool(argv) and ((argv[0] == "apply" and "--train" in argv) or argv[0] == "compare")
 
 
-def _interrupted(code: int) -> int:
-    name = signal.Signals(code - 128).name if 128 < code < 160 else "interrupt"
-    out.error(f"interrupted ({name}); nothing was left half-written")
+def _wants_json(args: list[str]) -> bool:
+    """``--format json`` (or ``-f json``, ``--format=json``) anywhere on the line: errors come as JSON too."""
+    pairs = zip(args, [*args[1:], ""], strict=True)
+    return any(
+        (a in ("--format", "-f") and b == "json") or a in ("--format=json", "-fjson", "-f=json") for a, b in pairs
+    )
+
+
+def _failed(message: str, hint: str | None, code: int, as_json: bool) -> int:
+    """The one rendering point of a failure: the message (and hint) on stderr; with ``--format json`` also
+    one JSON document on stdout (``error``, ``hint``, ``exit_code``), so a script always parses stdout."""
+    out.error(message, hint)
+    if as_json or out.json_mode():
+        out.print_json({"error": message, "hint": hint, "exit_code": code})
     return code
+
+
+def _interrupted(code: int, as_json: bool = False) -> int:
+    name = signal.Signals(code - 128).name if 128 < code < 160 else "interrupt"
+    return _failed(f"interrupted ({name}); nothing was left half-written", None, code, as_json)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,36 +101,34 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run(args: list[str], debug: bool) -> int:
     out.set_json(False)  # each command starts as a table command; --format json switches it on
+    as_json = _wants_json(args)
     try:
         code = app(args=args, prog_name="utune", standalone_mode=False)
     except typer.Abort:
-        return _interrupted(128 + (_signals.last_signal() or signal.SIGINT))
-    except Interrupted as e:
+        return _interrupted(128 + (_signals.last_signal() or signal.SIGINT), as_json)
+    except UtuneError as e:  # Interrupted included
         if debug:
             raise
-        out.error(e.message, e.hint)
-        return e.exit_code
-    except UtuneError as e:
-        if debug:
-            raise
-        out.error(e.message, e.hint)
-        return e.exit_code
+        return _failed(e.message, e.hint, e.exit_code, as_json)
     except typer.Exit as e:  # raised by Typer outside a command (e.g. --version)
         return e.exit_code
     except Exception as e:
-        return _click_or_bug(e, debug)
+        return _click_or_bug(e, debug, as_json)
     if isinstance(code, int) and code != 0:
         if code == 130 and _signals.last_signal() is not None:  # Typer turned a KeyboardInterrupt into 130
-            return _interrupted(128 + _signals.last_signal())  # type: ignore[operator]
+            return _interrupted(128 + _signals.last_signal(), as_json)  # type: ignore[operator]
         return code
     return 0
 
 
-def _click_or_bug(e: Exception, debug: bool) -> int:
+def _click_or_bug(e: Exception, debug: bool, as_json: bool) -> int:
     if isinstance(e, typer.TyperException) and hasattr(e, "show"):  # a command-line mistake: usage, exit 2
         e.show()
-        return int(getattr(e, "exit_code", 2))
+        code = int(getattr(e, "exit_code", 2))
+        if as_json:
+            out.print_json({"error": e.format_message(), "hint": "see --help", "exit_code": code})
+        return code
     if debug:
         raise e
-    out.error(f"internal error: {type(e).__name__}: {e}", "rerun with UTUNE_DEBUG=1 and report the traceback")
-    return 1
+    hint = "rerun with UTUNE_DEBUG=1 and report the traceback"
+    return _failed(f"internal error: {type(e).__name__}: {e}", hint, 1, as_json)

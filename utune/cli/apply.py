@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -122,8 +123,8 @@ def _train(
             on_built=show,
         )
     except TrainingInterrupted as e:
-        if e.hint:
-            e.hint = e.hint.replace("SPEC", str(spec_path))
+        if e.hint:  # the command as typed: the user's overrides too, or pasting it is refused (check_resume_spec)
+            e.hint = e.hint.replace("SPEC", " ".join(shlex.quote(a) for a in [str(spec_path), *ov]))
         raise
     if os.environ.get("RANK", "0") != "0":
         return
@@ -138,19 +139,28 @@ def _train(
 def eval_cmd(
     run: Annotated[str | None, typer.Argument(help="a run directory (default: the latest run under runs/)")] = None,
     overrides: Overrides = None,
-    split: Annotated[str, typer.Option(help="train | val | test (every image, evaluation transform)")] = "test",
+    split: Annotated[
+        str | None,
+        typer.Option(help="train | val | test (every image, evaluation transform); default: test, else val"),
+    ] = None,
     checkpoint: Checkpoint = "latest",
     dataset: Dataset = None,
     data_dir: DataDir = None,
     download: Download = False,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="also draw the confusion matrix into this .png")
+    ] = None,
     fmt: Format = "table",
 ) -> None:
-    """Evaluate a trained run's checkpoint (accuracy and loss on every image of a split)."""
+    """Evaluate a trained run's checkpoint: top-1 and top-5 accuracy, loss, per-class accuracy and the
+    confusion matrix, on every image of a split."""
     set_format(fmt)
     from utune.runs import RUNS, eval_run, latest_run
 
     run, ov = split_overrides(run, overrides)
     check_choice("--checkpoint", checkpoint, ("latest", "best"))
+    if output is not None and output.suffix.lower() != ".png":
+        raise UserInputError(f"-o {output}: the confusion matrix is drawn as a .png", hint="-o confusion.png")
     if run is None:
         run_path = latest_run(RUNS)
         out.note(f"using the latest run: {run_path}")
@@ -158,10 +168,39 @@ def eval_cmd(
         run_path = Path(run)
     ov += data_overrides(None, data_dir)
     result = eval_run(run_path, dataset, split, which=checkpoint, overrides=ov, download=download)
+    for w in result["warnings"]:
+        out.warn(w)
+    if result["note"]:
+        out.note(result["note"])
+    if output is not None:
+        from utune.export.draw import confusion_png
+
+        confusion_png(result["confusion"], result["class_names"], output, title=_eval_title(result))
+        result["confusion_png"] = str(output)
     if fmt == "json":
         out.print_json(result)
-    else:
-        out.info(
-            f"{split} accuracy: {100 * result['acc']:.2f}% on {result['n']} images (loss {result['loss']:.4f}); "
-            f"{result['run']}, {Path(result['checkpoint']).name}"
-        )
+        return
+    print_eval(result)
+    if output is not None:
+        out.info(f"confusion matrix: {output}")
+
+
+def _eval_title(result: dict) -> str:
+    return f"{result['dataset']} {result['split']}: top-1 {100 * result['acc']:.2f}% on {result['n']} images"
+
+
+def print_eval(result: dict) -> None:
+    """Per-class accuracy (the worst first when there are many classes), then the one-line summary."""
+    rows = sorted(result["per_class"], key=lambda r: (r["acc"] is None, r["acc"] if r["acc"] is not None else 0))
+    shown = rows if len(rows) <= 20 else rows[:10]
+    title = "per-class accuracy" + ("" if len(rows) <= 20 else f" (the 10 lowest of {len(rows)}; all in --format json)")
+    out.table(
+        title,
+        ["class", "images", "accuracy"],
+        [[r["name"], r["n"], "-" if r["acc"] is None else f"{100 * r['acc']:.2f}%"] for r in shown],
+        justify={"images": "right", "accuracy": "right"},
+    )
+    out.info(
+        f"{result['split']} accuracy: top-1 {100 * result['acc']:.2f}%, top-5 {100 * result['top5']:.2f}% on "
+        f"{result['n']} images (loss {result['loss']:.4f}); {result['run']}, {Path(result['checkpoint']).name}"
+    )

@@ -70,7 +70,7 @@ def execute(task: RunTask) -> dict[str, Any]:
 
 def _train_and_score(task: RunTask) -> dict[str, Any]:
     from utune._fs import write_text_atomic
-    from utune.data import open_datasets
+    from utune.data import open_datasets, scored_split
     from utune.engine.build import build
     from utune.runs import check_classes, check_resume_spec, train_run
     from utune.spec import load_spec, spec_hash
@@ -82,7 +82,9 @@ def _train_and_score(task: RunTask) -> dict[str, Any]:
     if done is not None:
         return {**done, "reused": True}
     run_dir = Path(task.run_dir)
-    opened = open_datasets(spec.data, splits=("train", task.split))  # the test split only for final runs
+    # final runs score test, or val (named so) where the data has no test split (a folder without test/)
+    split = task.split if task.split != "test" else scored_split(spec.data, None)[0]
+    opened = open_datasets(spec.data, splits=("train", split))  # the test split only for final runs
     if spec.model.num_classes is None:
         spec = load_spec(spec, [f"model.num_classes={opened.classes}"])
     resume = has_checkpoint(run_dir / "checkpoints")
@@ -92,10 +94,10 @@ def _train_and_score(task: RunTask) -> dict[str, Any]:
     check_classes(built, opened.classes, spec.data.dataset)
     datasets = opened.attach(built.data_config, device_normalize=True)  # train_run normalises on the device
     summary = train_run(built, run_dir, resume, datasets={"train": datasets["train"]})
-    scored = score(built, datasets[task.split])
+    scored = score(built, datasets[split])
     result = {
         "spec_hash": digest,
-        "split": task.split,
+        "split": split,
         "acc": scored["acc"],
         "loss": scored["loss"],
         "n": scored["n"],

@@ -26,12 +26,25 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> dict[str, float | i
     return {"n": n, "mean": mean, "sd": sd, "ci": t * sd / math.sqrt(n), "t": t}
 
 
+def agree(values: Sequence[float]) -> bool:
+    """The seeds agree: every value is the same up to float rounding (no spread to test)."""
+    return len(values) > 0 and max(values) - min(values) <= 1e-9 * max(1.0, abs(max(values)))
+
+
 def welch(a: Sequence[float], b: Sequence[float]) -> float | None:
-    """Two-sided p-value of Welch's t-test of equal means (None when either side has < 2 values or no spread)."""
+    """Two-sided p-value of Welch's t-test of equal means (None when either side has < 2 values).
+
+    Computed here rather than by ``scipy.stats.ttest_ind``: when one side's seeds agree (all equal up to
+    rounding) scipy warns of catastrophic cancellation; such a side is taken as exact (variance 0)."""
     if len(a) < 2 or len(b) < 2:
         return None
-    from scipy.stats import ttest_ind
+    from scipy.stats import t
 
-    if len(set(a)) == 1 and len(set(b)) == 1:
-        return 1.0 if a[0] == b[0] else 0.0
-    return float(ttest_ind(a, b, equal_var=False).pvalue)
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    va = 0.0 if agree(a) else sum((v - ma) ** 2 for v in a) / (len(a) - 1)
+    vb = 0.0 if agree(b) else sum((v - mb) ** 2 for v in b) / (len(b) - 1)
+    se2 = va / len(a) + vb / len(b)
+    if se2 == 0.0:  # both sides agree: the means are equal or they are not
+        return 1.0 if abs(ma - mb) <= 1e-9 * max(1.0, abs(ma)) else 0.0
+    df = se2**2 / ((va / len(a)) ** 2 / (len(a) - 1) + (vb / len(b)) ** 2 / (len(b) - 1))
+    return float(2 * t.sf(abs(ma - mb) / math.sqrt(se2), df))

@@ -10,9 +10,16 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .stats import mean_ci, welch
+from .stats import agree, mean_ci, t_quantile, welch
 
-CI_NOTE = "95 % CI of the mean over seeds: Student-t with n-1 degrees of freedom (n = 3: t = 4.303)"
+
+def ci_note(rows: list[dict[str, Any]]) -> str:
+    """How the intervals were made, with the seed counts and t values these rows actually used."""
+    counts = sorted({len(r.get("acc") or []) for r in rows} - {0, 1})
+    text = "95 % CI of the mean over seeds: Student-t with n-1 degrees of freedom"
+    if not counts:
+        return text + " (no interval: fewer than two seeds)"
+    return text + " (" + "; ".join(f"n = {n}: t = {t_quantile(n - 1):.3f}" for n in counts) + ")"
 
 
 def _final_row(plan: Any) -> dict[str, Any]:
@@ -30,6 +37,7 @@ def _final_row(plan: Any) -> dict[str, Any]:
         "total_params": first.get("total_params"),
         "trainable_pct": first.get("trainable_pct"),
         "n_test": first.get("n"),
+        "split": first.get("split", "test"),  # val where the data has no test split
         "n_train": first.get("n_train"),
         "seeds": [
             {"seed": r["task"]["seed"], "acc": r["acc"], "loss": r["loss"], "run_dir": r["task"]["run_dir"]}
@@ -39,6 +47,7 @@ def _final_row(plan: Any) -> dict[str, Any]:
         "acc_mean": stats["mean"],
         "acc_sd": stats["sd"],
         "acc_ci95": stats["ci"],
+        "note": "the seeds agree (every seed scored the same)" if len(accs) > 1 and agree(accs) else None,
         "step_time_s": statistics.median(steps) if steps else None,
         "peak_tensor_bytes": memory,
         "max_rss_bytes": max((r.get("max_rss_bytes") or 0 for r in good), default=None) or None,
@@ -111,7 +120,7 @@ def summarise(plans: list[Any], out: Path, settings: Mapping[str, Any], wall_s: 
         "utune_compare": 1,
         "dataset": dataset,
         "settings": dict(settings),
-        "ci": CI_NOTE,
+        "ci": ci_note(rows),
         "memory": "peak live tensor bytes over two training steps (parameters, saved activations, gradients, "
         "optimizer state), measured by utune.compare.memory; max_rss_bytes is the process's peak RSS",
         "reference": ref,

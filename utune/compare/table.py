@@ -36,6 +36,8 @@ def rows(doc: Mapping[str, Any]) -> list[list[str]]:
         acc = f"{_pct(r['acc_mean'])} ± {_pct(r['acc_ci95'])}" if r.get("acc_ci95") is not None else _pct(r["acc_mean"])
         if r.get("error"):
             acc += f" (some seeds failed: {r['error']})"
+        elif r.get("note"):
+            acc += f" ({r['note']})"
         mem = r.get("peak_tensor_bytes")
         table.append(
             [
@@ -52,8 +54,11 @@ def rows(doc: Mapping[str, Any]) -> list[list[str]]:
 
 
 def caption(doc: Mapping[str, Any]) -> str:
+    splits = sorted({r.get("split") or "test" for r in doc["methods"] if r.get("acc_mean") is not None}) or ["test"]
+    note = "" if splits == ["test"] else " (the data has no test split: scored on its val split)"
     return (
-        f"{doc['dataset']}: test accuracy (%) of the final checkpoint, mean ± 95 % CI over seeds (Student-t); "
+        f"{doc['dataset']}: {'/'.join(splits)} accuracy (%){note} of the final checkpoint, mean ± 95 % CI over "
+        "seeds (Student-t); "
         f"hyper-parameters chosen on a validation split carved from the training data; step time and peak "
         f"tensor memory relative to {doc['reference']}"
     )

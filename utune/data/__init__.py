@@ -24,6 +24,9 @@ stanford_dogs       (see :mod:`~utune.data.datasets.fgvc`)
 vtab-<task>         ``<task>/{train800val200,train800,val200,test}.txt`` with   train (= 800+200),
                     ``relative/path.jpg label`` lines (NOAH/SSF vtab-1k)       train800, val, test
 imagefolder         ``train/<class>/*``, ``val/<class>/*`` [, ``test/<class>/*``]  train, val, test
+                    or flat ``<class>/*`` (val, test carved: ``val_size``)     (docs/data.md)
+csv                 a ``path,label[,split]`` file (``data.root``), paths        train, val, test
+                    relative to it; labels are names or integers
 digits              none: scikit-learn's bundled 8×8 digits (1,437 / 360)      train, val, test = val
 fashion-mnist       ``FashionMNIST/raw/*-ubyte[.gz]``, the files in the root,    train, test,
                     or Debian's ``/usr/share/datasets/fashion-mnist/``         val = test
@@ -41,7 +44,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +54,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from utune._signals import ignore_sigint_in_worker
 from utune.data import derive
+from utune.data.datasets import _images as images
 from utune.data.datasets._common import Source, data_base, resolve_root
 from utune.data.datasets.registry import ENTRIES, TRAIN_SPLITS, Entry, lookup, names
 from utune.data.datasets.transforms import InputNorm, build_transform
@@ -68,6 +72,8 @@ __all__ = [
     "dataset_root",
     "num_classes",
     "open_datasets",
+    "scored_split",
+    "available_splits",
 ]
 
 
@@ -116,6 +122,8 @@ class OpenedData:
     datasets: dict[str, Dataset]
     transforms: dict[str, DeferredTransform]
     classes: int
+    class_names: list[str] | None = None  # the names of the classes 0..classes-1, when the dataset has them
+    warnings: list[str] = field(default_factory=list)  # e.g. the unreadable images left out
 
     def attach(
         self, data_config: Mapping[str, Any], *, augment_training: bool = True, device_normalize: bool = False
@@ -137,7 +145,10 @@ class OpenedData:
 
 def open_datasets(cfg: DataConfig, *, splits: Iterable[str] = ("train", "val"), download: bool = False) -> OpenedData:
     """Find and open ``splits`` of ``cfg.dataset`` (one DataError naming the problem when they are not
-    there, damaged or unknown); their transforms are set later with :meth:`OpenedData.attach`."""
+    there, damaged or unknown); their transforms are set later with :meth:`OpenedData.attach`.
+
+    Image files are checked first (:func:`~utune.data.datasets._images.check_images`): unreadable ones
+    stop here with their names, or are left out with one warning when ``data.skip_bad_images``."""
     entry = lookup(cfg.dataset)
     if download and not entry.downloadable:
         raise DataError(
@@ -154,17 +165,102 @@ def open_datasets(cfg: DataConfig, *, splits: Iterable[str] = ("train", "val"), 
             f"dataset {entry.name!r} has no split {unknown[0]!r}", hint=f"use one of: {', '.join(entry.splits)}"
         )
     transforms = {split: DeferredTransform() for split in wanted}
-    if not derive.active(cfg):
-        datasets = {split: entry.load(source, split, transforms[split]) for split in wanted}
-        return OpenedData(cfg, entry, datasets, transforms, entry.classes(source))
-    classes = derive.derived_classes(cfg, entry.classes(source))  # checked before any image is read
+    if derive.active(cfg):  # data.classes checked before any image is read
+        derive.derived_classes(cfg, entry.classes(source))
     bases: dict[str, Dataset] = {}
     for split in wanted:
-        name = derive.base_split(cfg, split)
+        name = derive.base_split(cfg, split) if derive.active(cfg) else split
         if name not in bases:
-            bases[name] = entry.load(source, name, None)  # type: ignore[arg-type]
-    datasets = {s: derive.derive(cfg, s, bases[derive.base_split(cfg, s)], transforms[s]) for s in wanted}
-    return OpenedData(cfg, entry, datasets, transforms, classes)
+            bases[name] = entry.load(source, name, None if derive.active(cfg) else transforms[split])  # type: ignore[arg-type]
+    count = entry.classes(source)
+    classes = derive.derived_classes(cfg, count) if derive.active(cfg) else count
+    warnings = _check_files(cfg, source, bases)
+    names = _class_names(cfg, entry, source, bases, count)
+    if not derive.active(cfg):
+        return OpenedData(cfg, entry, bases, transforms, classes, names, warnings)
+    datasets: dict[str, Dataset] = {
+        s: derive.derive(cfg, s, bases[derive.base_split(cfg, s)], transforms[s]) for s in wanted
+    }
+    return OpenedData(cfg, entry, datasets, transforms, classes, names, warnings)
+
+
+def _check_files(cfg: DataConfig, source: Source, bases: Mapping[str, Dataset]) -> list[str]:
+    """Check the image files of datasets read from files (``samples``); drop bad ones if asked."""
+    from utune import _output as out
+
+    listed: list[Any] = [ds for ds in bases.values() if isinstance(getattr(ds, "samples", None), list)]
+    paths = list(dict.fromkeys(str(p) for ds in listed for p, _ in ds.samples))
+    if not paths:
+        return []
+
+    def progress(done: int, total: int) -> None:
+        out.note(f"checking images: {done:,} / {total:,}")
+
+    show = progress if len(paths) >= images.PROGRESS_FROM else None
+    bad = images.check_images(paths, cache_dir=data_base(), key=str(source.root), progress=show)
+    if not bad:
+        return []
+    if not cfg.skip_bad_images:
+        raise images.refuse(bad, str(source.root))
+    for ds in listed:
+        kept = [s for s in ds.samples if str(s[0]) not in bad]
+        ds.samples = kept
+        ds.targets = [label for _, label in kept]
+        if hasattr(ds, "imgs"):
+            ds.imgs = kept
+        if not kept:
+            raise DataError(f"every image of {source.root} is unreadable", hint="check the files")
+    return [images.skipped(bad, str(source.root))]
+
+
+ROTATION_NAMES = ["0", "90", "180", "270"]  # data.task: rotation (degrees turned)
+
+
+def _class_names(
+    cfg: DataConfig, entry: Entry, source: Source, bases: Mapping[str, Dataset], count: int
+) -> list[str] | None:
+    """The names of the task's classes: the dataset's (folder names, CSV labels, torchvision's ``classes``),
+    then ``data.classes`` and ``data.task`` applied."""
+    if cfg.task == "rotation":
+        return list(ROTATION_NAMES)
+    names = entry.names(source) if entry.names is not None else None
+    if names is None:
+        found = next((getattr(ds, "classes", None) for ds in bases.values() if hasattr(ds, "classes")), None)
+        names = [str(n) for n in found] if isinstance(found, list | tuple) and len(found) == count else None
+    if names is None:
+        return None
+    return [names[c] for c in cfg.classes] if cfg.classes else names
+
+
+def available_splits(cfg: DataConfig) -> tuple[str, ...]:
+    """The splits this task really has: the dataset's own (a folder without ``test/`` has no test split),
+    plus ``val``/``test`` carved by ``data.val_size``/``data.test_size``."""
+    entry = lookup(cfg.dataset)
+    held = set(entry.held(_source(cfg, entry, download=False)))
+    held |= {"val"} if cfg.val_size else set()
+    held |= {"test"} if cfg.test_size else set()
+    return tuple(s for s in entry.splits if s in held)
+
+
+def scored_split(cfg: DataConfig, requested: str | None) -> tuple[str, str | None]:
+    """The split an evaluation scores, and a note when it is not the one a reader would assume.
+
+    ``requested`` None: ``test`` when the task has a test split, else ``val`` (said in the note). A requested
+    split the task does not have is a DataError saying which ones it has."""
+    held = available_splits(cfg)
+    if requested is None:
+        if "test" in held:
+            return "test", None
+        carved = " (carved from the training data by data.val_size)" if cfg.val_size else ""
+        return "val", f"{cfg.dataset} has no test split: this is the val split{carved}"
+    if requested not in held:
+        raise DataError(
+            f"dataset {cfg.dataset!r} has no {requested!r} split here (it has: {', '.join(held)})",
+            hint="pick one of those with --split, or add a test/ folder or data.test_size (carves a test split)"
+            if requested == "test"
+            else f"pick one of: {', '.join(held)}",
+        )
+    return requested, None
 
 
 def build_datasets(

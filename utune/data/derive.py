@@ -12,7 +12,10 @@ Applied in this order, each split read once from the dataset with no transform (
    split out of those training images; ``train`` is the rest. ``val`` is then never the dataset's own
    ``val`` or ``test``: this is the split to choose hyper-parameters on.
 
-``test`` (and ``val`` without ``val_size``) get steps 1–2 only and are always scored in full.
+``test_size: T`` (a count or a fraction) carves a class-stratified ``test`` split out of the training
+split before steps 3–4 (drawn from ``split_seed``), for data with no test split of its own (a flat class
+folder, a CSV file). Otherwise ``test`` (and ``val`` without ``val_size``) get steps 1–2 only and are always
+scored in full.
 """
 
 from __future__ import annotations
@@ -34,12 +37,13 @@ _SPLIT_SALT = {"train": 1, "val": 2, "test": 3, "trainval": 4, "train800": 5}
 
 def active(cfg: DataConfig) -> bool:
     """Whether any key of this module changes the dataset."""
-    return bool(cfg.classes or cfg.task != "classify" or cfg.train_size or cfg.val_size)
+    return bool(cfg.classes or cfg.task != "classify" or cfg.train_size or cfg.val_size or cfg.test_size)
 
 
 def base_split(cfg: DataConfig, split: str) -> str:
-    """The dataset's split that ``split`` is made from (``val`` comes from ``train`` when carved)."""
-    return "train" if cfg.val_size and split == "val" else split
+    """The dataset's split that ``split`` is made from (``val`` and ``test`` come from ``train`` when carved)."""
+    carved = (cfg.val_size and split == "val") or (cfg.test_size and split == "test")
+    return "train" if carved else split
 
 
 def derived_classes(cfg: DataConfig, dataset_classes: int) -> int:
@@ -115,17 +119,39 @@ def _rotations(cfg: DataConfig, split: str, n: int) -> np.ndarray:
     return rng.permutation(n) % ROTATIONS
 
 
+def _count(size: int | float, n: int) -> int:
+    return size if isinstance(size, int) else round(size * n)
+
+
+def _carve_test(cfg: DataConfig, labels: np.ndarray) -> np.ndarray:
+    """``test_size``: positions of the carved test split (class-stratified, drawn from ``split_seed``)."""
+    t = _count(cfg.test_size, len(labels))  # type: ignore[arg-type]
+    if not 0 < t < len(labels):
+        raise DataError(
+            f"data.test_size {cfg.test_size} leaves no training images ({len(labels)} to carve from)",
+            hint=f"use a test_size between 1 and {len(labels) - 1} (or a fraction such as 0.2)",
+        )
+    return stratified_pick(labels, t, np.random.default_rng([cfg.split_seed, 3]))
+
+
 def _train_part(cfg: DataConfig, split: str, labels: np.ndarray) -> np.ndarray:
-    """Steps 3–4: positions (into ``labels``) that make up ``split`` (``train`` or the carved ``val``)."""
+    """Steps 3–4: positions (into ``labels``) that make up ``split`` (``train`` or the carved ``val`` or
+    ``test``)."""
     positions = np.arange(len(labels))
+    if cfg.test_size:
+        test = _carve_test(cfg, labels)
+        if split == "test":
+            return test
+        positions = np.setdiff1d(positions, test)
     if cfg.train_size:
-        if cfg.train_size > len(labels):
+        if cfg.train_size > len(positions):
             raise DataError(
-                f"data.train_size is {cfg.train_size} but {cfg.dataset!r} has {len(labels)} training images"
+                f"data.train_size is {cfg.train_size} but {cfg.dataset!r} has {len(positions)} training images"
                 + (" of the chosen classes" if cfg.classes else ""),
-                hint=f"use data.train_size <= {len(labels)}",
+                hint=f"use data.train_size <= {len(positions)}",
             )
-        positions = stratified_pick(labels, cfg.train_size, np.random.default_rng([cfg.split_seed, 1]))
+        picked = stratified_pick(labels[positions], cfg.train_size, np.random.default_rng([cfg.split_seed, 1]))
+        positions = positions[picked]
     if not cfg.val_size:
         return positions
     m = cfg.val_size if isinstance(cfg.val_size, int) else round(cfg.val_size * len(positions))
@@ -146,7 +172,7 @@ def derive(cfg: DataConfig, split: str, base: Dataset, transform: Callable[[Any]
     if cfg.task == "rotation":
         rotations = _rotations(cfg, source, len(keep))
         labels = rotations
-    if source == "train" and (cfg.train_size or cfg.val_size):
+    if source == "train" and (cfg.train_size or cfg.val_size or cfg.test_size):
         part = _train_part(cfg, split, labels)
         keep, labels = keep[part], labels[part]
         rotations = rotations[part] if rotations is not None else None

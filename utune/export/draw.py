@@ -182,3 +182,43 @@ def plot_runs(runs: list[Path], path: Path | str) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     return _save(fig, plt, path)
+
+
+def confusion_png(confusion: list[list[int]], names: list[str], path: Path | str, title: str = "") -> Path:
+    """The confusion matrix as a picture: rows the true class, columns the predicted one, each row
+    normalised (the share of that class's images). Readable up to ~100 classes: the figure grows with the
+    class count, labels shrink, and counts are written in the cells only for up to 20 classes."""
+    import io
+
+    import numpy as np
+
+    from utune.export.io import write_bytes_atomic
+
+    plt = _pyplot()
+    counts = np.asarray(confusion, dtype=np.float64)
+    k = len(counts)
+    shares = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    side = min(40.0, max(5.0, 0.22 * k + 2.5))
+    font = max(5.0, min(10.0, 160 / max(k, 1)))  # 5 pt in a 0.22 in cell at 100 classes
+    fig, ax = plt.subplots(figsize=(side + 1.5, side))
+    shown = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
+    fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02, label="share of the true class's images")
+    ax.set_xticks(range(k), [str(n) for n in names], rotation=90, fontsize=font)
+    ax.set_yticks(range(k), [str(n) for n in names], fontsize=font)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if title:
+        ax.set_title(title)
+    if k <= 20:
+        for i in range(k):
+            for j in range(k):
+                if counts[i, j]:
+                    color = "white" if shares[i, j] > 0.5 else "black"
+                    ax.text(j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=font, color=color)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100 if k <= 30 else 150)  # small labels stay legible when zoomed
+    plt.close(fig)
+    path = Path(path)
+    write_bytes_atomic(path, buffer.getvalue(), force=True)
+    return path

@@ -41,6 +41,9 @@ def timm_config(built: Built) -> dict[str, Any] | None:
     pretrained = {k: cfg[k] for k in _CFG_KEYS if cfg.get(k) is not None}
     pretrained.update({k: built.data_config[k] for k in ("input_size", "mean", "std") if k in built.data_config})
     pretrained["input_size"] = list(built.input_size)
+    pretrained["num_classes"] = getattr(plain, "num_classes", m.num_classes)  # the tuned head's, not ImageNet's
+    if m.class_names:  # timm keeps them: create_model("local-dir:...").pretrained_cfg["label_names"]
+        pretrained["label_names"] = list(m.class_names)
     args = dict(m.kwargs)
     if m.img_size is not None:
         args["img_size"] = m.img_size

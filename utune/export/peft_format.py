@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from utune.engine.record import Built
 
 ADAPTER_CONFIG = "adapter_config.json"
+CLASS_NAMES = "class_names.json"  # the names of the outputs, in order (when the run recorded them)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 _HINT = "export with --tuners-only (utune's own format) or --merge, or keep to plain LoRA rules for PEFT"
@@ -208,6 +209,9 @@ def export_peft(built: Built, folder: Path, *, force: bool = False, verify: bool
         "utune.spec_hash": spec_hash(built.spec),
         "utune.base_model": built.spec.model.name,
     }
+    names = built.spec.model.class_names
+    if names:  # PEFT's adapter_config.json takes no extra keys (it warns): the weights' metadata and a file
+        meta["utune.class_names"] = json.dumps(names)
     data = safetensors_bytes(tensors, meta)
     result: dict[str, Any] = {
         "path": str(folder),
@@ -221,6 +225,8 @@ def export_peft(built: Built, folder: Path, *, force: bool = False, verify: bool
     def fill(tmp: Path) -> None:
         (tmp / ADAPTER_WEIGHTS).write_bytes(data)
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        if names:
+            (tmp / CLASS_NAMES).write_text(json.dumps(names, indent=2) + "\n")
         if verify:
             check = verify_peft(built, tmp, config["modules_to_save"] or [])
             result["verify"] = check

@@ -53,6 +53,8 @@ def export_merged(built: Built, path: Path, *, force: bool = False, verify: bool
         "utune.spec_hash": spec_hash(built.spec),
         "utune.merged_rules": json.dumps(sorted({f"{rule} ({kind})" for rule, kind, _, _ in merged.folds})),
     }
+    if m.class_names:
+        meta["utune.class_names"] = json.dumps(m.class_names)
     result["bytes"] = write_safetensors(path, merged.state, meta, force=force)
     return result
 

@@ -129,7 +129,9 @@ def tuner_state(built: Built) -> dict[str, torch.Tensor]:
 def tuners_metadata(built: Built, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     spec: Spec = built.spec
     _, sites = _key_map(built)
+    names = {"utune.class_names": json.dumps(spec.model.class_names)} if spec.model.class_names else {}
     return {
+        **names,
         "format": "pt",
         "utune.format": FORMAT,
         "utune.version": __version__,

@@ -54,6 +54,8 @@ RESUME_SAFE = (
     "train.keep_best",
     "train.release_freed_memory",
     "export.*",
+    "model.class_names",
+    "data.skip_bad_images",
 )
 
 
@@ -295,6 +297,8 @@ def train_spec(
     run_dir = resolve_run_dir(str(name), out, resume)
     opened = open_datasets(loaded.data, splits=("train", "val"), download=download)
     loaded, class_notes, warnings = resolve_classes(loaded, opened.classes)
+    loaded = with_class_names(loaded, opened)  # the run, its exports and `utune predict` carry them
+    warnings = [*opened.warnings, *warnings]
     notes: list[str] = []
     if resume:
         safe = check_resume_spec(run_dir, loaded)
@@ -339,7 +343,7 @@ def restore_run(run_dir: Path, overrides: Sequence[str] = (), *, which: str = "l
 def eval_run(
     run_dir: Path,
     dataset: str | None = None,
-    split: str = "test",
+    split: str | None = None,
     *,
     which: str = "latest",
     overrides: Sequence[str] = (),
@@ -348,16 +352,20 @@ def eval_run(
     """Rebuild a run's model, load its checkpoint and score every image of ``split`` with the evaluation
     transform (the ``train`` split too: no augmentation, no dropped tail).
 
-    ``dataset`` evaluates on another dataset (``data.dataset=...``); its classes must match the trained
-    head. ``which`` is ``latest`` or ``best``; ``overrides`` apply to the run's spec (e.g. ``data.root=...``).
+    ``split`` None: ``test`` when the task has one, else ``val`` (a carved val split included), with a
+    ``note`` saying so. ``dataset`` evaluates on another dataset (``data.dataset=...``); its classes must
+    match the trained head. ``which`` is ``latest`` or ``best``; ``overrides`` apply to the run's spec (e.g.
+    ``data.root=...``). Returns top-1 ``acc``, ``top5``, ``loss``, ``n``, ``per_class`` (name, images,
+    accuracy) and ``confusion`` (rows: true class, columns: predicted), and ``class_names``.
     """
-    from utune.data import open_datasets
+    from utune.data import open_datasets, scored_split
     from utune.spec import load_spec
 
     run_dir = Path(run_dir)
     ov = [*overrides, *([f"data.dataset={dataset}"] if dataset else [])]
     recorded_spec(run_dir)
     spec = load_spec(run_dir / "spec.yaml", ov)
+    split, note = scored_split(spec.data, split)
     opened = open_datasets(spec.data, splits=(split,), download=download)  # data checked before the model
     built = restore_run(run_dir, ov, which=which)
     check_classes(built, opened.classes, spec.data.dataset)
@@ -365,9 +373,43 @@ def eval_run(
     loaders = build_loaders(spec.data, built.data_config, spec.train, (split,), datasets=datasets, evaluation=True)
     device = du.resolve_device(spec.train.device)
     norm = input_norm(built.data_config)
-    result = evaluate(built.model.to(device), loaders[split], device, amp=spec.train.amp, input_norm=norm)
+    classes = built.report.get("num_outputs") or opened.classes
+    result = evaluate(
+        built.model.to(device), loaders[split], device, amp=spec.train.amp, input_norm=norm, classes=classes
+    )
+    names = getattr(spec.model, "class_names", None) or opened.class_names or [str(i) for i in range(classes)]
     folder = resolve_checkpoint(run_dir, which)
-    return {"run": str(run_dir), "checkpoint": str(folder), "dataset": spec.data.dataset, "split": split, **result}
+    return {
+        "run": str(run_dir),
+        "checkpoint": str(folder),
+        "dataset": spec.data.dataset,
+        "split": split,
+        "note": note,
+        **result,
+        "class_names": names,
+        "per_class": per_class(result["confusion"], names),
+        "warnings": opened.warnings,
+    }
+
+
+def per_class(confusion: list[list[int]], names: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per class: its name, how many images of it were scored and the share predicted right."""
+    rows = []
+    for i, row in enumerate(confusion):
+        n = sum(row)
+        rows.append({"index": i, "name": names[i], "n": n, "correct": row[i], "acc": row[i] / n if n else None})
+    return rows
+
+
+def with_class_names(spec: Any, opened: Any) -> Any:
+    """The spec with ``model.class_names`` from the dataset (``OpenedData.class_names``) when it does not
+    name them and the head has one output per class: the run, its exports and ``predict`` then carry them."""
+    from utune.spec import with_model
+
+    names = opened.class_names
+    if spec.model.class_names is not None or not names or spec.model.num_classes not in (None, len(names)):
+        return spec
+    return with_model(spec, class_names=list(names))
 
 
 def check_classes(built: Built, classes: int, dataset: str | None) -> None:

@@ -154,12 +154,24 @@ class ModelConfig(Section):
     img_size: int | None = Field(
         default=None, gt=0, description="input size: builds ViT/Swin/... at this size; null: the model's own"
     )
+    # the names of the head's outputs, in order; filled in from the dataset when a run starts (class folder
+    # names, CSV labels), and carried by the run, tuner files and exports, so predictions come with names
+    class_names: list[str] | None = Field(
+        default=None, description="names of the outputs, in order; null: taken from the dataset when training"
+    )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the model factory")
     frozen_dtype: Literal["float32", "bfloat16"] = Field(
         default="float32",
         description="bfloat16: the ops that need no gradient (a bypass's whole backbone) hold their frozen weights "
         "and run in bf16 (half the memory); the trainable part stays float32",
     )
+
+    @model_validator(mode="after")
+    def _one_name_per_class(self) -> ModelConfig:
+        names, n = self.class_names, self.num_classes
+        if names is not None and n is not None and len(names) != n:
+            raise ValueError(f"class_names has {len(names)} names but num_classes is {n}")
+        return self
 
 
 def _options_class(kind: str) -> type[Section]:
@@ -652,6 +664,16 @@ def spec_to_dict(spec: Spec) -> dict[str, Any]:
     return data
 
 
+def with_model(spec: Spec, **values: Any) -> Spec:
+    """``spec`` with ``model.<key>`` set to resolved values (``num_classes``, ``class_names`` read from the
+    dataset), validated again; where it came from, its overrides and its trust are kept."""
+    data = spec_to_dict(spec)
+    data["model"].update(values)
+    new = _build(data, None, spec.source, (), prior=spec.overrides, trusted=spec.trusted)
+    new._source_path, new._source_text = spec.source_path, spec.source_text
+    return new
+
+
 def spec_to_yaml(spec: Spec) -> str:
     """A resolved, re-loadable YAML dump (every default filled in), e.g. for a run directory."""
     header = f"# resolved by utune from {spec.source}"
@@ -664,7 +686,12 @@ def spec_to_yaml(spec: Spec) -> str:
 # Keys added after runs were first named by their spec's hash, which cannot change what a run trains: left
 # out of the hash while they hold these defaults, so a newer utune reuses an older one's finished runs
 # (``utune compare``, ``bench/transfer.py``) instead of training them again.
-HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {("train", "release_freed_memory"): False}
+HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
+    ("train", "release_freed_memory"): False,
+    ("data", "test_size"): None,
+    ("data", "skip_bad_images"): False,
+    ("model", "class_names"): None,
+}
 # The same for options a kind gained later, (kind, option): the default, at which it builds what it built before.
 HASH_NEUTRAL_OPTIONS: dict[tuple[str, str], Any] = {
     ("adapter", "dropout"): 0.0,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, WithJsonSchema, field_validator, model_validator
+from pydantic import Field, ValidationInfo, WithJsonSchema, field_validator, model_validator
 
 from utune._schema import Section
 
@@ -20,9 +20,9 @@ Augment = Annotated[
 
 class DataConfig(Section):
     # cifar100 | cifar10 | cub | nabirds | flowers102 | stanford_cars | stanford_dogs
-    # | vtab-<task> | imagefolder | digits | fashion-mnist
+    # | vtab-<task> | imagefolder | csv | digits | fashion-mnist  (your own images: imagefolder or csv, docs/data.md)
     dataset: str | None = None
-    root: str | None = None  # where the data lives; default: ~/.cache/utune/data/<dataset>
+    root: str | None = None  # where the data lives (csv: the .csv file); default: ~/.cache/utune/data/<dataset>
     img_size: int | None = Field(default=None, gt=0)  # default: the model's own input size
     # loader processes per training process; null: one per CPU core this process may use, less one for the
     # training loop, at most 16 (utune.data.default_workers). ViT-B's 224 px training transform costs ~1.4 ms
@@ -46,6 +46,14 @@ class DataConfig(Section):
     val_size: int | float | None = Field(
         default=None, gt=0, description="carve val from the training data: a count, or a fraction in (0, 1)"
     )
+    # carve a test split from the training data (a count, or a fraction in (0, 1)), stratified, before
+    # train_size and val_size: for a flat folder or a CSV file that has no test split of its own
+    test_size: int | float | None = Field(
+        default=None, gt=0, description="carve test from the training data: a count, or a fraction in (0, 1)"
+    )
+    # false: stop before training with the names of unreadable image files (truncated, empty, over PIL's pixel
+    # limit); true: leave them out with one warning giving their count and the first names
+    skip_bad_images: bool = Field(default=False, description="leave unreadable image files out (with a warning)")
     split_seed: int = Field(
         default=0, description="seed of train_size, val_size and the rotations"
     )  # draws train_size, val_size and the rotations; not the training seed
@@ -69,11 +77,11 @@ class DataConfig(Section):
                 raise ValueError(f"classes must be distinct, got {classes}")
         return classes
 
-    @field_validator("val_size")
+    @field_validator("val_size", "test_size")
     @classmethod
-    def _fraction_or_count(cls, value: int | float | None) -> int | float | None:
+    def _fraction_or_count(cls, value: int | float | None, info: ValidationInfo) -> int | float | None:
         if isinstance(value, float) and not value.is_integer() and not 0 < value < 1:
-            raise ValueError(f"val_size is a count (an integer) or a fraction in (0, 1), got {value}")
+            raise ValueError(f"{info.field_name} is a count (an integer) or a fraction in (0, 1), got {value}")
         return int(value) if isinstance(value, float) and value.is_integer() and value >= 1 else value
 
     @model_validator(mode="after")

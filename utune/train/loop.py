@@ -161,9 +161,11 @@ def evaluate(
     channels_last: bool = False,
     lockstep: bool = False,
     input_norm: Preprocess | None = None,
-) -> dict[str, float | int]:
+    classes: int | None = None,
+) -> dict[str, Any]:
     """Top-1 accuracy and mean cross-entropy over ``loader``, summed over all DDP ranks.
-    ``input_norm`` normalises uint8 batches on the device (:class:`utune.data.InputNorm`).
+    ``input_norm`` normalises uint8 batches on the device (:class:`utune.data.InputNorm`). ``classes``: also
+    ``top5`` (top-k accuracy, k = min(5, classes)) and ``confusion`` (rows: true class, columns: predicted).
 
     Under DDP each rank must see a disjoint shard with no padding (``fit`` arranges that); the counts,
     not per-rank means, are all-reduced, so the result is exact for any shard sizes. ``lockstep`` (FSDP,
@@ -173,7 +175,8 @@ def evaluate(
     input_norm = input_norm if input_norm is not None else getattr(loader, "input_norm", None)
     modes = {m: m.training for m in model.modules()}
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # correct, loss sum, count
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct, loss sum, count, top-k correct
+    confusion = torch.zeros(classes or 0, classes or 0, dtype=torch.int64, device=device)
     batches, last = 0, None
     try:
         with torch.no_grad(), _autocast(device, amp):
@@ -182,9 +185,14 @@ def evaluate(
                 logits = model(x).float()
                 if (bad := _label_error(logits, y)) is not None:
                     raise bad
-                totals[0] += (logits.argmax(dim=-1) == y).sum()
+                pred = logits.argmax(dim=-1)
+                totals[0] += (pred == y).sum()
                 totals[1] += F.cross_entropy(logits, y, reduction="sum")
                 totals[2] += y.numel()
+                if classes:
+                    k = min(5, logits.shape[-1])
+                    totals[3] += (logits.topk(k, dim=-1).indices == y[:, None]).any(dim=-1).sum()
+                    confusion += torch.bincount(y * classes + pred, minlength=classes * classes).view(classes, -1)
                 batches, last = batches + 1, x
             if lockstep:
                 _catch_up(model, batches, last, device)
@@ -192,10 +200,14 @@ def evaluate(
         for m, mode in modes.items():
             m.training = mode
     du.all_reduce_sum(totals)
-    correct, loss_sum, n = totals.tolist()
+    correct, loss_sum, n, top_k = totals.tolist()
     if n == 0:
         raise DataError("the evaluation split has no images")
-    return {"acc": correct / n, "loss": loss_sum / n, "n": int(n)}
+    result: dict[str, Any] = {"acc": correct / n, "loss": loss_sum / n, "n": int(n)}
+    if classes:
+        du.all_reduce_sum(confusion)
+        result.update(top5=top_k / n, confusion=confusion.cpu().tolist())
+    return result
 
 
 _PEER_FAILURE = ("closed by peer", "connection reset", "remote worker", "broken pipe", "nccl", "timed out")

@@ -14,6 +14,8 @@ from torch.utils.data import Dataset
 
 from utune.errors import DataError
 
+from ._images import read_image
+
 Transform = Callable[[Image.Image], Any]
 Sample = tuple[str, int]
 
@@ -63,8 +65,7 @@ class ImageList(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
-        with Image.open(path) as image:
-            rgb = image.convert("RGB")
+        rgb = read_image(path)  # a damaged file: one line naming it, even from a DataLoader worker
         return (self.transform(rgb) if self.transform is not None else rgb), label
 
 

@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from utune.errors import DataError
 
-from . import cifar, digits, fashion_mnist, fgvc, imagefolder, vtab
+from . import cifar, csvlist, digits, fashion_mnist, fgvc, imagefolder, vtab
 from ._common import Source, Transform
 
 Loader = Callable[[Source, str, Transform], Dataset]
@@ -31,6 +31,12 @@ class Entry:
     default_dir: str
     augment: bool = True  # False: a plain resize for every split (VTAB)
     downloadable: bool = False  # --download can fetch it from the official source (torchvision)
+    names: Callable[[Source], list[str]] | None = None  # class names (None: the reader's ``classes``, if any)
+    present: Callable[[Source], tuple[str, ...]] | None = None  # the splits it holds (None: ``splits``)
+
+    def held(self, source: Source) -> tuple[str, ...]:
+        """The splits this dataset has as such (``test`` aliased to ``val`` or the reverse counts)."""
+        return self.present(source) if self.present is not None else self.splits
 
 
 def _constant(count: int, source: Source) -> int:
@@ -39,6 +45,14 @@ def _constant(count: int, source: Source) -> int:
 
 def _imagefolder_classes(source: Source) -> int:
     return len(imagefolder.classes(source.root, source.name))
+
+
+def _imagefolder_names(source: Source) -> list[str]:
+    return imagefolder.classes(source.root, source.name)
+
+
+def _imagefolder_present(source: Source) -> tuple[str, ...]:
+    return imagefolder.present(source.root)
 
 
 def _entries() -> dict[str, Entry]:
@@ -55,7 +69,24 @@ def _entries() -> dict[str, Entry]:
         for task in vtab.TASKS
     ]
     entries += [
-        Entry("imagefolder", imagefolder.load, _imagefolder_classes, imagefolder.SPLITS, "imagefolder"),
+        Entry(
+            "imagefolder",
+            imagefolder.load,
+            _imagefolder_classes,
+            imagefolder.SPLITS,
+            "imagefolder",
+            names=_imagefolder_names,
+            present=_imagefolder_present,
+        ),
+        Entry(
+            "csv",
+            csvlist.load,
+            csvlist.count_classes,
+            csvlist.SPLITS,
+            "csv",
+            names=csvlist.class_names,
+            present=csvlist.present,
+        ),
         Entry("digits", digits.load, partial(_constant, digits.NUM_CLASSES), digits.SPLITS, "digits"),
         Entry(
             "fashion-mnist",
