@@ -21,9 +21,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from utune._fs import make_dir, remove_tree, write_text_atomic
-from utune.spec.sections import DataConfig, TrainConfig
 from utune.engine.record import Built
 from utune.errors import CheckpointError, DataError, SpecError, UserInputError
+from utune.spec.sections import DataConfig, TrainConfig
 from utune.train import distributed as du
 from utune.train.checkpoint import (
     STATE,
@@ -286,8 +286,8 @@ def train_spec(
     ``on_built(built, run_dir, notes)`` runs before training starts (the CLI shows the report there); ``notes``
     says what was resolved (the resumed run's harmless changes).
     """
-    from utune.engine.build import build, resolve_classes, with_tuners
     from utune.data import open_datasets
+    from utune.engine.build import build, resolve_classes, with_tuners
     from utune.spec import load_spec
     from utune.train.distributed import check_environment
 
