@@ -11,7 +11,7 @@ import torch
 from torch import fx, nn
 
 from utune._reference import reference_build
-from utune.errors import SelectionError, TraceError
+from utune.errors import ModelError, SelectionError, TraceError
 from utune.graph.context import PlanContext
 from utune.graph.glob import glob_match
 from utune.graph.manifest import Entry, Manifest
@@ -54,6 +54,15 @@ class Built:
     warnings: list[str] = field(default_factory=list)
     manifest: Manifest = field(default_factory=Manifest)  # what the rewriter attached, in order
     verify_batch: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, base output) when verify=True
+    given: bool = False  # the model was passed in (``model=``/``base=``), not created from the spec's name
+
+    @property
+    def model_label(self) -> str:
+        """The spec's model name, or the given module's class (``package.module.Class``)."""
+        if self.spec.model.name is not None:
+            return self.spec.model.name
+        cls = type(self.base)
+        return f"{cls.__module__}.{cls.__qualname__}"
 
     @property
     def tuner_modules(self) -> dict[str, list[str]]:
@@ -78,11 +87,14 @@ def _propagate_shapes(gm: fx.GraphModule, size: tuple[int, int, int], explicit: 
         ) from e
 
 
-def trace_model(model: nn.Module, name: str, img_size: int | None = None) -> Traced:
-    gm = trace(model, name, img_size)
-    size = input_size(model, img_size)
-    _propagate_shapes(gm, size, explicit=img_size is not None)
-    return Traced(name, model, gm, find_sites(gm, model), size)
+def trace_model(
+    model: nn.Module, name: str, img_size: int | None = None, size: tuple[int, int, int] | None = None
+) -> Traced:
+    """``size``: (C, H, W) when the spec or the caller says it (``model.input_size``)."""
+    shape = input_size(model, img_size, size)  # a model that does not say its size is asked for it first
+    gm = trace(model, name, img_size, shape)
+    _propagate_shapes(gm, shape, explicit=img_size is not None or size is not None)
+    return Traced(name, model, gm, find_sites(gm, model), shape)
 
 
 def inspect(
@@ -104,11 +116,16 @@ def inspect_with_rules(
         model_or_name = spec.model.name
     if spec is not None and not isinstance(spec, Spec):
         spec = load_spec(spec)
-    same = spec is not None and spec.model.name == model_or_name
+    if model_or_name is None:
+        raise ModelError(
+            "the spec names no model (model.name)", hint="inspect the module itself: utune.inspect(net, spec)"
+        )
+    given = isinstance(model_or_name, nn.Module)
+    same = spec is not None and (spec.model.name == model_or_name or (given and spec.model.name is None))
     size = spec.model.img_size if spec is not None and same else None
     if isinstance(model_or_name, nn.Module):
         model, name = model_or_name, type(model_or_name).__name__
-        traced = trace_model(model, name, size)
+        traced = trace_model(model, name, size, spec.model.size if spec is not None and same else None)
     else:
         name = str(model_or_name)
         traced = _trace_by_name(
@@ -116,6 +133,7 @@ def inspect_with_rules(
             num_classes=spec.model.num_classes if spec is not None else None,
             kwargs=dict(spec.model.kwargs) if spec is not None and same else {},
             img_size=size,
+            size=spec.model.size if spec is not None and same else None,
         )
     rules = _match_rules(traced, spec) if spec is not None else []
     matches: dict[str, list[str]] = {}
@@ -123,7 +141,7 @@ def inspect_with_rules(
         for path in rule["sites"]:
             matches.setdefault(path, []).append(rule["name"])
     if spec is not None and same and rules and not any(r["error"] for r in rules):
-        matches = _attached(spec, rules) or matches
+        matches = _attached(spec, rules, model_or_name if given else None) or matches
     rows = []
     for path, site in traced.sites.items():
         row: dict[str, Any] = {
@@ -139,7 +157,13 @@ def inspect_with_rules(
     return rows, rules
 
 
-def _trace_by_name(name: str, num_classes: int | None, kwargs: dict[str, Any], img_size: int | None) -> Traced:
+def _trace_by_name(
+    name: str,
+    num_classes: int | None,
+    kwargs: dict[str, Any],
+    img_size: int | None,
+    size: tuple[int, int, int] | None = None,
+) -> Traced:
     """The model traced and its shapes propagated on the meta device: no weights are allocated, so a ViT-g
     inspects in seconds. A model that does not trace or propagate on meta (no meta kernel for an op, a value
     read during ``__init__`` or ``forward``) is created for real, and any error is the real one."""
@@ -151,20 +175,20 @@ def _trace_by_name(name: str, num_classes: int | None, kwargs: dict[str, Any], i
         try:
             with torch.random.fork_rng(devices=[]), torch.device("meta"):  # no init draws leak out either
                 model = create()
-            return trace_model(model, name, img_size)
+            return trace_model(model, name, img_size, size)
         except Exception:  # any failure on meta (UtuneErrors included) is retried for real
             pass
-    return trace_model(create(), name, img_size)
+    return trace_model(create(), name, img_size, size)
 
 
-def _attached(spec: Spec, rules: list[dict[str, Any]]) -> dict[str, list[str]] | None:
+def _attached(spec: Spec, rules: list[dict[str, Any]], model: Any = None) -> dict[str, list[str]] | None:
     """Site -> the rules the build's manifest attached there (``vpt (drop)``, ``bypass (replace_input)`` for
     joins beyond the selected sites); None, with a warning on the rules, when the spec does not build."""
     from utune.errors import UtuneError
 
     overrides = ["model.pretrained=false"] if spec.model.pretrained is True else []
     try:
-        built = _build_on_meta(spec, overrides)
+        built = _build_on_meta(spec, overrides) if model is None else build(spec, overrides, model=model)
     except UtuneError as e:
         rules[0]["warnings"].append(f"the spec does not build: {e.message}")
         return None
@@ -256,20 +280,33 @@ def build(
     verify: bool = False,
     seed: int = 0,
     base: nn.Module | None = None,
+    model: nn.Module | None = None,
+    input_size: tuple[int, int, int] | list[int] | None = None,
 ) -> Built:
     """Create the model, trace it, attach every rule's tuners, freeze the rest, and report.
 
     Model creation and tuner initialisation draw from a private RNG seeded with ``train.seed`` (the global
     torch RNG is left as it was), so a random (``pretrained: false``) backbone and the tuners' init are the
-    same on every build: a run can be resumed, evaluated and exported from its spec alone. ``base``: an
-    existing model of the spec's architecture to tune instead of creating one (its modules are used as
-    they are; ``utune.sets`` builds several tuner sets on one backbone this way).
+    same on every build: a run can be resumed, evaluated and exported from its spec alone.
+
+    ``model``: any ``nn.Module`` to tune instead of creating the spec's ``model.name`` (which may then be
+    left out): it is used as it is, shares its parameters with the tuned model, and ``merge_and_unload()``
+    returns a copy of it (its own class) with the tuners folded in. ``input_size``: its (C, H, W) when
+    neither the spec (``model.img_size``/``model.input_size``) nor the model's timm/torchvision config says
+    it. ``base``: the same as ``model`` (``utune.sets`` builds several tuner sets on one backbone this way).
     """
     t0 = time.perf_counter()
+    if model is not None and base is not None and model is not base:
+        raise ModelError("build() takes the module as model= or base=, not both", hint="pass model=net")
+    given = model if model is not None else base
+    if given is not None and not isinstance(given, nn.Module):
+        raise ModelError(f"model= must be a torch.nn.Module, not {type(given).__name__}", hint="pass model=net")
+    if input_size is not None:
+        overrides = [*overrides, "model.input_size=[" + ",".join(str(int(v)) for v in input_size) + "]"]
     spec, notes, warnings = _resolve_classes(load_spec(spec_or_path, overrides))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.train.seed)
-        built = _build(spec, verify, seed, t0, base)
+        built = _build(spec, verify, seed, t0, given, notes)
     built.report["notes"] = notes
     built.warnings[:0] = warnings
     built.report["warnings"] = built.warnings
@@ -291,17 +328,30 @@ def _resolve_classes(spec: Spec) -> tuple[Spec, list[str], list[str]]:
     return load_spec(spec, [f"model.num_classes={n}"]), [note], []
 
 
-def _build(spec: Spec, verify: bool, seed: int, t0: float, base: nn.Module | None = None) -> Built:
+def _build(
+    spec: Spec, verify: bool, seed: int, t0: float, base: nn.Module | None = None, notes: list[str] | None = None
+) -> Built:
     m = spec.model
-    model = (
-        base
-        if base is not None
-        else create_model(
-            m.name, pretrained=m.pretrained, num_classes=m.num_classes, kwargs=dict(m.kwargs), img_size=m.img_size
+    if base is not None:
+        model = base
+    elif m.name is None:
+        raise ModelError(
+            f"spec {spec.source} names no model (model.name)",
+            hint="name one (a timm name, torchvision:NAME, or a factory package.module:function), or pass the "
+            "module from Python: utune.build(spec, model=net)",
         )
-    )
+    else:
+        model = create_model(
+            m.name,
+            pretrained=m.pretrained,
+            num_classes=m.num_classes,
+            kwargs=dict(m.kwargs),
+            img_size=m.img_size,
+            notes=notes,
+        )
     times = {"create_s": time.perf_counter() - t0}
-    traced = trace_model(model, m.name, m.img_size)  # data.img_size alone sets model.img_size (Spec)
+    label = m.name or type(model).__name__
+    traced = trace_model(model, label, m.img_size, m.size)  # data.img_size alone sets model.img_size (Spec)
     times["trace_s"] = time.perf_counter() - t0 - times["create_s"]
     probe = _verify_batch(traced, seed) if verify else None
     rw = Rewriter(traced.gm, traced.sites, model, example=torch.zeros(2, *traced.input_size))
@@ -320,8 +370,9 @@ def _build(spec: Spec, verify: bool, seed: int, t0: float, base: nn.Module | Non
         _verify(report, tuned, probe, warnings)
     report["build_seconds"] = round(time.perf_counter() - t0, 3)
     report["timings"] = {k: round(v, 3) for k, v in times.items()}  # model creation, trace + shapes, passes
-    config = data_config(model, m.img_size)
-    built = Built(spec, tuned, model, report, traced.input_size, config, warnings, manifest, probe)
+    config = data_config(model, m.img_size, m.size)
+    built = Built(spec, tuned, model, report, traced.input_size, config, warnings, manifest, probe, base is not None)
+    report["model"] = built.model_label
     tuned.__dict__[OWNER] = built  # merge_and_unload, load_tuners (utune.tuned_ops) need the build
     return built
 

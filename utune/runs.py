@@ -238,7 +238,8 @@ def train_run(
             write_text_atomic(out_dir / "spec.yaml", spec_to_yaml(spec), what="run spec")
         du.barrier()
         loaders = build_loaders(spec.data, built.data_config, spec.train, datasets=datasets)
-        meta = {"model": spec.model.name, "dataset": spec.data.dataset, "processes": du.world()}
+        label = getattr(built, "model_label", spec.model.name)
+        meta = {"model": label, "dataset": spec.data.dataset, "processes": du.world()}
         if "tensorboard" in spec.train.log and du.is_main():
             from utune.train.tensorboard import Reporters, TensorBoardReporter
 

@@ -135,16 +135,29 @@ _LAYERS_SCHEMA = {
 
 
 class ModelConfig(Section):
-    name: str = Field(min_length=1, description="timm name, or 'torchvision:<name>'")
+    name: str | None = Field(
+        default=None,
+        min_length=1,
+        description="timm name, 'torchvision:<name>', a factory 'package.module:function' (or a name a package "
+        "publishes in the utune.models entry points); null: the model is given in Python (utune.build(spec, "
+        "model=net))",
+    )
 
     @field_validator("name")
     @classmethod
-    def _known(cls, name: str) -> str:
+    def _known(cls, name: str | None) -> str | None:
+        from utune._imports import is_ref
         from utune._names import unknown_model
 
+        if name is None or is_ref(name):  # a factory is imported when the model is built, not here
+            return name
         found = unknown_model(name)
         if found is not None:
-            raise ValueError(f"{found[0]}; {found[1]}")
+            from utune.models import MODELS_GROUP, entry_points
+
+            if name in entry_points(MODELS_GROUP):
+                return name
+            raise ValueError(f"{found[0]}; {found[1]} (or a factory: package.module:function)")
         return name
 
     pretrained: bool | str = Field(default=False, description="true, false, or a .safetensors/.pth path")
@@ -154,12 +167,39 @@ class ModelConfig(Section):
     img_size: int | None = Field(
         default=None, gt=0, description="input size: builds ViT/Swin/... at this size; null: the model's own"
     )
+    input_size: list[Annotated[int, Field(gt=0)]] | None = Field(
+        default=None,
+        min_length=3,
+        max_length=3,
+        description="[C, H, W] of one input, for models that do not say (a user's own module); null: "
+        "model.img_size, else the model's own",
+    )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the model factory")
     frozen_dtype: Literal["float32", "bfloat16"] = Field(
         default="float32",
         description="bfloat16: the ops that need no gradient (a bypass's whole backbone) hold their frozen weights "
         "and run in bf16 (half the memory); the trainable part stays float32",
     )
+
+    @model_validator(mode="after")
+    def _one_size(self) -> ModelConfig:
+        size = self.input_size
+        if size is not None and self.img_size is not None and (size[1] != self.img_size or size[2] != self.img_size):
+            raise ValueError(
+                f"input_size {size} and img_size {self.img_size} disagree: set one of them "
+                "(img_size: N means input_size: [3, N, N])"
+            )
+        return self
+
+    @property
+    def size(self) -> tuple[int, int, int] | None:
+        """(C, H, W) when the spec says it (``input_size``); ``img_size`` alone leaves C to the model."""
+        return (self.input_size[0], self.input_size[1], self.input_size[2]) if self.input_size else None
+
+    @property
+    def label(self) -> str:
+        """The name, or ``(given in Python)`` for a model passed to ``utune.build(spec, model=...)``."""
+        return self.name or "(given in Python)"
 
 
 def _options_class(kind: str) -> type[Section]:
@@ -256,7 +296,7 @@ class Spec(Section):
     """A loaded spec. ``source_text``/``source``/``overrides`` record where it came from."""
 
     version: Literal[1]
-    model: ModelConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
     tuners: list[TunerRule] = Field(default_factory=list)
     trainable: Trainable = Field(
         default_factory=list, description="globs over base parameter names, or {type: LayerNorm} (modules by class)"
@@ -645,7 +685,10 @@ def spec_to_yaml(spec: Spec) -> str:
 # Keys added after runs were first named by their spec's hash, which cannot change what a run trains: left
 # out of the hash while they hold these defaults, so a newer utune reuses an older one's finished runs
 # (``utune compare``, ``bench/transfer.py``) instead of training them again.
-HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {("train", "release_freed_memory"): False}
+HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
+    ("train", "release_freed_memory"): False,
+    ("model", "input_size"): None,
+}
 
 
 def spec_hash(spec: Spec) -> str:

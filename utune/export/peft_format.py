@@ -206,7 +206,7 @@ def export_peft(built: Built, folder: Path, *, force: bool = False, verify: bool
         "format": "pt",
         "utune.version": utune.__version__,
         "utune.spec_hash": spec_hash(built.spec),
-        "utune.base_model": built.spec.model.name,
+        "utune.base_model": built.model_label,
     }
     data = safetensors_bytes(tensors, meta)
     result: dict[str, Any] = {

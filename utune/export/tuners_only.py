@@ -59,6 +59,8 @@ def tuners_part(spec: Spec) -> dict[str, Any]:
 
     d = spec_to_dict(spec)
     model = {k: d["model"].get(k) for k in ("name", "num_classes", "kwargs", "img_size")}
+    if d["model"].get("input_size") is not None:  # left out when unset: older files keep their hash
+        model["input_size"] = d["model"]["input_size"]
     rules = []
     for rule in d["tuners"]:
         skip = set(getattr(get_kind(rule["kind"]).Options, "runtime_only", ()))
@@ -136,7 +138,7 @@ def tuners_metadata(built: Built, tensors: dict[str, torch.Tensor]) -> dict[str,
         "utune.spec": spec_to_yaml(spec),
         "utune.spec_hash": spec_hash(spec),
         "utune.tuners_hash": tuners_hash(spec),
-        "utune.base_model": spec.model.name,
+        "utune.base_model": built.model_label,
         "utune.base_fingerprint": base_fingerprint(built.model),
         "utune.sites": json.dumps({ts.key: {"module": ts.module, "kind": ts.kind} for ts in sites}),
         "utune.tensors_sha256": tensors_checksum(tensors),
@@ -235,7 +237,7 @@ def load_tuners(built: Built, path: Path | str, *, check_base: bool = True) -> d
     """
     path = Path(path)
     tensors, meta = read_tuners(path)
-    name = built.spec.model.name
+    name = built.model_label
     if meta.get("utune.base_model") != name:
         raise CheckpointError(
             f"{path} holds tuners for {meta.get('utune.base_model')!r}, the spec builds {name!r}",
