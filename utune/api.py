@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from utune._imports import check_trusted
 from utune._reference import reference_build
 from utune.errors import ModelError, SelectionError, TraceError
 from utune.graph.context import PlanContext
@@ -22,7 +23,7 @@ from utune.graph.share import Share
 from utune.graph.sites import Site, find_sites
 from utune.graph.trace import trace
 from utune.graph.trainable import TypeSelector, module_types, typed_parameters
-from utune.models import create_model, data_config, input_size
+from utune.models import create_model, data_config, input_size, is_factory_ref
 from utune.spec import Spec, load_spec
 from utune.tuned import TunedModel
 from utune.tuned_ops import OWNER
@@ -341,6 +342,8 @@ def _build(
             "module from Python: utune.build(spec, model=net)",
         )
     else:
+        if not spec.trusted and is_factory_ref(m.name):  # the refusal names the file the name came from
+            check_trusted(m.name, what="model.name", source=spec.source)
         model = create_model(
             m.name,
             pretrained=m.pretrained,

@@ -104,7 +104,7 @@ def factory_of(name: str) -> Callable[..., Any] | None:
     ``utune.models`` entry-point group), imported; None for a registry (timm/torchvision) name.
 
     A ``module:attr`` reference is imported only when the user named it (:mod:`utune._imports`)."""
-    if is_ref(name):
+    if is_factory_ref(name):
         return load_ref(name, what="model.name")  # type: ignore[no-any-return]
     if unknown_model(name) is None:
         return None
@@ -121,9 +121,14 @@ def factory_of(name: str) -> Callable[..., Any] | None:
         ) from e
 
 
+def is_factory_ref(name: str) -> bool:
+    """Whether ``name`` is a ``package.module:function`` reference (``torchvision:resnet18`` is a registry name)."""
+    return is_ref(name) and not name.startswith(TORCHVISION_PREFIX)
+
+
 def is_factory_name(name: str) -> bool:
     """Whether ``name`` names a user's factory rather than a registry model (nothing is imported)."""
-    return is_ref(name) or (unknown_model(name) is not None and name in entry_points(MODELS_GROUP))
+    return is_factory_ref(name) or (unknown_model(name) is not None and name in entry_points(MODELS_GROUP))
 
 
 def _parameters(fn: Callable[..., Any]) -> set[str]:
@@ -285,8 +290,11 @@ def load_weights(
 
 
 def _misfit(model: nn.Module, path: Path, missing: list[str], wrong: list[str]) -> str:
+    unexpected = [w for w in wrong if " has shape " not in w]
+    shapes = [w for w in wrong if " has shape " in w]
     parts = [f"missing {len(missing)} keys ({', '.join(missing[:3])})"] if missing else []
-    parts += [f"{len(wrong)} keys do not fit ({'; '.join(wrong[:3])})"] if wrong else []
+    parts += [f"{len(unexpected)} unexpected keys ({', '.join(unexpected[:3])})"] if unexpected else []
+    parts += [f"{len(shapes)} of another shape ({'; '.join(shapes[:2])})"] if shapes else []
     return f"weights file {str(path)!r} does not fit {type(model).__name__}: " + "; ".join(parts)
 
 

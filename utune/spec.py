@@ -34,6 +34,7 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
+from utune._imports import is_ref
 from utune._schema import Section
 from utune._yamlpos import (
     Loc,
@@ -146,10 +147,9 @@ class ModelConfig(Section):
     @field_validator("name")
     @classmethod
     def _known(cls, name: str | None) -> str | None:
-        from utune._imports import is_ref
-        from utune._names import unknown_model
+        from utune._names import TORCHVISION_PREFIX, unknown_model
 
-        if name is None or is_ref(name):  # a factory is imported when the model is built, not here
+        if name is None or (is_ref(name) and not name.startswith(TORCHVISION_PREFIX)):  # imported when built
             return name
         found = unknown_model(name)
         if found is not None:

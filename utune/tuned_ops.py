@@ -130,7 +130,7 @@ def _same_tuners(built: Built, run: Path) -> None:
 
     if not (run / "spec.yaml").is_file():
         raise CheckpointError(f"{run} is not a utune run directory (no spec.yaml)", hint="pass a run folder")
-    problems = spec_differences(load_spec(run / "spec.yaml"), built.spec)
+    problems = spec_differences(load_spec(run / "spec.yaml", trusted=False), built.spec)
     if problems:
         raise CheckpointError(
             f"{run} was trained with another spec: " + "; ".join(problems[:4]),
