@@ -21,7 +21,7 @@ from utune.graph.select import select
 from utune.graph.shapes import NodeFailure, propagate_shapes
 from utune.graph.share import Share
 from utune.graph.sites import Site, find_sites
-from utune.graph.trace import trace
+from utune.graph.trace import refuse_untraceable, trace
 from utune.graph.trainable import TypeSelector, module_types, typed_parameters
 from utune.models import create_model, data_config, input_size, is_factory_ref
 from utune.spec import Spec, load_spec
@@ -92,6 +92,7 @@ def trace_model(
     model: nn.Module, name: str, img_size: int | None = None, size: tuple[int, int, int] | None = None
 ) -> Traced:
     """``size``: (C, H, W) when the spec or the caller says it (``model.input_size``)."""
+    refuse_untraceable(model)  # before asking for an input size it could not use
     shape = input_size(model, img_size, size)  # a model that does not say its size is asked for it first
     gm = trace(model, name, img_size, shape)
     _propagate_shapes(gm, shape, explicit=img_size is not None or size is not None)

@@ -411,9 +411,11 @@ def input_size(
     if pe_size is not None:
         h, w = (pe_size, pe_size) if isinstance(pe_size, int) else tuple(pe_size)
         return (chans, int(h), int(w))
-    tv_size = getattr(model, "image_size", None)  # torchvision VisionTransformer
+    tv_size = getattr(model, "image_size", None)  # torchvision's VisionTransformer (int), open_clip's (h, w)
     if isinstance(tv_size, int):
         return (chans, tv_size, tv_size)
+    if isinstance(tv_size, tuple | list) and len(tv_size) == 2 and all(isinstance(v, int) for v in tv_size):
+        return (chans, int(tv_size[0]), int(tv_size[1]))
     if "input_size" in cfg:
         c, h, w = cfg["input_size"]
         return (int(c), int(h), int(w))

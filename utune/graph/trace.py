@@ -311,7 +311,7 @@ def _same_in_eval(
         model.train(was)
 
 
-def _untraceable_library(model: nn.Module) -> None:
+def refuse_untraceable(model: nn.Module) -> None:
     """Libraries whose models torch.fx cannot trace, refused with the reason before fx fails inside them."""
     if type(model).__module__.split(".")[0] == "transformers":
         raise TraceError(
@@ -328,7 +328,7 @@ def trace(
     """Trace ``model`` to a GraphModule sharing its parameters; TraceError names the model and cause.
 
     ``img_size``/``size``: the size the model was built at (the eval-mode check below runs it at that size)."""
-    _untraceable_library(model)
+    refuse_untraceable(model)
     was_training = model.training
     try:
         pin_attention(model)
