@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from utune._imports import CodeImportError, entry_points, is_ref, load_ref
-from utune._names import TORCHVISION_PREFIX, unknown_model
+from utune._names import MODELS_GROUP, TORCHVISION_PREFIX, unknown_model
 from utune._reference import reference_build
 from utune.errors import ModelError
 
@@ -95,8 +95,6 @@ def classifier_names(model: nn.Module) -> list[str]:
 
 
 # ---- a user's factory ------------------------------------------------------------------------------------
-
-MODELS_GROUP = "utune.models"  # entry points: name -> a callable returning an nn.Module
 
 
 def factory_of(name: str) -> Callable[..., Any] | None:

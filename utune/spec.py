@@ -153,7 +153,8 @@ class ModelConfig(Section):
             return name
         found = unknown_model(name)
         if found is not None:
-            from utune.models import MODELS_GROUP, entry_points
+            from utune._imports import entry_points
+            from utune._names import MODELS_GROUP
 
             if name in entry_points(MODELS_GROUP):
                 return name

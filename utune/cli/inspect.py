@@ -24,7 +24,9 @@ def register(app: typer.Typer, spec_app: typer.Typer) -> None:
 
 
 def inspect(
-    model_or_spec: Annotated[str, typer.Argument(help="a timm name, torchvision:NAME, or a spec .yaml")],
+    model_or_spec: Annotated[
+        str, typer.Argument(help="a timm name, torchvision:NAME, a factory package.module:function, or a spec .yaml")
+    ],
     grep: Annotated[str | None, typer.Option(help="only sites whose path matches this glob (or substring)")] = None,
     depth: Annotated[int | None, typer.Option(min=0, help="only sites at most N segments deep")] = None,
     spec: Annotated[Path | None, typer.Option(help="show which rule of this spec matches each site")] = None,
@@ -34,11 +36,14 @@ def inspect(
     """List the sites of a model's graph: path, op, type, output shape, parameters. Needs no weights."""
     set_format(fmt, ("table", "tree", "json"))
     if not model_or_spec.endswith((".yaml", ".yml")):
-        from utune._names import unknown_model
+        from utune._imports import entry_points, is_ref, trust
+        from utune._names import MODELS_GROUP, TORCHVISION_PREFIX, unknown_model
         from utune.errors import ModelError
 
-        if (found := unknown_model(model_or_spec)) is not None:  # before the (slow) torch import
-            raise ModelError(*found)
+        if is_ref(model_or_spec) and not model_or_spec.startswith(TORCHVISION_PREFIX):
+            trust([model_or_spec])  # typed on the command line: the user's own name
+        elif (found := unknown_model(model_or_spec)) is not None and model_or_spec not in entry_points(MODELS_GROUP):
+            raise ModelError(*found)  # before the (slow) torch import
     from utune.api import inspect_with_rules
     from utune.graph.glob import glob_match
 
