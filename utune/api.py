@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from utune._imports import check_trusted
+from utune._imports import check_trusted, trust
 from utune._reference import reference_build
 from utune.errors import ModelError, SelectionError, TraceError
 from utune.graph.context import PlanContext
@@ -111,6 +111,8 @@ def inspect_with_rules(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The site rows of :func:`inspect` and, with a spec, one entry per rule: ``name, kind, sites`` and
     ``error`` (why it matches nothing) and ``warnings``."""
+    if isinstance(model_or_name, str) and is_factory_ref(model_or_name):
+        trust([model_or_name])  # the caller named this factory: theirs to import
     if isinstance(model_or_name, Spec) or (
         isinstance(model_or_name, str | Path) and str(model_or_name).endswith((".yaml", ".yml"))
     ):
