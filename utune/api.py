@@ -286,6 +286,7 @@ def build(
     base: nn.Module | None = None,
     model: nn.Module | None = None,
     input_size: tuple[int, int, int] | list[int] | None = None,
+    trusted: bool | None = None,
 ) -> Built:
     """Create the model, trace it, attach every rule's tuners, freeze the rest, and report.
 
@@ -298,6 +299,8 @@ def build(
     returns a copy of it (its own class) with the tuners folded in. ``input_size``: its (C, H, W) when
     neither the spec (``model.img_size``/``model.input_size``) nor the model's timm/torchvision config says
     it. ``base``: the same as ``model`` (``utune.sets`` builds several tuner sets on one backbone this way).
+    ``trusted=False``: the spec comes from a data file (a run's ``spec.yaml``): a factory it names is
+    imported only if the user named it too (:mod:`utune._imports`).
     """
     t0 = time.perf_counter()
     if model is not None and base is not None and model is not base:
@@ -307,7 +310,7 @@ def build(
         raise ModelError(f"model= must be a torch.nn.Module, not {type(given).__name__}", hint="pass model=net")
     if input_size is not None:
         overrides = [*overrides, "model.input_size=[" + ",".join(str(int(v)) for v in input_size) + "]"]
-    spec, notes, warnings = _resolve_classes(load_spec(spec_or_path, overrides))
+    spec, notes, warnings = _resolve_classes(load_spec(spec_or_path, overrides, trusted=trusted))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.train.seed)
         built = _build(spec, verify, seed, t0, given, notes)

@@ -273,12 +273,11 @@ def restore_run(run_dir: Path, overrides: Sequence[str] = (), *, which: str = "l
     tensors load strictly by name. Shared by ``utune eval`` and ``utune export``.
     """
     from utune.api import build
-    from utune.spec import load_spec
 
     recorded_spec(run_dir)  # a clear error for a folder that is not a run
     folder = resolve_checkpoint(Path(run_dir), which)
     weights = read_weights(folder / WEIGHTS)
-    built = build(load_spec(Path(run_dir) / "spec.yaml", trusted=False), list(overrides))
+    built = build(Path(run_dir) / "spec.yaml", list(overrides), trusted=False)  # the run folder is data
     check_frozen(built.model, read_state(folder / STATE), folder)
     load_trainable(built.model, weights, source=folder / WEIGHTS)
     return built
