@@ -224,7 +224,8 @@ def _family_filter(model: nn.Module) -> Callable[..., dict[str, torch.Tensor]] |
 def _fit(
     model: nn.Module, state: dict[str, torch.Tensor]
 ) -> tuple[dict[str, torch.Tensor], list[str], list[str], list[str]]:
-    """(state, head keys dropped for another shape, missing keys, unexpected keys, shape mismatches as text)."""
+    """(state without the head keys of another shape, those keys, the missing keys, the unexpected keys and
+    shape mismatches as text). A BatchNorm's ``num_batches_tracked`` may be missing (older files)."""
     own = model.state_dict()
     heads = tuple(classifier_names(model))
     dropped = [k for k, v in state.items() if k in own and own[k].shape != v.shape and heads and k.startswith(heads)]
@@ -234,7 +235,7 @@ def _fit(
         for k, v in state.items()
         if k in own and own[k].shape != v.shape
     ]
-    missing = [k for k in own if k not in state and k not in dropped]
+    missing = [k for k in own if k not in state and k not in dropped and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     return state, dropped, missing, unexpected + bad
 
