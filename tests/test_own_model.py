@@ -121,6 +121,7 @@ def test_merged_export_is_keyed_like_the_module_and_peft_export_loads(tmp_path: 
 def test_inspect_and_build_sets_on_a_given_module() -> None:
     net = _net()
     rows = utune.inspect(net, SPEC)
+    assert all(p.requires_grad for p in net.parameters())  # inspecting changed nothing on the module
     assert {r["path"]: r["rules"] for r in rows if r["op"] == "module"} == {
         "conv": [],
         "fc1": ["lora"],

@@ -192,7 +192,7 @@ def _attached(spec: Spec, rules: list[dict[str, Any]], model: Any = None) -> dic
 
     overrides = ["model.pretrained=false"] if spec.model.pretrained is True else []
     try:
-        built = _build_on_meta(spec, overrides) if model is None else build(spec, overrides, model=model)
+        built = _build_on_meta(spec, overrides) if model is None else _build_on_given(spec, overrides, model)
     except UtuneError as e:
         rules[0]["warnings"].append(f"the spec does not build: {e.message}")
         return None
@@ -204,6 +204,17 @@ def _attached(spec: Spec, rules: list[dict[str, Any]], model: Any = None) -> dic
     for r in rules:
         r["attachments"] = len(built.manifest.rule(r["name"]))
     return out
+
+
+def _build_on_given(spec: Spec, overrides: list[str], model: nn.Module) -> Built:
+    """The build on the caller's own module, for its manifest only: inspecting leaves the module as it was
+    (its parameters' ``requires_grad``, its dtype)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        return build(spec, [*overrides, "model.frozen_dtype=float32"], model=model)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def _build_on_meta(spec: Spec, overrides: list[str]) -> Built:
