@@ -104,6 +104,31 @@ def test_tune_is_build_model_and_a_tuner_file_loads_into_a_fresh_instance(tmp_pa
     assert torch.equal(again(x), model(x))
 
 
+def test_library_training_run_then_its_tuners_load_into_a_fresh_instance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from utune.runs import train_run
+
+    monkeypatch.setenv("UTUNE_DATA", str(tmp_path / "data"))
+    spec = {
+        **SPEC,
+        "trainable": ["conv"],
+        "data": {"dataset": "digits", "augment": False, "num_workers": 0},
+        "train": {"epochs": 1, "max_steps": 2, "batch_size": 32, "log_every": 1, "lr": 0.01},
+    }
+    torch.manual_seed(0)
+    built = utune.build(spec, model=Net(num_classes=10))
+    summary = train_run(built, tmp_path / "run", resume=False)
+    assert summary["step"] == 2 and (tmp_path / "run" / "spec.yaml").is_file()
+    torch.manual_seed(0)
+    again = utune.build(spec, model=Net(num_classes=10))
+    again.model.load_tuners(tmp_path / "run")  # the run folder's checkpoint, checked against the spec
+    x = torch.randn(2, 3, 16, 16)
+    built.model.eval()
+    again.model.eval()
+    assert torch.equal(again.model(x), built.model(x))
+
+
 def test_merged_export_is_keyed_like_the_module_and_peft_export_loads(tmp_path: Path) -> None:
     pytest.importorskip("peft")
     from utune.export.run import export
