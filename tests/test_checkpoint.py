@@ -251,12 +251,14 @@ def test_train_run_and_eval_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     def fake_loaders(data_cfg: DataConfig, data_config: dict, tcfg: TrainConfig, splits=("train", "val"), **kw):
         return {s: digits_loaders()[s] for s in splits}
 
-    def fake_build(path: Path, overrides=()) -> _Built:
+    def fake_build(path: Path, overrides=(), **kw) -> _Built:
         seen_specs.append((Path(path).read_text(), list(overrides)))
         return _Built(tiny_vit(), spec)
 
     monkeypatch.setattr(run_mod, "build_loaders", fake_loaders)
-    fake_spec = types.SimpleNamespace(spec_to_yaml=lambda s: "version: 1\n", load_spec=lambda path, overrides=(): spec)
+    fake_spec = types.SimpleNamespace(
+        spec_to_yaml=lambda s: "version: 1\n", load_spec=lambda path, overrides=(), **kw: spec
+    )
     monkeypatch.setitem(sys.modules, "utune.spec", fake_spec)
     monkeypatch.setitem(sys.modules, "utune.engine.build", types.SimpleNamespace(build=fake_build))
 

@@ -67,7 +67,7 @@ def check_trusted(ref: str, *, what: str, source: str | None = None) -> None:
     where = f" in {source}" if source else ""
     raise UntrustedCodeError(
         f"{what} {ref!r}{where} names code to import, and utune imports only code you named",
-        hint=f"if you trust it, name it yourself: pass a spec that names it, `--trust {ref.split(':')[0]}`, "
+        hint=f"if you trust it, name it yourself: pass a spec that names it, `utune --trust {ref.split(':')[0]} ...`, "
         f"or set {TRUST_ENV}={ref.split(':')[0]}",
     )
 

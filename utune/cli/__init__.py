@@ -51,8 +51,21 @@ def _root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="print the version and exit")
     ] = False,
+    trust: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--trust",
+            metavar="PKG",
+            help="import code a run folder or tuner file names (model.name: PKG.module:function) as if you had "
+            "named it: a package, module or package.module:attr (repeatable, or comma-separated)",
+        ),
+    ] = None,
 ) -> None:
     """Config-driven model surgery for parameter-efficient transfer learning (U-Tuning)."""
+    if trust:
+        from utune._imports import trust as _trust
+
+        _trust(t.strip() for item in trust for t in item.split(",") if t.strip())
 
 
 _inspect.register(app, spec_app)

@@ -25,7 +25,10 @@ def register(app: typer.Typer, spec_app: typer.Typer) -> None:
 
 def inspect(
     model_or_spec: Annotated[
-        str, typer.Argument(help="a timm name, torchvision:NAME, a spec .yaml or a built-in spec's name")
+        str,
+        typer.Argument(
+            help="a timm name, torchvision:NAME, a factory pkg.module:function, a spec .yaml or a built-in spec name"
+        ),
     ],
     grep: Annotated[str | None, typer.Option(help="only sites whose path matches this glob (or substring)")] = None,
     depth: Annotated[int | None, typer.Option(min=0, help="only sites at most N segments deep")] = None,
@@ -43,11 +46,14 @@ def inspect(
     if model_or_spec.endswith((".yaml", ".yml")) or Path(model_or_spec).is_file() or is_builtin_name(model_or_spec):
         target = str(spec_file(model_or_spec))
     else:
+        from utune._imports import entry_points, is_ref, trust
         from utune.errors import ModelError
-        from utune.models.names import unknown_model
+        from utune.models.names import MODELS_GROUP, TORCHVISION_PREFIX, unknown_model
 
-        if (found := unknown_model(model_or_spec)) is not None:  # before the (slow) torch import
-            raise ModelError(*found)
+        if is_ref(model_or_spec) and not model_or_spec.startswith(TORCHVISION_PREFIX):
+            trust([model_or_spec])  # typed on the command line: the user's own name
+        elif (found := unknown_model(model_or_spec)) is not None and model_or_spec not in entry_points(MODELS_GROUP):
+            raise ModelError(*found)  # before the (slow) torch import
     from utune.engine.build import inspect_with_rules
 
     rows, rules = inspect_with_rules(target, spec=spec_file(spec) if spec is not None else None, grep=grep, depth=depth)

@@ -10,11 +10,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from utune._imports import check_trusted, trust
 from utune._reference import reference_build
-from utune.engine.record import BuildReport, Built, RuleReport, Traced
+from utune.engine.record import BuildReport, Built, RuleReport, Traced, model_label
 from utune.engine.tuned import TunedModel
 from utune.engine.tuned_ops import RECORD, make_record
-from utune.errors import SelectionError, TraceError
+from utune.errors import ModelError, SelectionError, TraceError
 from utune.graph.context import PlanContext
 from utune.graph.glob import glob_match
 from utune.graph.manifest import Entry, Manifest
@@ -23,9 +24,9 @@ from utune.graph.select import select
 from utune.graph.shapes import NodeFailure, propagate_shapes
 from utune.graph.share import Share
 from utune.graph.sites import Site, find_sites
-from utune.graph.trace import trace
+from utune.graph.trace import refuse_untraceable, trace
 from utune.graph.trainable import TypeSelector, module_types, typed_parameters
-from utune.models import create_model, data_config, input_size
+from utune.models import create_model, data_config, input_size, is_factory_ref
 from utune.spec import Spec, load_spec
 from utune.tuners.base import TunerKind
 from utune.tuners.registry import get_kind
@@ -48,11 +49,15 @@ def _propagate_shapes(gm: fx.GraphModule, size: tuple[int, int, int], explicit: 
         ) from e
 
 
-def trace_model(model: nn.Module, name: str, img_size: int | None = None) -> Traced:
-    gm = trace(model, name, img_size)
-    size = input_size(model, img_size)
-    _propagate_shapes(gm, size, explicit=img_size is not None)
-    return Traced(name, model, gm, find_sites(gm, model), size)
+def trace_model(
+    model: nn.Module, name: str, img_size: int | None = None, size: tuple[int, int, int] | None = None
+) -> Traced:
+    """``size``: (C, H, W) when the spec or the caller says it (``model.input_size``)."""
+    refuse_untraceable(model)  # before asking for an input size it could not use
+    shape = input_size(model, img_size, size)  # a model that does not say its size is asked for it first
+    gm = trace(model, name, img_size, shape)
+    _propagate_shapes(gm, shape, explicit=img_size is not None or size is not None)
+    return Traced(name, model, gm, find_sites(gm, model), shape)
 
 
 def inspect(
@@ -88,18 +93,25 @@ def inspect_with_rules(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The site rows of :func:`inspect` and, with a spec, one entry per rule: ``name, kind, sites`` and
     ``error`` (why it matches nothing) and ``warnings``."""
+    if isinstance(model_or_name, str) and is_factory_ref(model_or_name):
+        trust([model_or_name])  # the caller named this factory: theirs to import
     if isinstance(model_or_name, Spec) or (
         isinstance(model_or_name, str | Path) and str(model_or_name).endswith((".yaml", ".yml"))
     ):
         spec = load_spec(model_or_name)
+        if spec.model.name is None:
+            raise ModelError(
+                "the spec names no model (model.name)", hint="inspect the module itself: utune.inspect(net, spec)"
+            )
         model_or_name = spec.model.name
     if spec is not None and not isinstance(spec, Spec):
         spec = load_spec(spec)
-    same = spec is not None and spec.model.name == model_or_name
+    given = isinstance(model_or_name, nn.Module)
+    same = spec is not None and (spec.model.name == model_or_name or (given and spec.model.name is None))
     size = spec.model.img_size if spec is not None and same else None
     if isinstance(model_or_name, nn.Module):
         model, name = model_or_name, type(model_or_name).__name__
-        traced = trace_model(model, name, size)
+        traced = trace_model(model, name, size, spec.model.size if spec is not None and same else None)
     else:
         name = str(model_or_name)
         traced = _trace_by_name(
@@ -107,6 +119,7 @@ def inspect_with_rules(
             num_classes=spec.model.num_classes if spec is not None else None,
             kwargs=dict(spec.model.kwargs) if spec is not None and same else {},
             img_size=size,
+            size=spec.model.size if spec is not None and same else None,
         )
     rules = _match_rules(traced, spec) if spec is not None else []
     matches: dict[str, list[str]] = {}
@@ -114,7 +127,12 @@ def inspect_with_rules(
         for path in rule["sites"]:
             matches.setdefault(path, []).append(rule["name"])
     if spec is not None and same and rules and not any(r["error"] for r in rules):
-        matches = _attached(spec, rules) or matches
+        matches = _attached(spec, rules, model_or_name if given else None) or matches
+    return filter_sites(_site_rows(traced, matches if spec is not None else None), grep, depth), rules
+
+
+def _site_rows(traced: Traced, matches: dict[str, list[str]] | None) -> list[dict[str, Any]]:
+    """One row per site; ``rules`` (the rules attached there) when a spec was given."""
     rows = []
     for path, site in traced.sites.items():
         row: dict[str, Any] = {
@@ -124,13 +142,19 @@ def inspect_with_rules(
             "shape": list(shape) if (shape := site.shape()) is not None else None,
             "params": site.params,
         }
-        if spec is not None:
+        if matches is not None:
             row["rules"] = matches.get(path, [])
         rows.append(row)
-    return filter_sites(rows, grep, depth), rules
+    return rows
 
 
-def _trace_by_name(name: str, num_classes: int | None, kwargs: dict[str, Any], img_size: int | None) -> Traced:
+def _trace_by_name(
+    name: str,
+    num_classes: int | None,
+    kwargs: dict[str, Any],
+    img_size: int | None,
+    size: tuple[int, int, int] | None = None,
+) -> Traced:
     """The model traced and its shapes propagated on the meta device: no weights are allocated, so a ViT-g
     inspects in seconds. A model that does not trace or propagate on meta (no meta kernel for an op, a value
     read during ``__init__`` or ``forward``) is created for real, and any error is the real one."""
@@ -142,20 +166,20 @@ def _trace_by_name(name: str, num_classes: int | None, kwargs: dict[str, Any], i
         try:
             with torch.random.fork_rng(devices=[]), torch.device("meta"):  # no init draws leak out either
                 model = create()
-            return trace_model(model, name, img_size)
+            return trace_model(model, name, img_size, size)
         except Exception:  # any failure on meta (UtuneErrors included) is retried for real
             pass
-    return trace_model(create(), name, img_size)
+    return trace_model(create(), name, img_size, size)
 
 
-def _attached(spec: Spec, rules: list[dict[str, Any]]) -> dict[str, list[str]] | None:
+def _attached(spec: Spec, rules: list[dict[str, Any]], model: Any = None) -> dict[str, list[str]] | None:
     """Site -> the rules the build's manifest attached there (``vpt (drop)``, ``bypass (replace_input)`` for
     joins beyond the selected sites); None, with a warning on the rules, when the spec does not build."""
     from utune.errors import UtuneError
 
     overrides = ["model.pretrained=false"] if spec.model.pretrained is True else []
     try:
-        built = _build_on_meta(spec, overrides)
+        built = _build_on_meta(spec, overrides) if model is None else _build_on_given(spec, overrides, model)
     except UtuneError as e:
         rules[0]["warnings"].append(f"the spec does not build: {e.message}")
         return None
@@ -167,6 +191,17 @@ def _attached(spec: Spec, rules: list[dict[str, Any]]) -> dict[str, list[str]] |
     for r in rules:
         r["attachments"] = len(built.manifest.rule(r["name"]))
     return out
+
+
+def _build_on_given(spec: Spec, overrides: list[str], model: nn.Module) -> Built:
+    """The build on the caller's own module, for its manifest only: inspecting leaves the module as it was
+    (its parameters' ``requires_grad``, its dtype)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        return build(spec, [*overrides, "model.frozen_dtype=float32"], model=model)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def _build_on_meta(spec: Spec, overrides: list[str]) -> Built:
@@ -247,20 +282,36 @@ def build(
     verify: bool = False,
     seed: int = 0,
     base: nn.Module | None = None,
+    model: nn.Module | None = None,
+    input_size: tuple[int, int, int] | list[int] | None = None,
+    trusted: bool | None = None,
 ) -> Built:
     """Create the model, trace it, attach every rule's tuners, freeze the rest, and report.
 
     Model creation and tuner initialisation draw from a private RNG seeded with ``train.seed`` (the global
     torch RNG is left as it was), so a random (``pretrained: false``) backbone and the tuners' init are the
-    same on every build: a run can be resumed, evaluated and exported from its spec alone. ``base``: an
-    existing model of the spec's architecture to tune instead of creating one (its modules are used as
-    they are; ``utune.engine.sets`` builds several tuner sets on one backbone this way).
+    same on every build: a run can be resumed, evaluated and exported from its spec alone.
+
+    ``model``: any ``nn.Module`` to tune instead of creating the spec's ``model.name`` (which may then be
+    left out): it is used as it is, shares its parameters with the tuned model, and ``merge_and_unload()``
+    returns a copy of it (its own class) with the tuners folded in. ``input_size``: its (C, H, W) when
+    neither the spec (``model.img_size``/``model.input_size``) nor the model's timm/torchvision config says
+    it. ``base``: the same as ``model`` (``utune.engine.sets`` builds several tuner sets on one backbone this
+    way). ``trusted=False``: the spec comes from a data file (a run's ``spec.yaml``): a factory it names is
+    imported only if the user named it too (:mod:`utune._imports`).
     """
     t0 = time.perf_counter()
-    spec, notes, warnings = resolve_classes(load_spec(spec_or_path, overrides))
+    if model is not None and base is not None and model is not base:
+        raise ModelError("build() takes the module as model= or base=, not both", hint="pass model=net")
+    given = model if model is not None else base
+    if given is not None and not isinstance(given, nn.Module):
+        raise ModelError(f"model= must be a torch.nn.Module, not {type(given).__name__}", hint="pass model=net")
+    if input_size is not None:
+        overrides = [*overrides, "model.input_size=[" + ",".join(str(int(v)) for v in input_size) + "]"]
+    spec, notes, warnings = resolve_classes(load_spec(spec_or_path, overrides, trusted=trusted))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.train.seed)
-        return _build(spec, verify, seed, t0, base, notes, warnings)
+        return _build(spec, verify, seed, t0, given, notes, warnings)
 
 
 def resolve_classes(spec: Spec, classes: int | None = None) -> tuple[Spec, list[str], list[str]]:
@@ -295,15 +346,28 @@ def _build(
     warned: list[str] | None = None,
 ) -> Built:
     m = spec.model
-    model = (
-        base
-        if base is not None
-        else create_model(
-            m.name, pretrained=m.pretrained, num_classes=m.num_classes, kwargs=dict(m.kwargs), img_size=m.img_size
+    if base is not None:
+        model = base
+    elif m.name is None:
+        raise ModelError(
+            f"spec {spec.source} names no model (model.name)",
+            hint="name one (a timm name, torchvision:NAME, or a factory package.module:function), or pass the "
+            "module from Python: utune.build(spec, model=net)",
         )
-    )
+    else:
+        if not spec.trusted and is_factory_ref(m.name):  # the refusal names the file the name came from
+            check_trusted(m.name, what="model.name", source=spec.source)
+        model = create_model(
+            m.name,
+            pretrained=m.pretrained,
+            num_classes=m.num_classes,
+            kwargs=dict(m.kwargs),
+            img_size=m.img_size,
+            notes=notes,
+        )
     times = {"create_s": time.perf_counter() - t0}
-    traced = trace_model(model, m.name, m.img_size)  # data.img_size alone sets model.img_size (Spec)
+    label = m.name or type(model).__name__
+    traced = trace_model(model, label, m.img_size, m.size)  # data.img_size alone sets model.img_size (Spec)
     times["trace_s"] = time.perf_counter() - t0 - times["create_s"]
     probe = _verify_batch(traced, seed) if verify else None
     rw = Rewriter(traced.gm, traced.sites, model, example=torch.zeros(2, *traced.input_size))
@@ -320,16 +384,18 @@ def _build(
     tuned = TunedModel.adopt(traced.gm, model, traced.input_size)
     checked = _verify(tuned, probe, warnings) if probe is not None else {}
     times = {k: round(v, 3) for k, v in times.items()}  # model creation, trace + shapes, passes
+    given = base is not None
     report = _report(spec, traced.gm, opened, rows, traced).replace(
         **checked,
+        model=model_label(spec, model, given),
         build_seconds=round(time.perf_counter() - t0, 3),
         timings=times,
         warnings=tuple(warnings),
         notes=tuple(notes or ()),
     )
-    config = data_config(model, m.img_size)
-    tuned.__dict__[RECORD] = make_record(spec, manifest, report, config)  # what merge and load read
-    return Built(spec, tuned, model, report, traced.input_size, config, warnings, manifest, probe)
+    config = data_config(model, m.img_size, m.size)
+    tuned.__dict__[RECORD] = make_record(spec, manifest, report, config, given)  # what merge and load read
+    return Built(spec, tuned, model, report, traced.input_size, config, warnings, manifest, probe, given)
 
 
 def attach_rules(spec: Spec, rw: Rewriter) -> tuple[Manifest, list[RuleReport], list[str]]:
@@ -408,7 +474,7 @@ def _report(spec: Spec, gm: fx.GraphModule, opened: list[str], rules: list[RuleR
     trainable = sum(p.numel() for p in gm.parameters() if p.requires_grad)
     base_trainable = sum(p.numel() for n, p in gm.named_parameters() if n in set(opened))
     return BuildReport(
-        model=spec.model.name,
+        model=spec.model.label,  # the given module's class replaces it (model_label)
         num_classes=spec.model.num_classes,
         num_outputs=_num_outputs(gm),
         total_params=total,

@@ -119,6 +119,14 @@ class BuildReport(_Record):
         )
 
 
+def model_label(spec: Spec, model: nn.Module, given: bool) -> str:
+    """How reports and files name the model: the spec's ``model.name``, else the module's class."""
+    if spec.model.name is not None:
+        return str(spec.model.name)
+    cls = type(model)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 @dataclass
 class Traced:
     """A traced model with its sites, shapes propagated on a dummy batch."""
@@ -143,6 +151,12 @@ class Built:
     warnings: list[str] = field(default_factory=list)
     manifest: Manifest = field(default_factory=Manifest)  # what the rewriter attached, in order
     verify_batch: tuple[torch.Tensor, torch.Tensor] | None = None  # (input, base output) when verify=True
+    given: bool = False  # the model was passed in (``model=``/``base=``), not created from the spec's name
+
+    @property
+    def model_label(self) -> str:
+        """The spec's model name, or the given module's class (``package.module.Class``)."""
+        return model_label(self.spec, self.base, self.given)
 
     @property
     def tuner_modules(self) -> dict[str, list[str]]:

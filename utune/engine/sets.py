@@ -80,7 +80,8 @@ def _spec_of(source: Any) -> tuple[Any, Path | None]:
         from utune.export.tuners_only import read_tuners
 
         _, meta = read_tuners(Path(source))
-        return load_spec_text(meta["utune.spec"], f"{source} (embedded spec)"), Path(source)
+        # a data file: the code its spec names is imported only if the user named it too (utune._imports)
+        return load_spec_text(meta["utune.spec"], f"{source} (embedded spec)", trusted=False), Path(source)
     return load_spec(source), None
 
 
@@ -260,9 +261,10 @@ def _rows_of(out: Any, rows: slice) -> Any:
     return out
 
 
-def build_sets(sources: Mapping[str, Any]) -> TunerSets:
-    """Build every named set on one backbone (the first set's model, created once); a tuner file's set
-    loads its tensors. The sets must share the architecture: model name, kwargs, size, base weights."""
+def build_sets(sources: Mapping[str, Any], model: nn.Module | None = None) -> TunerSets:
+    """Build every named set on one backbone (the first set's model, created once, or ``model``: any
+    ``nn.Module`` of yours); a tuner file's set loads its tensors. The sets must share the architecture:
+    model name, kwargs, size, base weights."""
     from utune.engine.build import _resolve_classes, build
     from utune.export.tuners_only import load_tuners
 
@@ -275,7 +277,7 @@ def build_sets(sources: Mapping[str, Any]) -> TunerSets:
         spec, tuners = _spec_of(source)
         spec = _resolve_classes(spec)[0]  # num_classes left out: the dataset's, before the head is copied
         if first is None:
-            built[name] = build(spec)
+            built[name] = build(spec, model=model)
             first, base = spec, built[name].base
         else:
             _same_backbone(first, spec, name)

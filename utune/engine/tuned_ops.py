@@ -37,9 +37,11 @@ BASE, SIZE, SPLIT, RECORD, DISABLED = (
 )
 
 
-def make_record(spec: Spec, manifest: Manifest, report: BuildReport, data_config: dict[str, Any]) -> dict[str, Any]:
+def make_record(
+    spec: Spec, manifest: Manifest, report: BuildReport, data_config: dict[str, Any], given: bool = False
+) -> dict[str, Any]:
     """What the tuned model keeps of its build (see the module docstring)."""
-    return {"spec": spec, "manifest": manifest, "report": report, "data_config": data_config}
+    return {"spec": spec, "manifest": manifest, "report": report, "data_config": data_config, "given": given}
 
 
 def built_of(model: nn.Module, what: str = "this") -> Built:
@@ -59,6 +61,7 @@ def built_of(model: nn.Module, what: str = "this") -> Built:
         data_config=record["data_config"],
         warnings=list(record["report"].warnings),
         manifest=record["manifest"],
+        given=record.get("given", False),
     )
 
 
@@ -161,7 +164,7 @@ def _same_tuners(built: Built, run: Path) -> None:
 
     if not (run / "spec.yaml").is_file():
         raise CheckpointError(f"{run} is not a utune run directory (no spec.yaml)", hint="pass a run folder")
-    problems = spec_differences(load_spec(run / "spec.yaml"), built.spec)
+    problems = spec_differences(load_spec(run / "spec.yaml", trusted=False), built.spec)
     if problems:
         raise CheckpointError(
             f"{run} was trained with another spec: " + "; ".join(problems[:4]),

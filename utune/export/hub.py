@@ -32,9 +32,12 @@ _CFG_KEYS = ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "st
 
 
 def timm_config(built: Built) -> dict[str, Any] | None:
-    """timm's ``config.json`` for the plain model (None for torchvision models: timm cannot load them)."""
+    """timm's ``config.json`` for the plain model (None for torchvision models, a user's factory or module:
+    timm cannot load them)."""
+    from utune.models import is_factory_name
+
     m = built.spec.model
-    if m.name.startswith("torchvision:"):
+    if built.given or m.name is None or m.name.startswith("torchvision:") or is_factory_name(m.name):
         return None
     plain = plain_model(built)
     cfg = dict(getattr(plain, "pretrained_cfg", None) or {})

@@ -401,10 +401,20 @@ def forward_eval(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def plain_model(built: Built) -> nn.Module:
-    """A fresh, untuned model of the spec's architecture (random weights, nothing downloaded)."""
+    """A fresh, untuned model of the spec's architecture (random weights, nothing downloaded); for a model
+    given to ``build(spec, model=net)`` a copy of that module (its own class and constructor arguments: no
+    name can rebuild it), its floating-point tensors back in float32 when ``model.frozen_dtype`` held them
+    in bf16."""
+    import copy
+
     from utune.models import create_model
 
     m = built.spec.model
+    if built.given or m.name is None:
+        plain = copy.deepcopy(built.base)
+        if m.frozen_dtype != "float32":
+            plain.float()
+        return plain
     return create_model(m.name, pretrained=False, num_classes=m.num_classes, kwargs=dict(m.kwargs), img_size=m.img_size)
 
 
@@ -415,7 +425,7 @@ def verify_merged(built: Built, state: dict[str, torch.Tensor], *, batch: int = 
         plain.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ExportError(
-            f"the merged weights do not load strictly into a plain {built.spec.model.name}: {str(e).splitlines()[0]}",
+            f"the merged weights do not load strictly into a plain {built.model_label}: {str(e).splitlines()[0]}",
             hint="this is a bug in the export; report it with the spec",
         ) from None
     x = torch.randn(batch, *built.input_size, generator=torch.Generator().manual_seed(seed))

@@ -207,7 +207,7 @@ def export_peft(built: Built, folder: Path, *, force: bool = False, verify: bool
         "format": "pt",
         "utune.version": __version__,
         "utune.spec_hash": spec_hash(built.spec),
-        "utune.base_model": built.spec.model.name,
+        "utune.base_model": built.model_label,
     }
     names = built.spec.model.class_names
     if names:  # PEFT's adapter_config.json takes no extra keys (it warns): the weights' metadata and a file

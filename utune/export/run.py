@@ -47,7 +47,7 @@ def export_merged(built: Built, path: Path, *, force: bool = False, verify: bool
         "format": "pt",
         "utune.format": "merged/1",
         "utune.version": __version__,
-        "utune.base_model": m.name,
+        "utune.base_model": built.model_label,
         "utune.num_classes": json.dumps(m.num_classes),
         "utune.model_kwargs": json.dumps(dict(m.kwargs), sort_keys=True, default=str),
         "utune.spec_hash": spec_hash(built.spec),

@@ -59,6 +59,8 @@ def tuners_part(spec: Spec) -> dict[str, Any]:
 
     d = spec_to_dict(spec)
     model = {k: d["model"].get(k) for k in ("name", "num_classes", "kwargs", "img_size")}
+    if d["model"].get("input_size") is not None:  # left out when unset: older files keep their hash
+        model["input_size"] = d["model"]["input_size"]
     rules = []
     for rule in d["tuners"]:
         skip = set(getattr(get_kind(rule["kind"]).Options, "runtime_only", ()))
@@ -138,7 +140,7 @@ def tuners_metadata(built: Built, tensors: dict[str, torch.Tensor]) -> dict[str,
         "utune.spec": spec_to_yaml(spec),
         "utune.spec_hash": spec_hash(spec),
         "utune.tuners_hash": tuners_hash(spec),
-        "utune.base_model": spec.model.name,
+        "utune.base_model": built.model_label,
         "utune.base_fingerprint": base_fingerprint(built.model),
         "utune.sites": json.dumps({ts.key: {"module": ts.module, "kind": ts.kind} for ts in sites}),
         "utune.tensors_sha256": tensors_checksum(tensors),
@@ -191,7 +193,7 @@ def _check_spec(meta: dict[str, str], built: Built, path: Path) -> None:
         return
     problems: list[str] = []
     try:
-        stored = load_spec_text(meta.get("utune.spec", ""), f"{path} (embedded spec)")
+        stored = load_spec_text(meta.get("utune.spec", ""), f"{path} (embedded spec)", trusted=False)
         problems = _spec_differences(tuners_part(stored), tuners_part(built.spec))
     except Exception:  # an embedded spec this utune cannot read: the hashes still decide
         problems = []
@@ -237,7 +239,7 @@ def load_tuners(built: Built, path: Path | str, *, check_base: bool = True) -> d
     """
     path = Path(path)
     tensors, meta = read_tuners(path)
-    name = built.spec.model.name
+    name = built.model_label
     if meta.get("utune.base_model") != name:
         raise CheckpointError(
             f"{path} holds tuners for {meta.get('utune.base_model')!r}, the spec builds {name!r}",

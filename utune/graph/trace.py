@@ -293,14 +293,16 @@ def _signature(gm: fx.GraphModule) -> list[tuple[str, str]]:
 
 
 @torch.no_grad()
-def _same_in_eval(model: nn.Module, gm: fx.GraphModule, img_size: int | None = None) -> bool:
+def _same_in_eval(
+    model: nn.Module, gm: fx.GraphModule, img_size: int | None = None, size: tuple[int, int, int] | None = None
+) -> bool:
     from utune.models import input_size
 
     was = model.training
     model.eval()
     gm.eval()
     try:
-        x = torch.randn(2, *input_size(model, img_size), generator=torch.Generator().manual_seed(0))
+        x = torch.randn(2, *input_size(model, img_size, size), generator=torch.Generator().manual_seed(0))
         a, b = model(x), gm(x)
         return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
     except Exception:
@@ -309,11 +311,25 @@ def _same_in_eval(model: nn.Module, gm: fx.GraphModule, img_size: int | None = N
         model.train(was)
 
 
-def trace(model: nn.Module, name: str = "model", img_size: int | None = None) -> fx.GraphModule:
+def refuse_untraceable(model: nn.Module) -> None:
+    """Libraries whose models torch.fx cannot trace, refused with the reason before fx fails inside them."""
+    if type(model).__module__.split(".")[0] == "transformers":
+        raise TraceError(
+            f"{type(model).__name__} is a Hugging Face transformers model: transformers 5 removed its torch.fx "
+            "tracer (transformers.utils.fx) and its models' forward cannot be traced symbolically",
+            hint="tune the timm (or torchvision, open_clip) version of the architecture, e.g. "
+            "vit_base_patch16_224, or use PEFT on the transformers model",
+        )
+
+
+def trace(
+    model: nn.Module, name: str = "model", img_size: int | None = None, size: tuple[int, int, int] | None = None
+) -> fx.GraphModule:
     """Trace ``model`` to a GraphModule sharing its parameters; TraceError names the model and cause.
 
-    ``img_size``: the size the model was built at (the eval-mode check below runs it at that size)."""
+    ``img_size``/``size``: the size the model was built at (the eval-mode check below runs it at that size)."""
     forget_unpatchable_wraps()  # a torch.fx leftover from an unpickled graph would fail this trace
+    refuse_untraceable(model)
     was_training = model.training
     try:
         pin_attention(model)
@@ -338,7 +354,7 @@ def trace(model: nn.Module, name: str = "model", img_size: int | None = None) ->
     if _signature(gm_train) != _signature(gm_eval):
         # Some models only cache in eval mode (LeViT's attention biases): the train-mode graph is then
         # right in both modes. Accept it when, in eval mode, it computes exactly what the model computes.
-        if _same_in_eval(model, gm_train, img_size):
+        if _same_in_eval(model, gm_train, img_size, size):
             gm_train.train(was_training)
             return gm_train
         diff = next(

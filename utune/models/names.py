@@ -16,6 +16,7 @@ from importlib import metadata
 from pathlib import Path
 
 TORCHVISION_PREFIX = "torchvision:"
+MODELS_GROUP = "utune.models"  # entry points installed packages publish: name -> a factory of nn.Module
 
 
 def _version(package: str) -> str:

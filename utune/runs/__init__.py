@@ -155,7 +155,8 @@ def resolve_run_dir(spec_source: str | None, out: Path | None, resume: bool) -> 
 
 
 def recorded_spec(run_dir: Path) -> Any:
-    """The spec a run recorded (``run/spec.yaml``)."""
+    """The spec a run recorded (``run/spec.yaml``): a data file, so a factory it names is imported only when
+    the user names it too (``utune --trust PKG``, ``UTUNE_TRUST``, or a spec they pass: utune._imports)."""
     from utune.spec import load_spec
 
     path = Path(run_dir) / "spec.yaml"
@@ -164,7 +165,7 @@ def recorded_spec(run_dir: Path) -> Any:
             f"{run_dir} is not a utune run directory (no spec.yaml)",
             hint="pass a folder made by `utune apply SPEC --train`, e.g. runs/<spec>-<time>",
         )
-    return load_spec(path)
+    return load_spec(path, trusted=False)
 
 
 def check_resume_spec(run_dir: Path, spec: Any) -> list[str]:
@@ -233,7 +234,8 @@ def train_run(
             write_text_atomic(out_dir / "spec.yaml", spec_to_yaml(spec), what="run spec")
         du.barrier()
         loaders = build_loaders(spec.data, built.data_config, spec.train, datasets=datasets)
-        meta = {"model": spec.model.name, "dataset": spec.data.dataset, "processes": du.world()}
+        label = getattr(built, "model_label", spec.model.name)
+        meta = {"model": label, "dataset": spec.data.dataset, "processes": du.world()}
         if "tensorboard" in spec.train.log and du.is_main():
             from utune.train.tensorboard import Reporters, TensorBoardReporter
 
@@ -334,7 +336,7 @@ def restore_run(run_dir: Path, overrides: Sequence[str] = (), *, which: str = "l
     recorded_spec(run_dir)  # a clear error for a folder that is not a run
     folder = resolve_checkpoint(Path(run_dir), which)
     weights = read_weights(folder / WEIGHTS)
-    built = build(Path(run_dir) / "spec.yaml", list(overrides))
+    built = build(Path(run_dir) / "spec.yaml", list(overrides), trusted=False)  # the run folder is data
     check_frozen(built.model, read_state(folder / STATE), folder)
     load_trainable(built.model, weights, source=folder / WEIGHTS)
     return built
@@ -364,7 +366,7 @@ def eval_run(
     run_dir = Path(run_dir)
     ov = [*overrides, *([f"data.dataset={dataset}"] if dataset else [])]
     recorded_spec(run_dir)
-    spec = load_spec(run_dir / "spec.yaml", ov)
+    spec = load_spec(run_dir / "spec.yaml", ov, trusted=False)
     split, note = scored_split(spec.data, split)
     opened = open_datasets(spec.data, splits=(split,), download=download)  # data checked before the model
     built = restore_run(run_dir, ov, which=which)
@@ -541,6 +543,7 @@ def import_peft(
 ) -> dict[str, Any]:
     """Convert a PEFT folder: build the spec on ``model``, load the tensors, check against PEFT, write
     ``output`` (a tuner file) and its spec beside it (``.yaml``). Returns a summary."""
+    from utune._imports import is_ref, trust
     from utune.engine.build import build
     from utune.export.io import check_target, write_bytes_atomic
     from utune.export.peft_import import load_into, peft_to_spec, verify_with_peft
@@ -552,7 +555,9 @@ def import_peft(
     check_target(output, force)
     check_target(spec_path, force)
     spec_dict, files = peft_to_spec(folder, model)
-    built = build(spec_dict)
+    if is_ref(model.get("name")):
+        trust([model["name"]])  # the model section is the caller's (--model, --spec): its factory is theirs
+    built = build(load_spec(spec_dict, trusted=False))  # the rules come from the folder, a data file
     load_into(built, files, folder)
     check = verify_with_peft(built, folder) if verify else None
     result = export_tuners(built, output, force=force)

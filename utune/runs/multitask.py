@@ -212,7 +212,7 @@ def _write_task(folder: Path, t: _Task, model: nn.Module, total: int, scores: Ma
     write_text_atomic(folder / "spec.yaml", spec_to_yaml(t.built.spec), what="run spec")
     state = TrainState(len(t.loaders["train"]), cfg.batch_size, 1, 1, cfg.seed, step=total)
     state.frozen = frozen_fingerprint(model)
-    state.meta = {"model": t.built.spec.model.name, "dataset": t.built.spec.data.dataset, "multitask": True}
+    state.meta = {"model": t.built.model_label, "dataset": t.built.spec.data.dataset, "multitask": True}
     state.optimizer, state.scheduler = t.optimizer.state_dict(), t.scheduler.state_dict()
     save_checkpoint(folder / "checkpoints", step=total, weights=trainable_state(model), state=state.to_dict())
     summary = {"step": total, **{f"final_{s}_acc": v["acc"] for s, v in scores.items()}, "out_dir": str(folder)}

@@ -34,6 +34,7 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
+from utune._imports import is_ref
 from utune._schema import Section
 from utune.errors import OverrideError, SpecError
 from utune.graph.select import Selector
@@ -135,16 +136,29 @@ _LAYERS_SCHEMA = {
 
 
 class ModelConfig(Section):
-    name: str = Field(min_length=1, description="timm name, or 'torchvision:<name>'")
+    name: str | None = Field(
+        default=None,
+        min_length=1,
+        description="timm name, 'torchvision:<name>', a factory 'package.module:function' (or a name a package "
+        "publishes in the utune.models entry points); null: the model is given in Python (utune.build(spec, "
+        "model=net))",
+    )
 
     @field_validator("name")
     @classmethod
-    def _known(cls, name: str) -> str:
-        from utune.models.names import unknown_model
+    def _known(cls, name: str | None) -> str | None:
+        from utune.models.names import TORCHVISION_PREFIX, unknown_model
 
+        if name is None or (is_ref(name) and not name.startswith(TORCHVISION_PREFIX)):  # imported when built
+            return name
         found = unknown_model(name)
         if found is not None:
-            raise ValueError(f"{found[0]}; {found[1]}")
+            from utune._imports import entry_points
+            from utune.models.names import MODELS_GROUP
+
+            if name in entry_points(MODELS_GROUP):
+                return name
+            raise ValueError(f"{found[0]}; {found[1]} (or a factory: package.module:function)")
         return name
 
     pretrained: bool | str = Field(default=False, description="true, false, or a .safetensors/.pth path")
@@ -159,6 +173,13 @@ class ModelConfig(Section):
     class_names: list[str] | None = Field(
         default=None, description="names of the outputs, in order; null: taken from the dataset when training"
     )
+    input_size: list[Annotated[int, Field(gt=0)]] | None = Field(
+        default=None,
+        min_length=3,
+        max_length=3,
+        description="[C, H, W] of one input, for models that do not say (a user's own module); null: "
+        "model.img_size, else the model's own",
+    )
     kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to the model factory")
     frozen_dtype: Literal["float32", "bfloat16"] = Field(
         default="float32",
@@ -172,6 +193,26 @@ class ModelConfig(Section):
         if names is not None and n is not None and len(names) != n:
             raise ValueError(f"class_names has {len(names)} names but num_classes is {n}")
         return self
+
+    @model_validator(mode="after")
+    def _one_size(self) -> ModelConfig:
+        size = self.input_size
+        if size is not None and self.img_size is not None and (size[1] != self.img_size or size[2] != self.img_size):
+            raise ValueError(
+                f"input_size {size} and img_size {self.img_size} disagree: set one of them "
+                "(img_size: N means input_size: [3, N, N])"
+            )
+        return self
+
+    @property
+    def size(self) -> tuple[int, int, int] | None:
+        """(C, H, W) when the spec says it (``input_size``); ``img_size`` alone leaves C to the model."""
+        return (self.input_size[0], self.input_size[1], self.input_size[2]) if self.input_size else None
+
+    @property
+    def label(self) -> str:
+        """The name, or ``(given in Python)`` for a model passed to ``utune.build(spec, model=...)``."""
+        return self.name or "(given in Python)"
 
 
 def _options_class(kind: str) -> type[Section]:
@@ -268,7 +309,7 @@ class Spec(Section):
     """A loaded spec. ``source_text``/``source``/``overrides`` record where it came from."""
 
     version: Literal[1]
-    model: ModelConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
     tuners: list[TunerRule] = Field(default_factory=list)
     trainable: Trainable = Field(
         default_factory=list, description="globs over base parameter names, or {type: LayerNorm} (modules by class)"
@@ -691,6 +732,7 @@ HASH_NEUTRAL_DEFAULTS: dict[tuple[str, str], Any] = {
     ("data", "test_size"): None,
     ("data", "skip_bad_images"): False,
     ("model", "class_names"): None,
+    ("model", "input_size"): None,
 }
 # The same for options a kind gained later, (kind, option): the default, at which it builds what it built before.
 HASH_NEUTRAL_OPTIONS: dict[tuple[str, str], Any] = {
