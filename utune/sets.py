@@ -12,8 +12,9 @@ part before their first tuner is shared.
 from __future__ import annotations
 
 import copy
+import re
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -79,7 +80,8 @@ def _spec_of(source: Any) -> tuple[Any, Path | None]:
         from utune.export.tuners_only import read_tuners
 
         _, meta = read_tuners(Path(source))
-        return load_spec_text(meta["utune.spec"], f"{source} (embedded spec)"), Path(source)
+        text, path = meta["utune.spec"], Path(source)  # its paths are relative to the file
+        return load_spec_text(text, f"{source} (embedded spec)", path=path), path
     return load_spec(source), None
 
 
@@ -259,6 +261,20 @@ def _rows_of(out: Any, rows: slice) -> Any:
     return out
 
 
+_SET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
+
+
+def check_set_names(names: Iterable[Any]) -> None:
+    """Set (task) names are plain names: they name submodules and, in ``utune multitask``, folders under
+    ``--out`` (a ``/``, ``..`` or ``.`` would write elsewhere or break the module tree)."""
+    for name in names:
+        if not isinstance(name, str) or not _SET_NAME.fullmatch(name):
+            raise UserInputError(
+                f"task name {name!r} is not a plain name (letters, digits, _ and -, at most 64, no . or /)",
+                hint="name the task, e.g. utune multitask cifar=specs/a.yaml (it becomes the folder --out/cifar)",
+            )
+
+
 def build_sets(sources: Mapping[str, Any]) -> TunerSets:
     """Build every named set on one backbone (the first set's model, created once); a tuner file's set
     loads its tensors. The sets must share the architecture: model name, kwargs, size, base weights."""
@@ -267,6 +283,7 @@ def build_sets(sources: Mapping[str, Any]) -> TunerSets:
 
     if not sources:
         raise UserInputError("build_sets needs at least one named set", hint="build_sets({'task': 'spec.yaml'})")
+    check_set_names(sources)
     built: dict[str, Any] = {}
     base: nn.Module | None = None
     first: Any = None

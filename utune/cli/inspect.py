@@ -198,14 +198,15 @@ def spec_show(
 
 
 def embedded_spec(source: Path) -> str:
-    """The spec text stored in a tuner-only file's metadata, or a run's ``spec.yaml``."""
+    """The spec text stored in a tuner-only file's metadata, or a run's ``spec.yaml``, its terminal control
+    characters escaped (the text comes from a file: it must not retitle or clear the terminal)."""
     from utune.errors import CheckpointError
 
     if source.is_dir():
         spec = source / "spec.yaml"
         if not spec.is_file():
             raise CheckpointError(f"{source} is not a utune run directory (no spec.yaml)", hint="pass a run folder")
-        return spec.read_text()
+        return out.escape_control(spec.read_text(errors="replace"))
     from utune.export.io import read_safetensors
 
     _, meta = read_safetensors(source, "tuner file")
@@ -215,7 +216,7 @@ def embedded_spec(source: Path) -> str:
         raise UserInputError(
             f"{source} carries no spec ({what})", hint="tuner files from `utune export --tuners-only` carry theirs"
         )
-    return text if text.endswith("\n") else text + "\n"
+    return out.escape_control(text if text.endswith("\n") else text + "\n")
 
 
 def draw(
