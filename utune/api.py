@@ -12,6 +12,7 @@ from torch import fx, nn
 
 from utune._reference import reference_build
 from utune.errors import SelectionError, TraceError
+from utune.graph.budget import check_rule_size
 from utune.graph.context import PlanContext
 from utune.graph.glob import glob_match
 from utune.graph.manifest import Entry, Manifest
@@ -338,6 +339,7 @@ def attach_rules(spec: Spec, rw: Rewriter) -> tuple[Manifest, list[dict[str, Any
         sites = sel.sites if rule.output is None and rule.input is None else _ports(rule, sel.sites)
         for site in sites:
             kind.check(site, ctx)
+        check_rule_size(rule, type(kind), sites, ctx)  # before a byte is allocated for it
         entries = _attach(rw, kind, sites, ctx, rule.share)
         manifest.entries += entries
         rows.append(
