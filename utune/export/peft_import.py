@@ -311,7 +311,8 @@ def load_into(built: Built, files: dict[str, torch.Tensor], folder: Path) -> Non
 def _explicit_config(config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The folder's config with every pattern replaced by the layer paths it resolved to: PEFT matches
     patterns with Python's backtracking ``re``, so the author's own regexes never reach it."""
-    explicit = {**config, **{k: None for k in ("layers_to_transform", "layers_pattern") if k in config}}
+    cleared: dict[str, Any] = {k: None for k in ("layers_to_transform", "layers_pattern") if k in config}
+    explicit: dict[str, Any] = {**config, **cleared}
     if str(config.get("peft_type", "")).upper() == "LORA":
         paths = _lora_pairs(tensors)
         match = _Matcher()
