@@ -24,7 +24,7 @@ from torchvision.datasets import CIFAR10, CIFAR100
 
 from utune.data import build_datasets, build_loader, dataset_names, dataset_root, num_classes
 from utune.data.datasets import fashion_mnist
-from utune.errors import DataError
+from utune.errors import DataError, UtuneWarning
 from utune.spec.sections import DataConfig
 
 DATA_CONFIG = {
@@ -438,7 +438,10 @@ def test_num_workers_default_comes_from_the_cpus_this_process_may_use(monkeypatc
     from utune.data import MAX_WORKERS, default_workers
 
     assert DataConfig(dataset="digits").num_workers is None  # the spec default: derived
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
     assert default_workers(3) == 3 and default_workers(0) == 0  # an explicit count is kept
+    with pytest.warns(UtuneWarning, match="data.num_workers=1000 is more than the 8 CPU core"):
+        assert default_workers(1000) == 8  # up to the cores: each worker is a copy of the process
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     for cores, workers in ((1, 0), (2, 1), (8, 7), (64, MAX_WORKERS)):
         monkeypatch.setattr("os.sched_getaffinity", lambda pid, n=cores: set(range(n)))

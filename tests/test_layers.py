@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "utune._fs",
             "utune._imports",
             "utune._signals",
+            "utune._lock",
         ),
     ),
     ("models", ("utune.models", "utune.models.*")),  # the one place that knows timm / torchvision names, weights

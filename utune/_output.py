@@ -25,6 +25,16 @@ _err = Console(stderr=True, soft_wrap=True)
 _json_mode = False
 
 
+# C0 and C1 control characters but tab and newline: text read from a file (a tuner file's embedded spec)
+# could otherwise retitle or clear the terminal, or hide lines, when printed
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0)]}
+
+
+def escape_control(text: str) -> str:
+    """``text`` with its terminal control characters written as ``\\xNN`` (tab and newline kept)."""
+    return text.translate(_CONTROL)
+
+
 def set_json(on: bool) -> None:
     """Switch JSON mode on (the command prints one JSON document; everything else to stderr)."""
     global _json_mode

@@ -6,6 +6,8 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Section(BaseModel):
-    """A spec section: unknown keys are errors, values are validated strictly enough to catch typos."""
+    """A spec section: unknown keys are errors, values are validated strictly enough to catch typos.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    No number may be ``inf`` or ``nan`` (``train.lr: .inf`` would train to NaN and exit 0)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)

@@ -11,6 +11,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 
+class UtuneWarning(UserWarning):
+    """Something utune changed or doubts but carries on with (the CLI prints it as one ``warning:`` line)."""
+
+
 class UtuneError(Exception):
     """Base of every error utune raises on purpose."""
 
@@ -97,6 +101,10 @@ class StorageError(UserInputError):
     Raised only after the partial file is removed: what was there before (the previous checkpoint, an
     existing export) is intact.
     """
+
+
+class TrainingDiverged(UserInputError):
+    """The training loss became NaN or infinite (a learning rate too high, no gradient clipping)."""
 
 
 class DeviceError(UserInputError):

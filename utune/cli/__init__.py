@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import warnings
 from typing import Annotated
 
 import typer
@@ -26,7 +27,7 @@ from utune.cli import inspect as _inspect
 from utune.cli import multitask as _multitask
 from utune.cli import predict as _predict
 from utune.cli import specs as _specs
-from utune.errors import UtuneError
+from utune.errors import UtuneError, UtuneWarning
 
 app = typer.Typer(
     help="Config-driven model surgery for parameter-efficient transfer learning (U-Tuning).",
@@ -107,9 +108,35 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning UtuneErrors into one-line messages and exit codes."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = os.environ.get("UTUNE_DEBUG") == "1"
+    warnings.showwarning = _show_warning
     with _signals.handling(graceful=_is_training(args)):
-        code = _run(args, debug)
+        try:
+            code = _run(args, debug)
+        except KeyboardInterrupt:  # a second SIGINT/SIGTERM while the first was being handled: stop now
+            if debug:
+                raise
+            code = _stopped_now(128 + (_signals.last_signal() or signal.SIGINT))
     sys.exit(code)
+
+
+def _stopped_now(code: int) -> int:
+    name = signal.Signals(code - 128).name if 128 < code < 160 else "interrupt"
+    out.error(
+        f"stopped at once ({name} twice); the last checkpoint written is intact",
+        "resume with the same command and --resume",
+    )
+    return code
+
+
+_show_python_warning = warnings.showwarning
+
+
+def _show_warning(message: Warning | str, category: type[Warning], *args: object, **kwargs: object) -> None:
+    """utune's own warnings as one ``warning:`` line; other libraries' as Python shows them."""
+    if issubclass(category, UtuneWarning):
+        out.warn(str(message))
+    else:
+        _show_python_warning(message, category, *args, **kwargs)  # type: ignore[arg-type]
 
 
 def _run(args: list[str], debug: bool) -> int:

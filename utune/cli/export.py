@@ -91,7 +91,7 @@ def export_cmd(
 def _show_spec(path: Path) -> None:
     from utune.export.tuners_only import embedded_spec
 
-    out.console().print(embedded_spec(path), markup=False, highlight=False, soft_wrap=True, end="")
+    out.console().print(out.escape_control(embedded_spec(path)), markup=False, highlight=False, soft_wrap=True, end="")
 
 
 def _show_folder(result: dict[str, Any]) -> None:

@@ -223,7 +223,9 @@ def spec_show(
             text = spec_file(str(source)).read_text(encoding="utf-8")
             out.console().print(text, markup=False, highlight=False, soft_wrap=True, end="")
             return
-    out.console().print(embedded_spec(source), markup=False, highlight=False, soft_wrap=True, end="")
+    out.console().print(
+        out.escape_control(embedded_spec(source)), markup=False, highlight=False, soft_wrap=True, end=""
+    )
 
 
 def draw(

@@ -43,6 +43,7 @@ the training data, for choosing hyper-parameters without the test split).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,7 @@ from utune.data.datasets import _images as images
 from utune.data.datasets._common import Source, data_base, resolve_root
 from utune.data.datasets.registry import ENTRIES, TRAIN_SPLITS, Entry, lookup, names
 from utune.data.datasets.transforms import InputNorm, build_transform
-from utune.errors import DataError
+from utune.errors import DataError, UtuneWarning
 from utune.spec.sections import DataConfig
 
 __all__ = [
@@ -288,15 +289,26 @@ MAX_WORKERS = 16  # 16 x ~700 img/s (ViT-B's 224 px training transform) ~ 11,000
 
 
 def default_workers(requested: int | None = None) -> int:
-    """``data.num_workers``: ``requested`` when given; else the CPU cores this process may use (its
+    """``data.num_workers``: ``requested`` when given (at most the CPU cores this process may use: more
+    warn and are capped); else the CPU cores this process may use (its
     affinity), shared among the processes torchrun started on this machine (``LOCAL_WORLD_SIZE``), less
     one for the training loop itself, between 0 and :data:`MAX_WORKERS` (one core: load in-process)."""
-    if requested is not None:
-        return requested
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
+    if requested is not None:
+        # each worker is a copy of the process (~0.5 GB with a ViT's transforms): more workers than cores
+        # only add memory, and 1000 of them exhaust it (the OOM killer takes the trainer, workers linger)
+        if requested > max(cores, 1):
+            warnings.warn(
+                f"data.num_workers={requested} is more than the {cores} CPU core(s) this process may use: "
+                f"capped at {cores}",
+                UtuneWarning,
+                stacklevel=2,
+            )
+            return max(cores, 1)
+        return requested
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     return max(0, min(MAX_WORKERS, cores // local - 1))
 

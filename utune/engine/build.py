@@ -16,6 +16,7 @@ from utune.engine.record import BuildReport, Built, RuleReport, Traced, model_la
 from utune.engine.tuned import TunedModel
 from utune.engine.tuned_ops import RECORD, make_record
 from utune.errors import ModelError, SelectionError, TraceError
+from utune.graph.budget import check_rule_size
 from utune.graph.context import PlanContext
 from utune.graph.glob import glob_match
 from utune.graph.manifest import Entry, Manifest
@@ -410,6 +411,7 @@ def attach_rules(spec: Spec, rw: Rewriter) -> tuple[Manifest, list[RuleReport], 
         sites = sel.sites if rule.output is None and rule.input is None else _ports(rule, sel.sites)
         for site in sites:
             kind.check(site, ctx)
+        check_rule_size(rule, type(kind), sites, ctx)  # before a byte is allocated for it
         entries = _attach(rw, kind, sites, ctx, rule.share)
         manifest.entries += entries
         row = BuildReport.rule(rule.name, rule.kind, kind.placement, kind.identity_at_init, kind.mergeable, entries)

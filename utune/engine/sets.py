@@ -12,8 +12,9 @@ part before their first tuner is shared.
 from __future__ import annotations
 
 import copy
+import re
 import weakref
-from collections.abc import Callable, Mapping, Sequence, Set
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from pathlib import Path
 from typing import Any, cast
 
@@ -81,7 +82,8 @@ def _spec_of(source: Any) -> tuple[Any, Path | None]:
 
         _, meta = read_tuners(Path(source))
         # a data file: the code its spec names is imported only if the user named it too (utune._imports)
-        return load_spec_text(meta["utune.spec"], f"{source} (embedded spec)", trusted=False), Path(source)
+        text, path = meta["utune.spec"], Path(source)  # its paths are relative to the file
+        return load_spec_text(text, f"{source} (embedded spec)", path=path, trusted=False), path
     return load_spec(source), None
 
 
@@ -261,6 +263,20 @@ def _rows_of(out: Any, rows: slice) -> Any:
     return out
 
 
+_SET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
+
+
+def check_set_names(names: Iterable[Any]) -> None:
+    """Set (task) names are plain names: they name submodules and, in ``utune multitask``, folders under
+    ``--out`` (a ``/``, ``..`` or ``.`` would write elsewhere or break the module tree)."""
+    for name in names:
+        if not isinstance(name, str) or not _SET_NAME.fullmatch(name):
+            raise UserInputError(
+                f"task name {name!r} is not a plain name (letters, digits, _ and -, at most 64, no . or /)",
+                hint="name the task, e.g. utune multitask cifar=specs/a.yaml (it becomes the folder --out/cifar)",
+            )
+
+
 def build_sets(sources: Mapping[str, Any], model: nn.Module | None = None) -> TunerSets:
     """Build every named set on one backbone (the first set's model, created once, or ``model``: any
     ``nn.Module`` of yours); a tuner file's set loads its tensors. The sets must share the architecture:
@@ -270,6 +286,7 @@ def build_sets(sources: Mapping[str, Any], model: nn.Module | None = None) -> Tu
 
     if not sources:
         raise UserInputError("build_sets needs at least one named set", hint="build_sets({'task': 'spec.yaml'})")
+    check_set_names(sources)
     built: dict[str, Any] = {}
     base: nn.Module | None = None
     first: Any = None

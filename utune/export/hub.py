@@ -125,9 +125,10 @@ def export_folder(built: Built, mode: str, folder: Path, *, run: Path | None = N
         result.update(folds=len(merged.folds), layers=merged.layers, tensors=len(merged.state))
     else:
         tensors = tuner_state(built)
-        files = {"tuners.safetensors": safetensors_bytes(tensors, tuners_metadata(built, tensors))}
+        meta = tuners_metadata(built, tensors, Path(folder) / "tuners.safetensors")
+        files = {"tuners.safetensors": safetensors_bytes(tensors, meta)}
         result["tensors"] = len(tensors)
-    files["utune_spec.yaml"] = spec_to_yaml(built.spec).encode()
+    files["utune_spec.yaml"] = spec_to_yaml(built.spec, relative_to=Path(folder)).encode()  # no local paths
     files["README.md"] = model_card(built, mode, run).encode()
 
     def fill(tmp: Path) -> None:

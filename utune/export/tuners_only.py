@@ -37,7 +37,7 @@ from utune.export._sites import TunerSite, tuner_sites
 from utune.export.io import read_safetensors, write_safetensors
 from utune.graph.rewrite import TUNER_ROOT
 from utune.spec import Spec, load_spec_text, spec_hash, spec_to_dict, spec_to_yaml
-from utune.train.checkpoint import trainable_state
+from utune.train.checkpoint import check_values, trainable_state
 
 if TYPE_CHECKING:
     from utune.engine.record import Built
@@ -128,7 +128,8 @@ def tuner_state(built: Built) -> dict[str, torch.Tensor]:
 # ---- export ----------------------------------------------------------------------------------------------
 
 
-def tuners_metadata(built: Built, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+def tuners_metadata(built: Built, tensors: dict[str, torch.Tensor], path: Path | None = None) -> dict[str, str]:
+    """The file's metadata; ``path``: where it is written (its spec's paths are recorded relative to it)."""
     spec: Spec = built.spec
     _, sites = _key_map(built)
     names = {"utune.class_names": json.dumps(spec.model.class_names)} if spec.model.class_names else {}
@@ -137,7 +138,7 @@ def tuners_metadata(built: Built, tensors: dict[str, torch.Tensor]) -> dict[str,
         "format": "pt",
         "utune.format": FORMAT,
         "utune.version": __version__,
-        "utune.spec": spec_to_yaml(spec),
+        "utune.spec": spec_to_yaml(spec, relative_to=Path(path).parent if path is not None else Path.cwd()),
         "utune.spec_hash": spec_hash(spec),
         "utune.tuners_hash": tuners_hash(spec),
         "utune.base_model": built.model_label,
@@ -150,7 +151,7 @@ def tuners_metadata(built: Built, tensors: dict[str, torch.Tensor]) -> dict[str,
 def export_tuners(built: Built, path: Path, *, force: bool = False) -> dict[str, Any]:
     """Write the tuner-only file; returns a summary (path, tensors, parameters, bytes)."""
     tensors = tuner_state(built)
-    size = write_safetensors(Path(path), tensors, tuners_metadata(built, tensors), force=force)
+    size = write_safetensors(Path(path), tensors, tuners_metadata(built, tensors, Path(path)), force=force)
     n_params = sum(t.numel() for t in tensors.values())
     return {"path": str(path), "mode": "tuners-only", "tensors": len(tensors), "params": n_params, "bytes": size}
 
@@ -269,6 +270,7 @@ def load_tuners(built: Built, path: Path | str, *, check_base: bool = True) -> d
                 f"{path}: {key} has shape {tuple(src.shape)}, the model expects {tuple(dst.shape)}",
                 hint="build with the spec the tuners were trained with",
             )
+        check_values(src, dst, f"{path}: {key}")
     with torch.no_grad():
         for key, gm_name in keys.items():
             live[gm_name].copy_(tensors[key].to(dtype=live[gm_name].dtype, device=live[gm_name].device))
@@ -282,12 +284,13 @@ def load_tuners(built: Built, path: Path | str, *, check_base: bool = True) -> d
 
 
 def embedded_spec(source: Path) -> str:
-    """The spec text stored in a tuner-only file's metadata, or a run's ``spec.yaml``."""
+    """The spec text stored in a tuner-only file's metadata, or a run's ``spec.yaml``, as written (it comes
+    from a file: escape its control characters before printing it, as ``utune spec show`` does)."""
     if source.is_dir():
         spec = source / "spec.yaml"
         if not spec.is_file():
             raise CheckpointError(f"{source} is not a utune run directory (no spec.yaml)", hint="pass a run folder")
-        return spec.read_text()
+        return spec.read_text(errors="replace")
     _, meta = read_safetensors(source, "tuner file")
     text = meta.get("utune.spec")
     if text is None:

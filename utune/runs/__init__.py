@@ -10,6 +10,7 @@ failed start is never what a later default picks.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -21,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from utune._fs import make_dir, remove_tree, write_text_atomic
+from utune._lock import run_lock
 from utune.engine.record import Built
 from utune.errors import CheckpointError, DataError, SpecError, UserInputError
 from utune.spec.sections import DataConfig, TrainConfig
@@ -219,43 +221,69 @@ def train_run(
     from utune.spec import spec_to_yaml
 
     spec = built.spec
+    check_steps(spec.train)
     du.setup(spec.train.device)
     created = False
-    try:
-        out_dir = Path(du.broadcast_object(str(out_dir)))
-        if not resume and has_checkpoint(out_dir / "checkpoints"):
-            raise CheckpointError(
-                f"{out_dir} already holds a run's checkpoints",
-                hint="pass --resume to continue it, or choose another output directory",
-            )
-        if du.is_main() and not resume:
-            created = not out_dir.exists()
-            make_dir(out_dir, "run folder")
-            write_text_atomic(out_dir / "spec.yaml", spec_to_yaml(spec), what="run spec")
-        du.barrier()
-        loaders = build_loaders(spec.data, built.data_config, spec.train, datasets=datasets)
-        label = getattr(built, "model_label", spec.model.name)
-        meta = {"model": label, "dataset": spec.data.dataset, "processes": du.world()}
-        if "tensorboard" in spec.train.log and du.is_main():
-            from utune.train.tensorboard import Reporters, TensorBoardReporter
+    with contextlib.ExitStack() as hold:
+        try:
+            out_dir = Path(du.broadcast_object(str(out_dir)))
+            if du.is_main():
+                created = not out_dir.exists()
+                make_dir(out_dir, "run folder")
+                hold.enter_context(run_lock(out_dir))  # one writer per run, until this function returns
+            if not resume and has_checkpoint(out_dir / "checkpoints"):
+                raise CheckpointError(
+                    f"{out_dir} already holds a run's checkpoints",
+                    hint="pass --resume to continue it, or choose another output directory",
+                )
+            if du.is_main() and not resume:
+                write_text_atomic(out_dir / "spec.yaml", spec_to_yaml(spec), what="run spec")
+            du.barrier()
+            return _train(built, out_dir, resume, datasets, reporter)
+        except BaseException:
+            if created and du.is_main() and not has_checkpoint(out_dir / "checkpoints"):
+                remove_tree(out_dir)  # a failed start is not a run a later default export would pick
+            raise
+        finally:
+            du.cleanup()
 
-            reporter = Reporters([reporter, TensorBoardReporter(out_dir / "tensorboard", spec_to_yaml(spec))])
-        return fit(
-            built.model,
-            spec.train,
-            loaders,
-            out_dir,
-            resume=resume,
-            run_meta=meta,
-            reporter=reporter,
-            input_norm=input_norm(built.data_config),
+
+def check_steps(cfg: TrainConfig) -> None:
+    """A run must have a step to train: ``epochs: 0`` without ``max_steps`` would leave a run with no checkpoint."""
+    if cfg.epochs == 0 and cfg.max_steps is None:
+        raise SpecError(
+            "train.epochs is 0 and train.max_steps is not set: nothing to train",
+            hint="set train.epochs (e.g. train.epochs=1) or train.max_steps; to score the model as built, "
+            "use `utune apply SPEC` without --train",
         )
-    except BaseException:
-        if created and du.is_main() and not has_checkpoint(out_dir / "checkpoints"):
-            remove_tree(out_dir)  # a failed start is not a run a later default export would pick
-        raise
-    finally:
-        du.cleanup()
+
+
+def _train(
+    built: Built,
+    out_dir: Path,
+    resume: bool,
+    datasets: Mapping[str, Dataset] | None,
+    reporter: Reporter | None,
+) -> dict:
+    from utune.spec import spec_to_yaml
+
+    spec = built.spec
+    loaders = build_loaders(spec.data, built.data_config, spec.train, datasets=datasets)
+    meta = {"model": built.model_label, "dataset": spec.data.dataset, "processes": du.world()}
+    if "tensorboard" in spec.train.log and du.is_main():
+        from utune.train.tensorboard import Reporters, TensorBoardReporter
+
+        reporter = Reporters([reporter, TensorBoardReporter(out_dir / "tensorboard", spec_to_yaml(spec))])
+    return fit(
+        built.model,
+        spec.train,
+        loaders,
+        out_dir,
+        resume=resume,
+        run_meta=meta,
+        reporter=reporter,
+        input_norm=input_norm(built.data_config),
+    )
 
 
 @dataclass

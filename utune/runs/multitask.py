@@ -137,11 +137,12 @@ def train_sets(
 ) -> dict[str, Any]:
     """Train every task of ``sources`` (name -> spec path, dict or Spec) together in ``out_dir``; returns
     the contents of ``out_dir/multitask.json``. See the module docstring."""
-    from utune.engine.sets import build_sets
+    from utune.engine.sets import build_sets, check_set_names
     from utune.train import distributed as du
     from utune.train.checkpoint import has_checkpoint
     from utune.train.loop import _private_rng, freeze_batchnorm, seed_everything
 
+    check_set_names(sources)  # before any folder is named after one
     out_dir = Path(out_dir)
     if (out_dir / "multitask.json").exists() or any(has_checkpoint(out_dir / n / "checkpoints") for n in sources):
         raise UserInputError(f"{out_dir} already holds a multi-task run", hint="choose another --out folder")

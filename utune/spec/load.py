@@ -12,6 +12,7 @@ import copy
 import difflib
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -715,12 +716,23 @@ def with_model(spec: Spec, **values: Any) -> Spec:
     return new
 
 
-def spec_to_yaml(spec: Spec) -> str:
-    """A resolved, re-loadable YAML dump (every default filled in), e.g. for a run directory."""
-    header = f"# resolved by utune from {spec.source}"
+def spec_to_yaml(spec: Spec, relative_to: Path | None = None) -> str:
+    """A resolved, re-loadable YAML dump (every default filled in), e.g. for a run directory.
+
+    ``relative_to``: a file that travels (a tuner file's embedded spec) names no absolute local path: the
+    weights and data paths are written relative to that folder (where loading it back resolves them) and the
+    header names the source spec by its file name only."""
+    source = Path(spec.source).name if relative_to is not None else spec.source
+    header = f"# resolved by utune from {source}"
     if spec.overrides:
         header += " with overrides: " + " ".join(spec.overrides)
-    body = yaml.safe_dump(spec_to_dict(spec), sort_keys=False, allow_unicode=True, default_flow_style=False)
+    data = spec_to_dict(spec)
+    if relative_to is not None:
+        for section, key in PATH_KEYS:
+            value = data.get(section, {}).get(key)
+            if isinstance(value, str) and Path(value).is_absolute():
+                data[section][key] = os.path.relpath(value, Path(relative_to).resolve())
+    body = yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
     return header.replace("\n", " ") + "\n" + body
 
 

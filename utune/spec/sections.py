@@ -55,7 +55,7 @@ class DataConfig(Section):
     # limit); true: leave them out with one warning giving their count and the first names
     skip_bad_images: bool = Field(default=False, description="leave unreadable image files out (with a warning)")
     split_seed: int = Field(
-        default=0, description="seed of train_size, val_size and the rotations"
+        default=0, ge=0, lt=2**63, description="seed of train_size, val_size and the rotations"
     )  # draws train_size, val_size and the rotations; not the training seed
 
     @field_validator("augment", mode="before")
@@ -107,7 +107,7 @@ class TrainConfig(Section):
     min_lr: float = Field(default=1e-6, ge=0)
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)
     clip_grad: float | None = Field(default=None, gt=0)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, lt=2**63)  # torch's generators take 64 bits; the loop mixes in the epoch
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     channels_last: bool = True  # CUDA only
     compile: bool = False

@@ -35,20 +35,93 @@ class YamlSyntaxError(Exception):
         self.problem = problem
 
 
+# Limits on what a spec may be (spec files and the specs embedded in tuner files alike, which may come from
+# anyone). A real spec is a few KB, a few hundred nodes, a dozen levels deep; these are 100x that and more.
+MAX_BYTES = 1 << 20  # 1 MiB of text: PyYAML's pure-Python parser reads ~1 MB in a few seconds
+MAX_DEPTH = 64  # nesting levels (the composer recurses: 5000 levels end in a RecursionError)
+MAX_NODES = 100_000  # nodes once every alias is expanded: nine levels of nine aliases ("billion laughs")
+# are ~1 KB of text and 387 million nodes; walking them (duplicate keys, validation) would take hours
+
+
+class _LimitedLoader(yaml.SafeLoader):
+    """The safe loader, refusing documents nested deeper than :data:`MAX_DEPTH` while composing."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self._depth = 0
+
+    def compose_node(self, parent: Node | None, index: Any) -> Node:
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise YamlSyntaxError(
+                    YamlProblem(mark.line + 1, mark.column + 1, f"nested deeper than {MAX_DEPTH} levels")
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _expanded_nodes(root: Node) -> int:
+    """How many nodes the document holds with its aliases expanded (each shared node counted per use),
+    in time linear in the distinct nodes; stops counting past :data:`MAX_NODES`."""
+    sizes: dict[int, int] = {}
+
+    def size(node: Node, depth: int) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if depth > MAX_DEPTH:  # an alias inside its own anchor (a cycle) also ends here
+            return MAX_NODES + 1
+        n = 1
+        if isinstance(node, MappingNode):
+            for k, v in node.value:
+                n += size(k, depth + 1) + size(v, depth + 1)
+                if n > MAX_NODES:
+                    break
+        elif isinstance(node, SequenceNode):
+            for item in node.value:
+                n += size(item, depth + 1)
+                if n > MAX_NODES:
+                    break
+        sizes[id(node)] = n
+        return n
+
+    return size(root, 0)
+
+
 def parse_yaml(text: str) -> tuple[Any, Node | None]:
     """Parse one YAML document with the safe loader; return ``(data, root node)``.
 
     Raises :class:`YamlSyntaxError` for text the parser rejects (with the parser's line, column and
-    problem). An empty document gives ``(None, None)``.
+    problem), and for a document beyond the limits (:data:`MAX_BYTES` of text, :data:`MAX_DEPTH` levels,
+    :data:`MAX_NODES` nodes with aliases expanded), before building anything from it. An empty document
+    gives ``(None, None)``.
     """
-    loader = yaml.SafeLoader(text)
+    size = len(text.encode("utf-8", errors="replace")) if len(text) * 4 > MAX_BYTES else len(text)
+    if size > MAX_BYTES:
+        raise YamlSyntaxError(
+            YamlProblem(1, None, f"the document is {size:,} bytes, larger than the {MAX_BYTES:,} a spec may be")
+        )
+    loader = _LimitedLoader(text)
     try:
         node = loader.get_single_node()
+        if node is not None and _expanded_nodes(node) > MAX_NODES:
+            raise YamlSyntaxError(
+                YamlProblem(
+                    1,
+                    None,
+                    f"it holds more than {MAX_NODES:,} values once its aliases are expanded (a spec holds "
+                    "hundreds); write the values out instead of nesting aliases",
+                )
+            )
         data = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as exc:
         raise YamlSyntaxError(_syntax_problem(exc)) from None
     except yaml.YAMLError as exc:  # unmarked errors (rare): no position to give
         raise YamlSyntaxError(YamlProblem(1, None, str(exc))) from None
+    except RecursionError:  # deep flow collections recurse in the parser's helpers too
+        raise YamlSyntaxError(YamlProblem(1, None, f"nested deeper than {MAX_DEPTH} levels")) from None
     finally:
         loader.dispose()
     return data, node

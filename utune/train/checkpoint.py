@@ -99,6 +99,9 @@ def load_trainable(model: nn.Module, tensors: Mapping[str, torch.Tensor], *, sou
                 f"{source}: {name} has shape {tuple(src.shape)}, the model expects {tuple(target.shape)}",
                 hint="the model or dataset differs from the one trained (e.g. a different number of classes)",
             )
+        check_values(src, target, f"{source}: {name}")
+    for name, target in expected.items():
+        src = tensors[name]
         with torch.no_grad():
             target.copy_(src.to(dtype=target.dtype, device=target.device))
 
@@ -188,7 +191,7 @@ def read_pointers(ckpt_dir: Path) -> dict[str, str]:
     for tag in TAGS:
         f = ckpt_dir / f"{tag}.txt"
         if f.is_file():
-            out[tag] = f.read_text().strip()
+            out[tag] = f.read_bytes()[:200].decode("utf-8", errors="replace").strip()
     return out
 
 
@@ -272,6 +275,24 @@ def _write_folder(
 # ---- reading --------------------------------------------------------------------------------------
 
 
+def check_values(src: torch.Tensor, target: torch.Tensor, what: str) -> None:
+    """A loaded tensor must be what the model holds: floats where it holds floats (an int8 or bool tensor
+    would be cast silently), and finite (NaN or inf weights compute NaN everywhere, silently)."""
+    if target.is_floating_point() and not src.is_floating_point():
+        raise CheckpointError(
+            f"{what} holds {str(src.dtype).removeprefix('torch.')} values where the model holds "
+            f"{str(target.dtype).removeprefix('torch.')}",
+            hint="the file was not written by utune or was altered; export or train again",
+        )
+    if src.is_floating_point() and src.numel() and not bool(torch.isfinite(src).all()):
+        bad = int((~torch.isfinite(src)).sum())
+        raise CheckpointError(
+            f"{what} holds {bad} non-finite value(s) (NaN or inf) of {src.numel()}",
+            hint="the training that wrote it diverged, or the file was altered; train again with a lower "
+            "train.lr or with train.clip_grad",
+        )
+
+
 def resolve_checkpoint(path: Path, which: str = "latest") -> Path:
     """The checkpoint folder for a run dir, its ``checkpoints/`` dir, or a ``step-N`` folder itself."""
     path = Path(path)
@@ -284,7 +305,7 @@ def resolve_checkpoint(path: Path, which: str = "latest") -> Path:
             f"no {which!r} checkpoint in {ckpt_dir} ({pointer.name} not found)",
             hint="train first, or start without --resume" if which == "latest" else "use the latest one",
         )
-    name = pointer.read_text().strip()
+    name = read_pointers(ckpt_dir).get(which, "") if which in TAGS else pointer.read_text(errors="replace").strip()
     if not _STEP_DIR.match(name) or not (ckpt_dir / name).is_dir():
         raise CheckpointError(f"{pointer} names {name!r}, which is not a checkpoint folder", hint=_RESUME_HINT)
     return ckpt_dir / name

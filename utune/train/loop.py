@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -34,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from utune._fs import write_text_atomic
 from utune._signals import last_signal, stop_acknowledged, stop_requested
-from utune.errors import CheckpointError, DataError, DistributedError, TrainingInterrupted
+from utune.errors import CheckpointError, DataError, DistributedError, TrainingDiverged, TrainingInterrupted
 from utune.spec.sections import TrainConfig
 from utune.train import distributed as du
 from utune.train import fsdp
@@ -541,6 +542,7 @@ class Trainer:
             self.warmup_s += self.window.untime()
         epoch_end, last = st.step % st.steps_per_epoch == 0, st.step == self.total
         if st.step % cfg.log_every == 0 or last or epoch_end:
+            self._check_finite(lr)
             self._log(lr)
         self.reporter.advance(st.step)
         self.window.pause()
@@ -557,6 +559,7 @@ class Trainer:
         if stop and "latest" not in tags:
             tags.append("latest")
         if tags:
+            self._check_finite(lr)  # never a checkpoint of weights a NaN loss has reached
             self.checkpoint(tags)
         if stop:
             raise self._interrupted(stop)
@@ -564,6 +567,22 @@ class Trainer:
             self._train_mode()
         self.window.resume()  # evaluation and checkpoint time are not training throughput
         return epoch_end or st.step >= self.total
+
+    def _check_finite(self, lr: float) -> None:
+        """Stop when a loss since the last log was NaN or infinite: the weights are garbage from there on, and
+        a run that saved them and exited 0 would look like a result (one sync, at log and checkpoint steps)."""
+        loss_sum = float(self.window.sums[0].item())
+        if math.isfinite(loss_sum):
+            return
+        saved = self.saved_step
+        kept = f"the last checkpoint (step {saved}) is kept" if saved is not None else "no checkpoint was written"
+        clip = (
+            f"lower train.clip_grad (now {self.cfg.clip_grad:g})" if self.cfg.clip_grad else "set train.clip_grad: 1.0"
+        )
+        raise TrainingDiverged(
+            f"training diverged: the loss became {loss_sum} by step {self.state.step} (lr {lr:g}); stopped, {kept}",
+            hint=f"start again with a lower train.lr (now {self.cfg.lr:g}), or {clip}",
+        )
 
     def _log(self, lr: float) -> None:
         st = self.state
