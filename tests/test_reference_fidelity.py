@@ -95,13 +95,16 @@ def test_dropout_and_init_leave_hashes_and_tuner_files_alone() -> None:
     import hashlib
     import json
 
+    from utune.spec.load import HASH_NEUTRAL_DEFAULTS
+
     rules = [
         {"name": "a", "kind": "adapter", "at": "blocks.*.mlp"},
         {"name": "p", "kind": "prompt", "at": "blocks.*"},
     ]
     spec = load_spec({"version": 1, "model": MODEL, "tuners": rules})
     older = spec_to_dict(spec)  # the resolved spec as a utune without these options (or that key) wrote it
-    del older["train"]["release_freed_memory"]
+    for section, key in HASH_NEUTRAL_DEFAULTS:  # every key added later with a hash-neutral default
+        older[section].pop(key, None)
     for rule in older["tuners"]:
         for key in ("dropout", "init") if rule["kind"] == "prompt" else ("dropout",):
             del rule[key]
