@@ -79,7 +79,7 @@ def _spec_of(source: Any) -> tuple[Any, Path | None]:
         from utune.export.tuners_only import read_tuners
 
         _, meta = read_tuners(Path(source))
-        return load_spec_text(meta["utune.spec"], f"{source} (embedded spec)"), Path(source)
+        return load_spec_text(meta["utune.spec"], f"{source} (embedded spec)", trusted=False), Path(source)
     return load_spec(source), None
 
 

@@ -189,7 +189,7 @@ def _check_spec(meta: dict[str, str], built: Built, path: Path) -> None:
         return
     problems: list[str] = []
     try:
-        stored = load_spec_text(meta.get("utune.spec", ""), f"{path} (embedded spec)")
+        stored = load_spec_text(meta.get("utune.spec", ""), f"{path} (embedded spec)", trusted=False)
         problems = _spec_differences(tuners_part(stored), tuners_part(built.spec))
     except Exception:  # an embedded spec this utune cannot read: the hashes still decide
         problems = []
