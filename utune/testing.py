@@ -156,8 +156,12 @@ def _rule_of(kind: str | type[TunerKind] | Mapping[str, Any], options: Mapping[s
     rule = dict(kind) if isinstance(kind, Mapping) else {"kind": kind}
     if "kind" not in rule:
         raise ValueError("a rule mapping needs a `kind:` key")
-    rule["kind"] = kind_name(rule["kind"])  # import paths in it are the caller's: a dict spec trusts them
-    return {"name": "t", **rule, **(options or {})}
+    rule = {"name": "t", **rule, **(options or {})}
+    from utune._imports import is_ref, trust
+
+    trust(v for v in rule.values() if is_ref(v))  # the caller named them (as a spec they pass would)
+    rule["kind"] = kind_name(rule["kind"])
+    return rule
 
 
 def _spec(rule: Mapping[str, Any], model: Mapping[str, Any], trainable: Sequence[str]) -> dict[str, Any]:
@@ -449,7 +453,8 @@ def check_kind(
             built_ok = any(r.arch == arch and r.contract == "build" and r.status == "pass" for r in report.results)
             if do_merge and built_ok:
                 report.results += check_merge(spec_rule, ARCHS[arch]["model"], [ARCHS[arch]["head"]], arch=arch)
-    if do_merge and not any(r.contract == "merged == unmerged" and r.status == "pass" for r in report.results):
+    merged = [r for r in report.results if r.contract == "merged == unmerged" and r.status != "skip"]
+    if do_merge and not merged:  # every architecture refused the fold: the declaration is not borne out
         if any(r.contract == "build" and r.status == "pass" for r in report.results):
             report.results.append(
                 Result("all", "merged == unmerged", "fail", "declared mergeable, but no architecture merged it")

@@ -22,7 +22,9 @@ def _channels(kind: TunerKind, site: Site, ctx: PlanContext) -> tuple[int, int, 
     tap, out = ctx.shape(site, Tap(kind.where)), ctx.output_shape(site)
     if tap is None or out is None or len(tap) != len(out):
         raise kind.fail(site, "its input or output is not one tensor of the same rank")
-    dim = ctx.channel_dim(site, out)
+    dim = ctx.channel_dim(site, out) % len(out)
+    if [s for i, s in enumerate(tap) if i != dim] != [s for i, s in enumerate(out) if i != dim]:
+        raise kind.fail(site, f"its input {list(tap)} and output {list(out)} differ in more than channels")
     return tap[dim], out[dim], dim
 
 
