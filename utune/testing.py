@@ -159,7 +159,7 @@ def _rule_of(kind: str | type[TunerKind] | Mapping[str, Any], options: Mapping[s
     rule = {"name": "t", **rule, **(options or {})}
     from utune._imports import is_ref, trust
 
-    trust(v for v in rule.values() if is_ref(v))  # the caller named them (as a spec they pass would)
+    trust(str(v) for v in rule.values() if is_ref(v))  # the caller named them (as a spec they pass would)
     rule["kind"] = kind_name(rule["kind"])
     return rule
 

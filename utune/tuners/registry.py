@@ -163,13 +163,15 @@ def _option_schema(prop: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _identity(cls: type[TunerKind]) -> dict[str, bool]:
-    """Whether the tuned model equals the base at init, per placement (prefix/prompt: parallel only)."""
-    out = {}
+def _identity(cls: type[TunerKind]) -> dict[str, bool | None]:
+    """Whether the tuned model equals the base at init, per placement (prefix/prompt: parallel only); None:
+    not promised either way (``kind: module``: the user's module decides)."""
+    out: dict[str, bool | None] = {}
     for placement in cls.placements:
         probe = cls.__new__(cls)  # identity_at_init may be a property of the placement; no rule needed
         probe.placement = placement
-        out[placement] = bool(probe.identity_at_init)
+        claim = probe.identity_at_init
+        out[placement] = None if claim is None else bool(claim)
     return out
 
 
@@ -188,7 +190,7 @@ def describe_kinds(names: Iterable[str] | None = None, *, builtin_only: bool = F
         for key, field in cls.Options.model_fields.items():
             shown = field.alias or key  # `class:` of kind: module
             options[shown] = {
-                "default": None if field.is_required() else field.default,
+                "default": None if field.is_required() else field.get_default(call_default_factory=True),
                 "required": field.is_required(),
                 "description": field.description or "",
                 "schema": _option_schema(props.get(shown, {})),
@@ -218,7 +220,9 @@ def kinds_markdown(rows: list[dict[str, Any]] | None = None) -> str:
         opts = ", ".join(f"`{k}={_md_value(o['default'], o.get('required', False))}`" for k, o in r["options"].items())
         opts = opts or "-"
         ident = r["identity_at_init"]
-        if all(ident.values()) or not any(ident.values()):
+        if any(v is None for v in ident.values()):
+            shown = "the module's choice"
+        elif all(ident.values()) or not any(ident.values()):
             shown = "yes" if all(ident.values()) else "no"
         else:
             shown = "; ".join(f"{p}: {'yes' if v else 'no'}" for p, v in ident.items())
