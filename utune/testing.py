@@ -444,6 +444,10 @@ def check_kind(
     unknown = [a for a in plan if a not in ARCHS]
     if unknown:
         raise ValueError(f"unknown architecture(s) {', '.join(unknown)}; the kit has: {', '.join(ARCHS)}")
+    from utune.spec import load_spec
+
+    first = next(iter(plan))
+    load_spec(_spec({**rule, "at": plan[first]}, ARCHS[first]["model"], [ARCHS[first]["head"]]))  # bad keys: now
     report = KindCheck(rule["kind"])
     do_merge = cls.mergeable if merge is None else merge
     for arch, where in plan.items():

@@ -58,7 +58,9 @@ def kinds() -> dict[str, type[TunerKind]]:
     """Every kind a spec may name by a short name: the built-in ones, then those installed packages publish
     (entry points that fail to load are left out; :func:`plugin_problems` says why)."""
     found = builtin_kinds()
-    for name in sorted(_entry_points()):
+    for name, ep in sorted(_entry_points().items()):
+        if name in found and name not in _BROKEN:  # the built-in kind wins; say so rather than shadow it
+            _BROKEN[name] = _not_a_kind(name, f"{ep.value} takes the name of a built-in kind, which wins")
         if name not in found and name not in _BROKEN:
             try:
                 found[name] = get_kind(name)
