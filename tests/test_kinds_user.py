@@ -92,6 +92,8 @@ def test_a_kind_named_by_import_path_trains_exports_and_loads_back(work: Path, s
     args = ("apply", "gated.yaml", "--tuners", doc["path"], "--dry-run", "--verify", "--format", "json")
     loaded = ok(run(*args, cwd=work, site=site)).json()
     assert isinstance(loaded, dict) and loaded["identity_max_abs_diff"] > 0  # the trained gates, not the init
+    ok(run("draw", "gated.yaml", "-o", "gated.png", cwd=work, site=site))
+    assert (work / "gated.png").stat().st_size > 1000
     merge = run("export", "run_gated", "--merge", cwd=work, site=site)  # GELU: it declares no fold
     refused(merge, "cannot merge", "gated")
 

@@ -7,7 +7,7 @@ A kind is a class, found by the name a spec's ``kind:`` gives it:
 - ``kind: gated_adapter``: published by an installed package in the entry-point group ``utune.kinds``
   (``[project.entry-points."utune.kinds"] gated_adapter = "my_pkg.kinds:GatedAdapter"``).
 
-The contract (stable from utune 0.x on; changes are recorded in the CHANGELOG):
+The contract (kept from utune 0.2 on; changes are recorded in the CHANGELOG):
 
 - subclass :class:`TunerKind`; set ``Options`` to a :class:`TunerOptions` subclass whose fields (with
   defaults and a ``description``) are the rule's own keys, written flat in the rule and validated at the

@@ -516,7 +516,7 @@ def _validate_options(index: int, raw: dict[str, Any]) -> tuple[Section | None, 
     try:
         return options_cls.model_validate({k: v for k, v in raw.items() if k not in _COMMON}), []
     except ValidationError as exc:
-        names = [*_COMMON, *options_cls.model_fields]
+        names = [*_COMMON, *(f.alias or n for n, f in options_cls.model_fields.items())]  # `class:` of kind module
         return None, [_from_pydantic(err, ("tuners", index), names) for err in exc.errors()]
 
 
