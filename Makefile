@@ -20,8 +20,8 @@ $(STAMP): pyproject.toml | $(PY)
 install: $(STAMP)
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check utune tests bench quickstart
-	$(VENV)/bin/ruff format --check utune tests bench quickstart
+	$(VENV)/bin/ruff check utune tests bench quickstart examples
+	$(VENV)/bin/ruff format --check utune tests bench quickstart examples
 	$(VENV)/bin/mypy  # the whole package (pyproject.toml [tool.mypy])
 
 # two worker processes (each test runs on one torch thread): the suite in about half the time on 2 cores;

@@ -19,8 +19,8 @@ def test_the_cli_reference_is_generated_from_the_app() -> None:
 
 def test_the_cli_reference_lists_every_command() -> None:
     text = (DOCS / "cli.md").read_text()
-    for command in ("apply", "eval", "export", "inspect", "tuners", "spec validate", "compare", "multitask"):
-        assert f"## `utune {command}`" in text
+    for command in ("apply", "eval", "export", "inspect", "tuners", "spec validate", "compare", "multitask", "predict"):
+        assert f"## `utune {command}" in text
 
 
 def test_the_architecture_page_names_files_that_exist() -> None:

@@ -33,13 +33,14 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("models", ("utune.models", "utune.models.*")),  # the one place that knows timm / torchvision names, weights
     ("graph", ("utune.graph", "utune.graph.*")),  # trace, sites, select, the rewriter, the manifest
-    ("tuners", ("utune.tuners", "utune.tuners.*")),  # the kinds: they plan, never touch graph nodes
+    ("tuners", ("utune.tuners", "utune.tuners.*", "utune.kinds")),  # the kinds (utune.kinds: their public API)
     ("spec", ("utune.spec", "utune.spec.*")),
     ("record", ("utune.engine", "utune.engine.record")),  # what a build returns: every consumer reads it
     ("data and training", ("utune.data", "utune.data.*", "utune.train", "utune.train.*")),
     ("tuned model and export", ("utune.engine.tuned_ops", "utune.engine.tuned", "utune.export", "utune.export.*")),
     ("build", ("utune.engine.build", "utune.engine.sets")),
-    ("workflows", ("utune.runs", "utune.runs.*", "utune.compare", "utune.compare.*")),  # train, eval, predict
+    # train, eval, predict, compare; utune.testing: the contract kit any kind can run
+    ("workflows", ("utune.runs", "utune.runs.*", "utune.compare", "utune.compare.*", "utune.testing")),
     ("facade", ("utune",)),  # utune.build, utune.load_spec...: imports lazily on call
     ("cli", ("utune.cli", "utune.cli.*", "utune.__main__")),
 ]

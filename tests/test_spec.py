@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -429,7 +430,9 @@ def test_json_schema_lists_every_kind(tmp_path: Path) -> None:
     schema = json.loads(json.dumps(spec_json_schema()))
     assert set(schema["properties"]) == {"version", "model", "tuners", "trainable", "data", "train", "export"}
     rule = schema["$defs"]["TunerRule"]
-    variants = {v["properties"]["kind"]["const"]: v for v in rule["oneOf"]}
+    variants = {v["properties"]["kind"]["const"]: v for v in rule["oneOf"] if "const" in v["properties"]["kind"]}
+    [yours] = [v for v in rule["oneOf"] if "const" not in v["properties"]["kind"]]  # kind: package.module:Class
+    assert re.match(yours["properties"]["kind"]["pattern"], "my_pkg.kinds:GatedAdapter")
     assert {"fake", "other"} <= set(variants)
     assert {"dim", "scale", "name", "at"} <= set(variants["fake"]["properties"])
     assert {"rank", "alpha"} <= set(variants["other"]["properties"]) and "dim" not in variants["other"]["properties"]

@@ -1,11 +1,13 @@
-"""The contract matrix: every tuner kind x the small architectures where it applies.
+"""The contract matrix: every built-in tuner kind x the small architectures where it applies.
 
-For each case: tuned == base at init within the kind's declared tolerance (or, for kinds that are not
-the identity at init, a reported non-zero difference); after one optimizer step only tuner and
-``trainable:`` parameters changed, each of them got a gradient; train and eval mode run; the state
-dict round-trips into a freshly built model. For every kind that declares itself mergeable: after a few
-training steps the merged plain model equals the tuned one (1e-5 of the output scale), or the row says
-which refusal the algebra forces (``merge_refused``: a shift on a layer without a bias, a GELU).
+The contracts are the kit's (:mod:`utune.testing`, which ``check_kind`` and ``utune tuners check`` run on
+any kind): one source of truth. This file says where each kind attaches on each architecture. For each
+case: traced == eager; tuned == base at init within the kind's declared tolerance (or, for kinds that are
+not the identity at init, a reported non-zero difference); after one optimizer step only tuner and
+``trainable:`` parameters changed, each of them got a gradient, each tuner moved; train and eval mode run;
+the tuner-only file round-trips into a freshly built model. For every kind that declares itself mergeable:
+after a few training steps the merged plain model equals the tuned one (1e-5 of the output scale), or the
+row says which refusal the algebra forces (``merge_refused``: a shift on a layer without a bias, a GELU).
 """
 
 from __future__ import annotations
@@ -13,13 +15,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-import torch
 
 from tests.archs import HEADS, model_section
-from utune.engine.build import Built, build
-from utune.graph.rewrite import TUNER_ROOT
-from utune.graph.trace import trace
-from utune.tuners.registry import get_kind
+from utune.testing import KindCheck, check_contracts, check_merge
+from utune.tuners.registry import builtin_kinds, get_kind
 
 # kind case -> {arch: at-selector (and extra rule keys)}
 MATRIX: dict[str, dict[str, Any]] = {
@@ -217,6 +216,13 @@ MATRIX: dict[str, dict[str, Any]] = {
         "convnext": {"at": "stages.2.blocks.*.mlp.fc*", "form": "tk", "rank": 4},
         "tv_vit": {"at": "encoder.layers.*.mlp.3", "form": "tk", "rank": 4},
     },
+    "module": {  # a plain nn.Module of the user's code (tests/user_modules.py), called channels-last
+        "vit": {"at": "blocks.*.mlp", "class": "tests.user_modules:Bottleneck", "scale": "channel"},
+        "swin": {"at": "layers.*.blocks.*.mlp", "class": "tests.user_modules:Bottleneck", "placement": "sequential"},
+        "convnext": {"at": "stages.*.blocks.*.mlp.fc1", "class": "tests.user_modules:Mixer"},  # 4x the channels
+        "resnet": {"at": "layer1.*", "class": "tests.user_modules:Bottleneck", "kwargs": {"hidden": 2}},  # NCHW
+        "tv_vit": {"at": "encoder.layers.*.mlp", "class": "tests.user_modules:Bottleneck", "scale": "gate"},
+    },
     "vqt": {  # its head replaces the classifier: nothing else trains
         "vit": {"at": "blocks.*", "length": 2, "trainable": []},
         "deit": {"at": "blocks.*", "trainable": []},
@@ -243,103 +249,35 @@ def spec_for(case: str, arch: str) -> dict[str, Any]:
     return {"version": 1, "model": model_section(arch, num_classes=5), "tuners": [rule], "trainable": []}
 
 
-def batch(built: Built, n: int = 2) -> torch.Tensor:
-    return torch.randn(n, *built.input_size, generator=torch.Generator().manual_seed(3))
-
-
-@torch.no_grad()
-def identity_diff(built: Built) -> float:
-    """max |tuned - base| at init: the build's ``--verify`` figure or, where the base model's head starts at
-    zero (torchvision's) and that figure would be 0 whatever the tuners do, the same with a random head (a
-    trainable base parameter, shared by both models); the base then runs as a fresh trace of it."""
-    if built.report["output_scale"] > 0:
-        return float(built.report["identity_max_abs_diff"])
-    if not built.spec.trainable:  # a kind with its own head (VQT): what it outputs at init is not the base's
-        return float("inf")
-    head = built.base.get_submodule(built.spec.trainable[0])
-    for p in head.parameters():
-        p.normal_(0, 0.1, generator=torch.Generator().manual_seed(5))
-    x = batch(built)
-    base = trace(built.base).eval()(x)
-    diff = float((built.model.eval()(x) - base).abs().max())
-    built.model.train()
-    assert float(base.abs().max()) > 0
-    return diff
-
-
-def _build(case: str, arch: str, seed: int = 0) -> Built:
-    spec = spec_for(case, arch)
+def _trainable(case: str, arch: str) -> list[str]:
     entry = MATRIX[case][arch]
-    spec["trainable"] = entry.get("trainable", [HEADS[arch]]) if isinstance(entry, dict) else [HEADS[arch]]
-    torch.manual_seed(seed)
-    return build(spec, verify=True)
+    return list(entry.get("trainable", [HEADS[arch]])) if isinstance(entry, dict) else [HEADS[arch]]
+
+
+def _option(case: str, arch: str, key: str) -> str | None:
+    entry = MATRIX[case][arch]
+    return entry.get(key) if isinstance(entry, dict) else None
 
 
 @pytest.mark.parametrize(("case", "arch"), CASES, ids=[f"{c}-{a}" for c, a in CASES])
 def test_contract(case: str, arch: str) -> None:
-    entry = MATRIX[case][arch]
-    if isinstance(entry, dict) and "expect_error" in entry:
-        from utune.errors import UtuneError
-
-        with pytest.raises(UtuneError, match=entry["expect_error"]):
-            build(spec_for(case, arch))
-        return
-    built = _build(case, arch)
-    model = built.model
-    kind = get_kind(built.spec.tuners[0].kind)(built.spec.tuners[0])
-    report = built.report
-    assert report["tuners"][0]["sites"], "the rule matched no site"
-    assert report["tuner_params"] > 0
-
-    # 1. identity at init, within the kind's declared tolerance
-    diff = identity_diff(built)
-    if kind.identity_at_init:
-        assert diff <= kind.identity_atol, f"{case} on {arch} is not the identity at init: {diff}"
-    else:
-        assert diff is not None and diff > 0
-
-    # 2. one optimizer step: only tuner and trainable parameters change; each got a gradient
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    tuner_names = {n for n in trainable if n.startswith(TUNER_ROOT + ".")}
-    heads = [g for g in built.spec.trainable if isinstance(g, str)]
-    assert tuner_names and trainable - tuner_names == {n for n in trainable if any(n.startswith(h) for h in heads)}
-    with torch.no_grad():  # break zero inits (zero heads, zero last-BN gammas, tiny layer scales) so every
-        for n, p in model.named_parameters():  # tuner lies on a path with a non-zero gradient
-            if not n.startswith(TUNER_ROOT + "."):
-                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(7)) * 0.05)
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    model.train()
-    out = model(batch(built))
-    loss = torch.nn.functional.cross_entropy(out, torch.tensor([1, 2]))
-    loss.backward()
-    for n, p in model.named_parameters():
-        assert (p.grad is not None) == (n in trainable), f"{n}: grad presence wrong"
-    opt.step()
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
-    assert changed <= trainable, f"frozen parameters changed: {sorted(changed - trainable)[:3]}"
-    moved = {id(p) for n, p in model.named_parameters() if n in changed}
-    for module_name in built.tuner_modules["t"]:  # a tensor shared across sites moves every module using it
-        used = {id(p) for p in model.get_submodule(module_name).parameters()}
-        assert used & moved, f"no parameter of {module_name} moved after a step"
-
-    # 3. both modes run; 4. the state dict round-trips into a fresh build (frozen weights included)
-    model.eval()
-    with torch.no_grad():
-        ref = model(batch(built))
-    fresh = _build(case, arch, seed=1)
-    fresh.model.load_state_dict(model.state_dict(), strict=True)
-    fresh.model.eval()
-    with torch.no_grad():
-        assert torch.equal(fresh.model(batch(built)), ref)
+    """The kit's contracts (utune.testing.check_contracts): identity at init within the kind's tolerance,
+    gradients, frozen weights, every tuner moving, the tuner-only round trip, traced == eager."""
+    spec = spec_for(case, arch)
+    results = check_contracts(
+        spec["tuners"][0],
+        spec["model"],
+        _trainable(case, arch),
+        arch=arch,
+        expect_error=_option(case, arch, "expect_error"),
+    )
+    KindCheck(case, results).raise_for_failures()
 
 
 def test_every_kind_is_in_the_matrix() -> None:
-    from utune.tuners.registry import kinds
-
     covered = {c.partition("-")[0] for c in MATRIX}
-    assert set(kinds()) <= covered
-    for kind in kinds():
+    assert set(builtin_kinds()) <= covered
+    for kind in builtin_kinds():
         assert sum(len(v) for c, v in MATRIX.items() if c.startswith(kind)) >= 5, kind
 
 
@@ -348,43 +286,14 @@ def test_every_kind_is_in_the_matrix() -> None:
 MERGEABLE = [(c, a) for c, a in CASES if get_kind(c.partition("-")[0]).mergeable]
 
 
-def _train_a_little(built: Built, steps: int = 3) -> None:
-    model = built.model
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    gen = torch.Generator().manual_seed(11)
-    for _ in range(steps):
-        loss = torch.nn.functional.cross_entropy(
-            model(torch.randn(4, *built.input_size, generator=gen)), torch.randint(0, 5, (4,), generator=gen)
-        )
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
-
-
 @pytest.mark.parametrize(("case", "arch"), MERGEABLE, ids=[f"{c}-{a}" for c, a in MERGEABLE])
 def test_merged_equals_unmerged(case: str, arch: str) -> None:
-    from utune.errors import ExportError
-    from utune.export.merge import forward_eval, merged_state_dict, plain_model
-
-    entry = MATRIX[case][arch]
-    built = _build(case, arch)
-    _train_a_little(built)
-    refused = entry.get("merge_refused") if isinstance(entry, dict) else None
-    if refused:
-        with pytest.raises(ExportError, match=refused):
-            merged_state_dict(built)
-        return
-    result = merged_state_dict(built)
-    assert result.folds, "nothing was folded"
-    plain = plain_model(built)
-    plain.load_state_dict(result.state, strict=True)
-    x = batch(built, 4)
-    tuned, merged = forward_eval(built.model, x), forward_eval(plain, x)
-    assert not torch.equal(tuned, forward_eval(built.base, x)), "the tuners did not move: the test would prove nothing"
-    diff, scale = float((tuned - merged).abs().max()), float(tuned.abs().max())
-    assert diff <= 1e-5 * scale, f"{case} on {arch}: merged differs from unmerged by {diff:.3g} (scale {scale:.3g})"
+    """For every kind that declares itself mergeable: after a few training steps the merged plain model equals
+    the tuned one (utune.testing.check_merge), or the row says which refusal the algebra forces."""
+    spec = spec_for(case, arch)
+    refused = _option(case, arch, "merge_refused")
+    results = check_merge(spec["tuners"][0], spec["model"], _trainable(case, arch), arch=arch, refused=refused)
+    KindCheck(case, results).raise_for_failures()
 
 
 def test_every_kind_file_registers_its_kinds() -> None:

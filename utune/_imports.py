@@ -23,7 +23,8 @@ from typing import Any
 from utune.errors import UserInputError
 
 # ``package.module:attr`` (attr may be dotted: ``pkg.mod:Class.factory``); no paths, no spaces
-_REF = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+REF_PATTERN = r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$"
+_REF = re.compile(REF_PATTERN)
 TRUST_ENV = "UTUNE_TRUST"
 _trusted: set[str] = set()
 

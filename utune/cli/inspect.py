@@ -10,12 +10,18 @@ from rich.markup import escape
 
 from utune import _output as out
 from utune.cli._common import Format, set_format, spec_file
-from utune.errors import UtuneError
+from utune.errors import UserInputError, UtuneError
 
 
 def register(app: typer.Typer, spec_app: typer.Typer) -> None:
     app.command()(inspect)
-    app.command()(tuners)
+    tuners_app = typer.Typer(
+        help="List the tuner kinds (`utune tuners`), or run the contract kit on one (`utune tuners check NAME`).",
+        invoke_without_command=True,
+    )
+    tuners_app.callback()(tuners)
+    tuners_app.command("check")(tuners_check)
+    app.add_typer(tuners_app, name="tuners")
     spec_app.command("validate")(spec_validate)
     spec_app.command("schema")(spec_schema)
     spec_app.command("show")(spec_show)
@@ -107,13 +113,24 @@ def _rule_summary(rules: list[dict[str, Any]]) -> None:
 
 
 def tuners(
+    ctx: typer.Context,
     fmt: Annotated[str, typer.Option("--format", "-f", help="table | json | markdown")] = "table",
+    kind: Annotated[
+        list[str] | None,
+        typer.Option("--kind", help="also list this kind from your code (package.module:Class); repeatable"),
+    ] = None,
 ) -> None:
-    """List the tuner kinds with their options, defaults and what each option means."""
+    """List the tuner kinds (built-in, published by installed packages, and --kind ones) with their options."""
+    if ctx.invoked_subcommand is not None:
+        return
     set_format(fmt, ("table", "json", "markdown"))
-    from utune.tuners.registry import describe_kinds, kinds_markdown
+    from utune._imports import trust
+    from utune.tuners.registry import describe_kinds, kinds, kinds_markdown, plugin_problems
 
-    rows = describe_kinds()
+    trust(kind or [])  # named on the command line: the user's
+    rows = describe_kinds([*kinds(), *(k for k in kind or [] if k not in kinds())])
+    for name, why in plugin_problems().items():
+        out.warn(f"tuner kind {name!r} (entry point utune.kinds) cannot be loaded: {why}")
     if fmt == "json":
         out.print_json(rows)
         return
@@ -134,6 +151,60 @@ def tuners(
             for r in rows
         ],
     )
+
+
+def tuners_check(
+    name: Annotated[str, typer.Argument(help="a kind: lora, gated_adapter, my_pkg.kinds:GatedAdapter, module")],
+    keys: Annotated[
+        list[str] | None,
+        typer.Argument(help="more rule keys as key=value (rank=4, class=my_pkg.mods:MyU for kind module)"),
+    ] = None,
+    at: Annotated[
+        str | None, typer.Option(help="layer (a Linear/Conv per architecture), block, or one selector for all")
+    ] = None,
+    arch: Annotated[
+        list[str] | None, typer.Option(help="only this architecture (vit, swin, convnext, resnet, tv_resnet)")
+    ] = None,
+    fmt: Format = "table",
+) -> None:
+    """Run the contract kit (utune.testing.check_kind) on a kind: identity at init, gradients, frozen weights,
+    tuner-only round trip, merged == unmerged, over small real architectures. Exit 1 when a contract fails."""
+    set_format(fmt)
+    import yaml
+
+    from utune._imports import trust
+    from utune.testing import ARCHS, check_kind
+
+    rule: dict[str, Any] = {"kind": name}
+    for item in keys or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserInputError(f"bad rule key {item!r}", hint="write key=value, e.g. rank=4 or class=pkg.mods:MyU")
+        rule[key.strip()] = yaml.safe_load(value)
+    trust([name, *(v for v in rule.values() if isinstance(v, str))])  # named on the command line
+    unknown = [a for a in arch or [] if a not in ARCHS]
+    if unknown:
+        raise UserInputError(f"unknown architecture {unknown[0]!r}", hint=f"the kit has: {', '.join(ARCHS)}")
+    from utune.errors import SpecError
+    from utune.tuners.registry import get_kind
+
+    get_kind(name)  # an unknown or unimportable kind: one clear line before any model is built
+    try:
+        report = check_kind(rule, at=at, archs=arch)
+    except ValueError as e:
+        raise SpecError(str(e), hint="`utune tuners` lists the kinds and their options") from None
+    if fmt == "json":
+        out.print_json(report.as_dict())
+    else:
+        out.table(
+            f"contracts of {report.kind}",
+            ["arch", "contract", "result", "detail"],
+            [[r.arch, r.contract, r.status, r.detail] for r in report.results],
+        )
+        verdict = "all contracts hold" if report.ok else f"{len(report.failures)} contract(s) failed"
+        (out.info if report.ok else out.warn)(f"{report.kind}: {verdict}")
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 def _shown(value: Any) -> str:

@@ -35,9 +35,9 @@ from pydantic import (
 )
 from pydantic.json_schema import SkipJsonSchema
 
-from utune._imports import is_ref
+from utune._imports import REF_PATTERN, is_ref
 from utune._schema import Section
-from utune.errors import OverrideError, SpecError
+from utune.errors import OverrideError, SpecError, UserInputError
 from utune.graph.select import Selector
 from utune.graph.share import Share
 from utune.graph.trainable import TypeSelector
@@ -253,9 +253,11 @@ class TunerRule(Section):
     @field_validator("kind")
     @classmethod
     def _registered(cls, kind: str) -> str:
+        """A built-in or published kind, or ``package.module:Class`` from the user's code (imported here, so a
+        missing module, an untrusted name or a class that is no kind is reported at the rule's line)."""
         try:
             get_kind(kind)
-        except SpecError as exc:
+        except UserInputError as exc:
             raise ValueError(f"{exc.message}; {exc.hint}" if exc.hint else exc.message) from None
         return kind
 
@@ -577,7 +579,7 @@ def _validate(data: dict[str, Any]) -> tuple[Spec | None, list[_Problem]]:
 
 def _validate_options(index: int, raw: dict[str, Any]) -> tuple[Section | None, list[_Problem]]:
     kind = raw.get("kind")
-    if not isinstance(kind, str) or kind not in kinds():
+    if not isinstance(kind, str) or _unknown_kind(kind):
         return None, []  # phase 1 reports the missing or unknown kind
     options_cls = _options_class(kind)
     raw, found = _layout(index, kind, raw, options_cls)
@@ -586,8 +588,16 @@ def _validate_options(index: int, raw: dict[str, Any]) -> tuple[Section | None, 
     try:
         return options_cls.model_validate({k: v for k, v in raw.items() if k not in _COMMON}), []
     except ValidationError as exc:
-        names = [*_COMMON, *options_cls.model_fields]
+        names = [*_COMMON, *(f.alias or n for n, f in options_cls.model_fields.items())]  # `class:` of kind module
         return None, [_from_pydantic(err, ("tuners", index), names) for err in exc.errors()]
+
+
+def _unknown_kind(kind: str) -> bool:
+    try:
+        get_kind(kind)
+    except UserInputError:
+        return True
+    return False
 
 
 _LAYOUTS = {"channels_first": 1, "nchw": 1, "channels_last": -1, "nhwc": -1, "tokens": -1}
@@ -797,8 +807,18 @@ def spec_json_schema() -> dict[str, Any]:
         required = list(dict.fromkeys([*rule.get("required", []), *options.get("required", [])]))
         variant = {"title": name, "type": "object", "properties": properties, "required": required}
         variants.append({**variant, "additionalProperties": False})
-    if variants:
-        kind_enum = {"kind": {"enum": list(kinds())}}
+    if variants:  # a kind from the user's code: its options are its own, checked when the spec loads
+        ref = {"type": "string", "pattern": REF_PATTERN, "description": "package.module:Class (a kind in your code)"}
+        variants.append(
+            {
+                "title": "a kind from your code",
+                "type": "object",
+                "properties": {**rule["properties"], "kind": ref},
+                "required": rule.get("required", []),
+                "additionalProperties": True,
+            }
+        )
+        kind_enum = {"kind": {"anyOf": [{"enum": list(kinds())}, ref]}}
         defs["TunerRule"] = {**rule, "properties": kind_enum, "oneOf": variants}
         defs["TunerRule"].pop("additionalProperties", None)
     return schema

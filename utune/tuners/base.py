@@ -1,7 +1,8 @@
 """What every tuner kind is: options, what it accepts, the modules it builds, and how it plans to attach.
 
 A kind subclasses :class:`TunerKind`, sets ``kind`` and ``Options``, and is registered with ``@register``
-in its own file under ``utune/tuners/`` (importing the package registers every file there). It *plans*:
+in its own file under ``utune/tuners/`` (importing the package registers every file there); a kind in the
+user's code is the same class, found by import path or entry point (:mod:`utune.kinds` is its public API). It *plans*:
 :meth:`TunerKind.plan` returns :class:`~utune.graph.manifest.Attachment` values (module, site, tap, join)
 and the one rewriter applies them; no kind touches a graph node. The default plan is the U-Tuning
 mechanism, ``x' = OP(x) + U(tap)``: tap = the site's input (parallel) or output (sequential), join = add.

@@ -1,0 +1,1 @@
+"""Example tuner kinds written outside utune (see docs/adding-a-kind.md)."""
