@@ -12,7 +12,16 @@ from utune.cli._common import Checkpoint, Format, Overrides, check_choice, set_f
 from utune.errors import UserInputError
 
 _MERGE_HELP = "fold every tuner into the base weights: a plain state dict timm/torchvision load strictly"
-_NAMES = {"merge": "merged weights", "tuners-only": "tuner weights", "peft": "PEFT LoRA folder"}
+_ONNX_HELP = "a self-contained ONNX model of any tuner kind (what folds is folded), verified in onnxruntime"
+_PT2_HELP = "a self-contained torch.export program (.pt2) of any tuner kind; torch.export.load runs it"
+_NAMES = {
+    "merge": "merged weights",
+    "tuners-only": "tuner weights",
+    "peft": "PEFT LoRA folder",
+    "onnx": "ONNX model",
+    "torch-export": "torch.export program",
+}
+_FLAGS = ("--merge", "--tuners-only", "--peft", "--onnx", "--torch-export")
 
 
 def register(app: typer.Typer) -> None:
@@ -20,8 +29,8 @@ def register(app: typer.Typer) -> None:
     app.command("import-peft")(import_peft_cmd)
 
 
-def _mode(merge: bool, tuners_only: bool, peft: bool, spec_export: Any = None) -> str:
-    chosen = [name for name, on in (("--merge", merge), ("--tuners-only", tuners_only), ("--peft", peft)) if on]
+def _mode(flags: tuple[bool, ...], spec_export: Any = None) -> str:
+    chosen = [name for name, on in zip(_FLAGS, flags, strict=True) if on]
     if len(chosen) > 1:
         raise UserInputError(f"{' and '.join(chosen)} exclude each other", hint="choose one export mode")
     if chosen:
@@ -53,6 +62,8 @@ def export_cmd(
         bool, typer.Option("--tuners-only", help="only tuner and trainable tensors, with the spec (the default)")
     ] = False,
     peft: Annotated[bool, typer.Option("--peft", help="a folder Hugging Face PEFT's PeftModel loads (LoRA)")] = False,
+    onnx: Annotated[bool, typer.Option("--onnx", help=_ONNX_HELP)] = False,
+    torch_export: Annotated[bool, typer.Option("--torch-export", help=_PT2_HELP)] = False,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="file (folder for --peft); default RUN/export/...")
     ] = None,
@@ -73,7 +84,7 @@ def export_cmd(
     ] = False,
     fmt: Format = "table",
 ) -> None:
-    """Export a trained model: --merge (plain weights), --tuners-only (small file), or --peft."""
+    """Export a trained model: --merge (plain weights), --tuners-only (small file), --peft, --onnx, --torch-export."""
     set_format(fmt, artifact_hint="--format is the output's format; the PEFT folder is `--peft`")
     if show_spec is not None:
         _show_spec(show_spec)
@@ -83,15 +94,16 @@ def export_cmd(
 
     source, ov = split_overrides(source, overrides)
     check_choice("--checkpoint", checkpoint, ("latest", "best"))
-    _mode(merge, tuners_only, peft)  # bad flags and an existing -o fail before the (slow) rebuild
+    flags = (merge, tuners_only, peft, onnx, torch_export)
+    _mode(flags)  # bad flags and an existing -o fail before the (slow) rebuild
     source, from_spec = _source(source, output, force, tuners)
     built = load_source(source, ov, tuners=tuners, which=checkpoint)
-    mode = _mode(merge, tuners_only, peft, getattr(built.spec, "export", None))
+    mode = _mode(flags, getattr(built.spec, "export", None))
     if folder:
         _folder(built, mode, source, from_spec, output, force, no_verify)
         return
     path = output if output is not None else default_output(source, mode)
-    result = export(built, mode, path, force=force, verify=not no_verify)
+    result = export(built, mode, path, force=force, verify=not no_verify, source=None if from_spec else source)
     _show(result, mode, no_verify)
 
 
@@ -124,8 +136,8 @@ def _folder(
 ) -> None:
     from utune.export.hub import export_folder
 
-    if mode == "peft":
-        raise UserInputError("--peft writes a folder already; --folder goes with --merge or --tuners-only")
+    if mode in ("peft", "onnx", "torch-export"):
+        raise UserInputError(f"--{mode} writes its own format; --folder goes with --merge or --tuners-only")
     run = None if from_spec else Path(source)
     path = output if output is not None else Path(source) / "export" / ("merged" if mode == "merge" else "tuners")
     result = export_folder(built, mode, path, run=run, force=force, verify=not no_verify)
@@ -149,11 +161,17 @@ def _show(result: dict[str, Any], mode: str, no_verify: bool) -> None:
         return
     if mode == "merge":
         out.info(f"merged {result['folds']} tuner(s) into {result['layers']} base layer(s)")
+    if mode in ("onnx", "torch-export"):
+        if result["folded"]:
+            out.info(f"folded into the base weights: {', '.join(result['folded'])}")
+        if result["kept"]:
+            out.info(f"kept in the graph (they do not fold): {', '.join(result['kept'])}")
     if check is not None:
         out.info(check.line())
     elif mode == "peft" and not no_verify:
         out.warn("peft is not installed: the folder was not verified (pip install 'utune[peft]')")
-    out.info(f"wrote {_NAMES[mode]} to {result['path']} ({result['tensors']} tensors, {_size(result['bytes'])})")
+    size = _size(result["bytes"]) if "tensors" not in result else f"{result['tensors']} tensors, {_size(result['bytes'])}"
+    out.info(f"wrote {_NAMES[mode]} to {result['path']} ({size})")
 
 
 def import_peft_cmd(
