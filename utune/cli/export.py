@@ -103,7 +103,7 @@ def export_cmd(
         _folder(built, mode, source, from_spec, output, force, no_verify)
         return
     path = output if output is not None else default_output(source, mode)
-    result = export(built, mode, path, force=force, verify=not no_verify, source=None if from_spec else source)
+    result = export(built, mode, path, force=force, verify=not no_verify, source=tuners if from_spec else source)
     _show(result, mode, no_verify)
 
 
@@ -170,7 +170,9 @@ def _show(result: dict[str, Any], mode: str, no_verify: bool) -> None:
         out.info(check.line())
     elif mode == "peft" and not no_verify:
         out.warn("peft is not installed: the folder was not verified (pip install 'utune[peft]')")
-    size = _size(result["bytes"]) if "tensors" not in result else f"{result['tensors']} tensors, {_size(result['bytes'])}"
+    size = _size(result["bytes"])
+    if "tensors" in result:
+        size = f"{result['tensors']} tensors, {size}"
     out.info(f"wrote {_NAMES[mode]} to {result['path']} ({size})")
 
 

@@ -53,11 +53,13 @@ class Deployable:
     why_kept: str = ""  # why nothing was folded (the merge's refusal), when kept
 
 
-def deployable(built: Built) -> Deployable:
-    """Fold every tuner when all of them fold; else the tuned graph itself, every tuner kept."""
+def deployable(built: Built, *, fold: bool = True) -> Deployable:
+    """Fold every tuner when all of them fold (and ``fold``); else the tuned graph itself, every tuner kept."""
     rules = [f"{r.name} ({r.kind})" for r in built.spec.tuners]
     if not rules:
         return Deployable(built.model)
+    if not fold:
+        return Deployable(built.model, kept=rules, why_kept="fold=False")
     try:
         merged = merged_state_dict(built)
     except UtuneError as e:
@@ -69,13 +71,21 @@ def deployable(built: Built) -> Deployable:
 
 def class_names(built: Built, source: str | Path | None = None) -> list[str] | None:
     """Class names where utune knows them: on the built model (``Built.class_names``), in a tuner file's
-    metadata (``utune.class_names``) or a run's ``classes.json``; None when nowhere."""
+    metadata (``utune.class_names``, a JSON list) or a run's ``classes.json`` (a list, or ``{"classes": [...]}``);
+    None when nowhere (the artifact then has no ``class_names`` entry)."""
     names = getattr(built, "class_names", None)
     if names:
         return [str(n) for n in names]
     if source is None:
         return None
     path = Path(source)
+    if path.is_file() and path.suffix == ".safetensors":  # a tuner file
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("utune.class_names")
+        data = json.loads(raw) if raw else None
+        return [str(n) for n in data] if isinstance(data, list) and data else None
     candidates = [path / "classes.json", path / "class_names.json"] if path.is_dir() else []
     for c in candidates:
         try:
@@ -186,8 +196,7 @@ def verify_artifact(
         got = run(x)
         if tuple(got.shape) != tuple(tuned.shape):
             raise ExportError(
-                f"the {what} outputs shape {tuple(got.shape)} for a batch of {n}, the tuned model "
-                f"{tuple(tuned.shape)}",
+                f"the {what} outputs shape {tuple(got.shape)} for a batch of {n}, the tuned model {tuple(tuned.shape)}",
                 hint="nothing was written; report this with the spec",
             )
         diff = max(diff, float((tuned - got.float()).abs().max()))
@@ -214,15 +223,19 @@ def export_deployed(
     force: bool = False,
     verify: bool = True,
     source: str | Path | None = None,
+    fold: bool = True,
 ) -> dict[str, Any]:
-    """Write ``built`` as a self-contained ``onnx`` or ``torch-export`` artifact (see the module docstring)."""
+    """Write ``built`` as a self-contained ``onnx`` or ``torch-export`` artifact (see the module docstring).
+
+    ``source``: the run or tuner file it came from (where class names are looked for); ``fold=False`` keeps
+    mergeable tuners as computation too (to measure what folding saves)."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown deployment format {fmt!r}", hint=f"use one of: {', '.join(FORMATS)}")
     path = Path(path)
     check_target(path, force)
     if fmt == "onnx":
         _require_onnx()
-    dep = deployable(built)
+    dep = deployable(built, fold=fold)
     meta = deploy_metadata(built, fmt, dep, class_names(built, source))
     try:
         ep = _program(dep.module, _example(built, BATCHES[0], 0))
