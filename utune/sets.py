@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import weakref
 from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any, cast
 
@@ -21,8 +22,10 @@ import torch
 from torch import fx, nn
 
 from utune.errors import UserInputError
+from utune.graph.sets_code import ROWS, compile_sets
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_CODE_CACHE = 16  # generated forwards kept per TunerSets (one per combination of sets and rows mode)
 
 
 def _copy_path(root: nn.Module, path: str) -> None:
@@ -112,10 +115,28 @@ class TunerSets(nn.Module):
         names = list(names or (rows or self.built))
         for n in names:
             self.set_active(n)
-        cache: dict[str, Any] = {}
-        if rows is None:
-            return {n: _SharedRun(self.sets[n], cache).run(x) for n in names}
-        return {n: _SharedRun(self.sets[n], cache, rows[n], self.batch_dims(n)).run(x) for n in names}
+        row_args = {f"{ROWS}{i}": rows[n] for i, n in enumerate(names)} if rows is not None else {}
+        outs = self._compiled(names, rows is not None)(x, **row_args)
+        return dict(zip(names, outs, strict=True))
+
+    def _compiled(self, names: list[str], with_rows: bool) -> fx.GraphModule:
+        """The sets' graphs as one generated forward (:func:`utune.graph.sets_code.compile_sets`), kept
+        while the graphs and what each trains stay the same (what is shared depends on both)."""
+        graphs = [cast(fx.GraphModule, self.sets[n]) for n in names]
+        untouched = tuple(_untouched(gm) for gm in graphs)  # the same object while nothing changed: hashed once
+        key = (tuple(names), with_rows, tuple((id(gm), id(gm.graph)) for gm in graphs), untouched)
+        cache = self.__dict__.setdefault("_code", {})
+        if key not in cache:
+            inputs = [{p.name for p in gm.graph.nodes if p.op == "placeholder"} for gm in graphs]
+            shared = [u | i for u, i in zip(untouched, inputs, strict=True)]
+            rows = None
+            if with_rows:
+                dims = [self.batch_dims(n) or {} for n in names]
+                rows = [(_narrowable(gm.graph, sh, d), d) for gm, sh, d in zip(graphs, shared, dims, strict=True)]
+            if len(cache) >= _CODE_CACHE:
+                cache.pop(next(iter(cache)))
+            cache[key] = compile_sets(graphs, shared, rows)
+        return cast(fx.GraphModule, cache[key])
 
     def batch_dims(self, name: str) -> Any:
         """The batch dim of every value of set ``name``'s graph (:func:`utune.graph.batch.batch_dims`), once."""
@@ -227,7 +248,7 @@ class _SharedRun(fx.Interpreter):
         return _narrow(self.cache[n.name], self.dims.get(n.name), self.rows)
 
 
-def _narrowable(graph: fx.Graph, shared: set[str], dims: Mapping[str, Any]) -> bool:
+def _narrowable(graph: fx.Graph, shared: AbstractSet[str], dims: Mapping[str, Any]) -> bool:
     """Every shared value a set's own nodes read has a known batch dim (or none)."""
     from utune.graph.batch import UNKNOWN
 
