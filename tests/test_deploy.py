@@ -246,3 +246,45 @@ def test_example_scripts_classify_an_image_without_utune(
         assert "utune" not in modules and "timm" not in modules
         if script == "onnx_predict.py":
             assert "torch" not in modules  # only onnxruntime, numpy and Pillow
+
+
+# ---- the command, typed from an empty folder --------------------------------------------------------------
+
+DUAL_SPEC = """\
+version: 1
+model: {name: test_vit, img_size: 32}   # num_classes left out: digits has 10
+tuners:
+  - {name: mha, kind: adapter, at: blocks.*.attn, placement: parallel, tap: parent.input, dim: 4}
+trainable: [head]
+data: {dataset: digits, augment: false, num_workers: 0}
+train: {epochs: 1, max_steps: 2, batch_size: 64, log_every: 1, lr: 0.01}
+"""
+
+
+def test_export_onnx_and_pt2_of_the_latest_run(tmp_path: Path) -> None:
+    from tests.test_cli_user import no_temp_files, ok, utune
+
+    (tmp_path / "spec.yaml").write_text(DUAL_SPEC)
+    ok(utune("apply", "spec.yaml", "--train", cwd=tmp_path))
+    [run] = list((tmp_path / "runs").iterdir())
+    for flag, name in (("--onnx", "model.onnx"), ("--torch-export", "model.pt2")):
+        r = ok(utune("export", flag, "--format", "json", cwd=tmp_path))
+        result = r.json()
+        assert isinstance(result, dict)
+        assert Path(result["path"]) == Path("runs") / run.name / "export" / name
+        assert result["kept"] == ["mha (adapter)"] and result["folded"] == []
+        assert result["verify"]["ok"] and result["verify"]["max_abs_diff"] <= result["verify"]["tolerance"]
+        assert (run / "export" / name).stat().st_size == result["bytes"]
+    r = ok(utune("export", "--onnx", "-o", "again.onnx", cwd=tmp_path))
+    lines = r.out + r.err
+    assert "kept in the graph (they do not fold): mha (adapter)" in lines
+    assert "verify: max |onnxruntime - tuned| = " in lines and ": ok" in lines
+    for args, message in (
+        (["export", "--onnx"], "already exists"),
+        (["export", "--onnx", "--merge", "-o", "x.onnx"], "--merge and --onnx exclude each other"),
+        (["export", "--torch-export", "--folder", "-o", "x"], "--folder goes with --merge or --tuners-only"),
+    ):
+        r = utune(*args, cwd=tmp_path)
+        assert r.code == 2 and message in r.err and "Traceback" not in r.err, (args, r.err)
+    assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "x").exists()
+    no_temp_files(tmp_path)

@@ -88,7 +88,10 @@ def compile_sets(
             own[n] = _copy(g, n, read, i)
     g.output(tuple(outs))
     g.lint()
-    return fx.GraphModule(_Roots(graphs), g, class_name="SharedSets")
+    gm = fx.GraphModule(_Roots(graphs), g, class_name="SharedSets")
+    for i, graph in enumerate(graphs):  # the code reads each set's modules live (a new head, a moved tensor)
+        setattr(gm, f"s{i}", graph)  # not the snapshot of the leaves GraphModule took
+    return gm
 
 
 def _copy(g: fx.Graph, n: fx.Node, arg: Any, i: int) -> fx.Node:
