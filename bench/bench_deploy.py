@@ -111,7 +111,7 @@ def main() -> None:
             "verify_max_abs_diff": summary["verify"].max_abs_diff,
             "trainable": sum(q.numel() for q in built.model.parameters() if q.requires_grad),
         }
-        print(f"{row}: exported in {onnx_s:.1f} s, verify {summary['verify'].line()}", flush=True)
+        print(f"{row}: exported in {onnx_s:.1f} s, {summary['verify'].line()}", flush=True)
     x1 = torch.randn(1, 3, args.img_size, args.img_size)
     xb = torch.randn(args.batch, 3, args.img_size, args.img_size)
     times: dict[str, list[float]] = {f"{r}|{e}|{w}": [] for r in rows for e in ("torch", "onnxruntime") for w in "lb"}

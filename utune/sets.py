@@ -22,7 +22,7 @@ import torch
 from torch import fx, nn
 
 from utune.errors import UserInputError
-from utune.graph.sets_code import ROWS, compile_sets
+from utune.graph.sets_code import ROWS, SharedSets, compile_sets
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 _CODE_CACHE = 16  # generated forwards kept per TunerSets (one per combination of sets and rows mode)
@@ -119,7 +119,7 @@ class TunerSets(nn.Module):
         outs = self._compiled(names, rows is not None)(x, **row_args)
         return dict(zip(names, outs, strict=True))
 
-    def _compiled(self, names: list[str], with_rows: bool) -> fx.GraphModule:
+    def _compiled(self, names: list[str], with_rows: bool) -> SharedSets:
         """The sets' graphs as one generated forward (:func:`utune.graph.sets_code.compile_sets`), kept
         while the graphs and what each trains stay the same (what is shared depends on both)."""
         graphs = [cast(fx.GraphModule, self.sets[n]) for n in names]
@@ -136,7 +136,7 @@ class TunerSets(nn.Module):
             if len(cache) >= _CODE_CACHE:
                 cache.pop(next(iter(cache)))
             cache[key] = compile_sets(graphs, shared, rows)
-        return cast(fx.GraphModule, cache[key])
+        return cast(SharedSets, cache[key])
 
     def batch_dims(self, name: str) -> Any:
         """The batch dim of every value of set ``name``'s graph (:func:`utune.graph.batch.batch_dims`), once."""

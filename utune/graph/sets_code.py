@@ -14,29 +14,42 @@ for bit; only the order in which independent values are computed may differ.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
-from torch import fx, nn
+from torch import fx
+
+from utune.graph.split import compile_graph
 
 ROWS = "rows_"  # the placeholder prefix of each set's row slice
 
 
-class _Roots(nn.Module):
-    """The K graphs' modules under ``s0``, ``s1``...: the same objects (a parameter is not copied)."""
+@dataclass
+class SharedSets:
+    """The generated forward of K sets: ``fn(roots, *inputs, rows_0=..., ...)``; ``roots.s<i>`` is set i's
+    GraphModule itself, so the code reads its modules and tensors live (a new head, weights moved to a
+    device), as the set's own forward does, and nothing is registered or copied."""
 
-    def __init__(self, graphs: Sequence[fx.GraphModule]) -> None:
-        super().__init__()
-        for i, gm in enumerate(graphs):
-            self.add_module(f"s{i}", gm)
+    graph: fx.Graph
+    fn: Callable[..., Any]
+    roots: SimpleNamespace
+
+    @property
+    def code(self) -> str:
+        return str(self.graph.python_code(root_module="self").src)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(self.roots, *args, **kwargs)
 
 
 def compile_sets(
     graphs: Sequence[fx.GraphModule],
     shared: Sequence[frozenset[str]],
     rows: Sequence[tuple[bool, Mapping[str, Any]]] | None = None,
-) -> fx.GraphModule:
-    """One GraphModule computing every graph's output from one input; ``shared[i]``: the names of graph i's
+) -> SharedSets:
+    """One generated function computing every graph's output from one input; ``shared[i]``: the names of graph i's
     nodes whose value any graph may reuse (its untouched nodes and placeholders).
 
     ``rows``: per graph, ``(narrow, dims)``; the generated forward then takes graph i's row slice as the
@@ -88,10 +101,8 @@ def compile_sets(
             own[n] = _copy(g, n, read, i)
     g.output(tuple(outs))
     g.lint()
-    gm = fx.GraphModule(_Roots(graphs), g, class_name="SharedSets")
-    for i, graph in enumerate(graphs):  # the code reads each set's modules live (a new head, a moved tensor)
-        setattr(gm, f"s{i}", graph)  # not the snapshot of the leaves GraphModule took
-    return gm
+    roots = SimpleNamespace(**{f"s{i}": gm for i, gm in enumerate(graphs)})
+    return SharedSets(g, compile_graph(g, "forward_sets"), roots)
 
 
 def _copy(g: fx.Graph, n: fx.Node, arg: Any, i: int) -> fx.Node:
