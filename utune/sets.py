@@ -12,6 +12,7 @@ part before their first tuner is shared.
 from __future__ import annotations
 
 import copy
+import operator
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
@@ -181,36 +182,36 @@ class TunerSets(nn.Module):
         return {n: float(v.detach()) for n, v in losses.items()}
 
 
-_UNTOUCHED: weakref.WeakKeyDictionary[fx.GraphModule, tuple[frozenset[str], frozenset[str]]] = (
+_Params = tuple[tuple[int, int], list[str], list[nn.Parameter]]
+_PARAMS: weakref.WeakKeyDictionary[fx.GraphModule, _Params] = weakref.WeakKeyDictionary()
+_UNTOUCHED: weakref.WeakKeyDictionary[fx.GraphModule, tuple[tuple[bool, ...], frozenset[str]]] = (
     weakref.WeakKeyDictionary()
 )
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
 
 
-_PARAMS: weakref.WeakKeyDictionary[fx.GraphModule, tuple[tuple[int, int], list[tuple[str, nn.Parameter]]]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _named_parameters(gm: fx.GraphModule) -> list[tuple[str, nn.Parameter]]:
-    """``gm.named_parameters()``, remembered while its graph and code stay the same: walking the modules costs
-    more than a small model's forward (0.25 ms of test_vit's 3 ms), and every forward_sets asks."""
+def _named_parameters(gm: fx.GraphModule) -> _Params:
+    """``gm``'s parameter names and parameters, remembered while its graph and code stay the same: walking the
+    modules costs more than a small model's forward (0.25 ms of test_vit's 3 ms), and every forward_sets asks."""
     version = (id(gm.graph), id(gm.__dict__.get("_code")))
     known = _PARAMS.get(gm)
     if known is None or known[0] != version:
-        known = (version, list(gm.named_parameters()))
+        named = list(gm.named_parameters())
+        known = (version, [n for n, _ in named], [p for _, p in named])
         _PARAMS[gm] = known
-    return known[1]
+    return known
 
 
 def _untouched(gm: fx.GraphModule) -> frozenset[str]:
     """Names of the nodes no tuner affects (not downstream of a node a rule added, nor of a trained head);
-    remembered per graph while the same parameters are trainable (every step asks)."""
-    trained = frozenset(n for n, p in _named_parameters(gm) if p.requires_grad)
+    remembered per graph while the same parameters are trainable (every step asks: a few microseconds)."""
+    _, names, params = _named_parameters(gm)
+    flags = tuple(map(_REQUIRES_GRAD, params))
     known = _UNTOUCHED.get(gm)
-    if known is not None and known[0] == trained:
+    if known is not None and known[0] == flags:
         return known[1]
-    found = _walk_untouched(gm, trained)
-    _UNTOUCHED[gm] = (trained, found)
+    found = _walk_untouched(gm, frozenset(n for n, on in zip(names, flags, strict=True) if on))
+    _UNTOUCHED[gm] = (flags, found)
     return found
 
 
