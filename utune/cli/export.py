@@ -165,7 +165,7 @@ def _show(result: dict[str, Any], mode: str, no_verify: bool) -> None:
         if result["folded"]:
             out.info(f"folded into the base weights: {', '.join(result['folded'])}")
         if result["kept"]:
-            out.info(f"kept in the graph (they do not fold): {', '.join(result['kept'])}")
+            out.info(f"kept in the graph: {', '.join(result['kept'])} ({result['why_kept']})")
     if check is not None:
         out.info(check.line())
     elif mode == "peft" and not no_verify:

@@ -249,6 +249,7 @@ def export_deployed(
         "mode": fmt,
         "folded": dep.folded,
         "kept": dep.kept,
+        "why_kept": dep.why_kept,
         "bytes": len(data),
         "metadata": sorted(meta),
     }
