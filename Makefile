@@ -14,7 +14,7 @@ $(PY):
 # Reinstall when the dependencies change. torch/torchvision: the pair that installs from this
 # machine's local wheels (see README, "Installing"); CPU and CUDA both run on it.
 $(STAMP): pyproject.toml | $(PY)
-	$(PIP) install -q -e '.[test,peft,tensorboard,models]'
+	$(PIP) install -q -e '.[test,peft,tensorboard,models,deploy]'
 	touch $(STAMP)
 
 install: $(STAMP)

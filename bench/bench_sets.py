@@ -10,6 +10,12 @@ runs the backbone once on all K x B rows, each task's side network and head on i
 separate one-task steps (what K runs of their own do per step), not against one.
 
     python bench/bench_sets.py --model vit_base_patch16_224 --batch 4 --k 4 --rounds 3
+
+``--codegen``: ``forward_sets`` as generated code (:mod:`utune.engine.sets_code`) against the per-node
+``fx.Interpreter`` it replaced and against a plain forward of one tuned model, inference, interleaved:
+
+    python bench/bench_sets.py --codegen --model test_vit --img-size 32 --batch 2 --k 4 --repeat 200 --cpu-time
+    python bench/bench_sets.py --codegen --model vit_base_patch16_224 --batch 4 --k 4 --repeat 1 --cpu-time
 """
 
 from __future__ import annotations
@@ -49,7 +55,13 @@ def main() -> None:
     p.add_argument("--name", default=None)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--cpu-time", action="store_true", help="time in process CPU seconds, not wall seconds")
+    p.add_argument("--codegen", action="store_true", help="generated forward_sets vs the interpreter (inference)")
+    p.add_argument("--kind", default="bypass", help="--codegen: the method of every set (bench/methods.py)")
+    p.add_argument("--repeat", type=int, default=1, help="--codegen: calls per timed sample (tiny models)")
     args = p.parse_args()
+    if args.codegen:
+        codegen(args)
+        return
     import torch
 
     if args.threads:
@@ -135,6 +147,91 @@ def main() -> None:
         f"{med['train_sep_k'] / med['train_one']:.2f} |\n"
     )
     stem = args.name or f"bypass_sets_{args.model}_k{k}_b{args.batch}_cpu"
+    write_results(args.out, stem, {"machine": machine, **result}, md)
+    print(md)
+
+
+def codegen(args: argparse.Namespace) -> None:
+    """One set and K sets through the generated forward_sets, the old interpreter, and plain forwards."""
+    import torch
+
+    import utune
+    from utune.engine.sets import _SharedRun
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        CLOCK["fn"] = time.process_time
+    machine = describe_machine("cpu")
+    names = [f"task{i}" for i in range(args.k)]
+    sets = utune.build_sets({n: spec_for(args.kind, args.model, args.img_size) for n in names}).eval()
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size)
+    one = sets.sets[names[0]]
+
+    def interpreted(ns: list[str]) -> dict[str, Any]:
+        cache: dict[str, Any] = {}
+        return {n: _SharedRun(sets.sets[n], cache).run(x) for n in ns}
+
+    def repeated(fn: Callable[[], Any]) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(args.repeat):
+                fn()
+
+        return run
+
+    cases = {
+        "plain_one": repeated(lambda: one(x)),  # the tuned model's own forward (its GraphModule code)
+        "generated_one": repeated(lambda: sets.forward_sets(x, names[:1])),
+        "interpreted_one": repeated(lambda: interpreted(names[:1])),
+        "generated_k": repeated(lambda: sets.forward_sets(x, names)),
+        "interpreted_k": repeated(lambda: interpreted(names)),
+        "plain_k": repeated(lambda: [sets.sets[n](x) for n in names]),  # K separate forwards
+    }
+    with torch.no_grad():
+        for n in names:  # the results first: bit for bit
+            assert torch.equal(sets.forward_sets(x, names)[n], interpreted(names)[n])
+        times: dict[str, list[float]] = {k: [] for k in cases}
+        for r in range(args.warmup + args.rounds):
+            order = list(cases) if r % 2 == 0 else list(reversed(cases))
+            for k in order:
+                dt = _timed(cases[k]) / args.repeat
+                if r >= args.warmup:
+                    times[k].append(dt)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "kind": "sets_codegen",
+        "method": args.kind,
+        "model": args.model,
+        "batch": args.batch,
+        "img_size": args.img_size,
+        "k": args.k,
+        "rounds": args.rounds,
+        "repeat": args.repeat,
+        "clock": "cpu" if args.cpu_time else "wall",
+        "median_s": med,
+        "generated_one_over_plain": med["generated_one"] / med["plain_one"],
+        "interpreted_one_over_plain": med["interpreted_one"] / med["plain_one"],
+        "generated_k_over_interpreted_k": med["generated_k"] / med["interpreted_k"],
+        "all_s": times,
+    }
+    k, ms = args.k, 1e3
+    md = (
+        f"Machine: {machine['summary']}\n\n`{args.model}`, batch {args.batch}, {args.img_size} px, CPU, inference; "
+        f"{k} `{args.kind}` sets on one backbone, the same images; median of {args.rounds} rounds of {args.repeat} "
+        f"call(s) after {args.warmup} warm-up, {result['clock']} seconds, interleaved.\n\n"
+        f"| what | median (ms) | ratio |\n|---|---:|---:|\n"
+        f"| one tuned model's own forward | {med['plain_one'] * ms:.3f} | 1.00 |\n"
+        f"| `forward_sets`, one set, generated code | {med['generated_one'] * ms:.3f} | "
+        f"**{result['generated_one_over_plain']:.3f}** x plain |\n"
+        f"| `forward_sets`, one set, the old interpreter | {med['interpreted_one'] * ms:.3f} | "
+        f"{result['interpreted_one_over_plain']:.2f} x plain |\n"
+        f"| `forward_sets`, {k} sets, generated code | {med['generated_k'] * ms:.3f} | "
+        f"**{result['generated_k_over_interpreted_k']:.3f}** x interpreter |\n"
+        f"| `forward_sets`, {k} sets, the old interpreter | {med['interpreted_k'] * ms:.3f} | 1.00 |\n"
+        f"| {k} separate forwards | {med['plain_k'] * ms:.3f} | {med['plain_k'] / med['interpreted_k']:.2f} x "
+        "interpreter |\n"
+    )
+    stem = args.name or f"sets_codegen_{args.kind}_{args.model}_k{k}_b{args.batch}_cpu"
     write_results(args.out, stem, {"machine": machine, **result}, md)
     print(md)
 

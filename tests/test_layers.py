@@ -38,7 +38,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("record", ("utune.engine", "utune.engine.record")),  # what a build returns: every consumer reads it
     ("data and training", ("utune.data", "utune.data.*", "utune.train", "utune.train.*")),
     ("tuned model and export", ("utune.engine.tuned_ops", "utune.engine.tuned", "utune.export", "utune.export.*")),
-    ("build", ("utune.engine.build", "utune.engine.sets")),
+    ("build", ("utune.engine.build", "utune.engine.sets", "utune.engine.sets_code")),
     # train, eval, predict, compare; utune.testing: the contract kit any kind can run
     ("workflows", ("utune.runs", "utune.runs.*", "utune.compare", "utune.compare.*", "utune.testing")),
     ("facade", ("utune",)),  # utune.build, utune.load_spec...: imports lazily on call

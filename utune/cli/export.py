@@ -12,7 +12,15 @@ from utune.cli._common import Checkpoint, Format, Overrides, check_choice, set_f
 from utune.errors import UserInputError
 
 _MERGE_HELP = "fold every tuner into the base weights: a plain state dict timm/torchvision load strictly"
-_NAMES = {"merge": "merged weights", "tuners-only": "tuner weights", "peft": "PEFT LoRA folder"}
+_ONNX_HELP = "a self-contained ONNX model of any tuner kind (what folds is folded), verified in onnxruntime"
+_PT2_HELP = "a self-contained torch.export program (.pt2) of any tuner kind; torch.export.load runs it"
+_NAMES = {
+    "merge": "merged weights",
+    "tuners-only": "tuner weights",
+    "peft": "PEFT LoRA folder",
+    "onnx": "ONNX model",
+    "torch-export": "torch.export program",
+}
 
 
 def register(app: typer.Typer) -> None:
@@ -39,6 +47,8 @@ def export_cmd(
         bool, typer.Option("--tuners-only", help="only tuner and trainable tensors, with the spec (the default)")
     ] = False,
     peft: Annotated[bool, typer.Option("--peft", help="a folder Hugging Face PEFT's PeftModel loads (LoRA)")] = False,
+    onnx: Annotated[bool, typer.Option("--onnx", help=_ONNX_HELP)] = False,
+    torch_export: Annotated[bool, typer.Option("--torch-export", help=_PT2_HELP)] = False,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="file (folder for --peft); default RUN/export/...")
     ] = None,
@@ -59,7 +69,7 @@ def export_cmd(
     ] = False,
     fmt: Format = "table",
 ) -> None:
-    """Export a trained model: --merge (plain weights), --tuners-only (small file), or --peft."""
+    """Export a trained model: --merge (plain weights), --tuners-only (small file), --peft, --onnx, --torch-export."""
     set_format(fmt, artifact_hint="--format is the output's format; the PEFT folder is `--peft`")
     if show_spec is not None:
         _show_spec(show_spec)
@@ -68,24 +78,12 @@ def export_cmd(
 
     source, ov = split_overrides(source, overrides)
     check_choice("--checkpoint", checkpoint, ("latest", "best"))
+    flags = {"merge": merge, "tuners_only": tuners_only, "peft": peft, "onnx": onnx, "torch_export": torch_export}
     mode, result = export_source(
-        source,
-        ov,
-        merge=merge,
-        tuners_only=tuners_only,
-        peft=peft,
-        output=output,
-        force=force,
-        verify=not no_verify,
-        which=checkpoint,
-        tuners=tuners,
-        folder=folder,
-        notify=lambda level, text: out.warn(text) if level == "warn" else out.note(text),
-    )
-    if folder:
-        _show_folder(result)
-    else:
-        _show(result, mode, no_verify)
+        source, ov, **flags, output=output, force=force, verify=not no_verify, which=checkpoint, tuners=tuners,
+        folder=folder, notify=lambda level, text: out.warn(text) if level == "warn" else out.note(text),
+    )  # fmt: skip
+    _show_folder(result) if folder else _show(result, mode, no_verify)
 
 
 def _show_spec(path: Path) -> None:
@@ -115,11 +113,19 @@ def _show(result: dict[str, Any], mode: str, no_verify: bool) -> None:
         return
     if mode == "merge":
         out.info(f"merged {result['folds']} tuner(s) into {result['layers']} base layer(s)")
+    if mode in ("onnx", "torch-export"):
+        if result["folded"]:
+            out.info(f"folded into the base weights: {', '.join(result['folded'])}")
+        if result["kept"]:
+            out.info(f"kept in the graph: {', '.join(result['kept'])} ({result['why_kept']})")
     if check is not None:
         out.info(check.line())
     elif mode == "peft" and not no_verify:
         out.warn("peft is not installed: the folder was not verified (pip install 'utune[peft]')")
-    out.info(f"wrote {_NAMES[mode]} to {result['path']} ({result['tensors']} tensors, {_size(result['bytes'])})")
+    size = _size(result["bytes"])
+    if "tensors" in result:
+        size = f"{result['tensors']} tensors, {size}"
+    out.info(f"wrote {_NAMES[mode]} to {result['path']} ({size})")
 
 
 def import_peft_cmd(

@@ -12,18 +12,22 @@ part before their first tuner is shared.
 from __future__ import annotations
 
 import copy
+import operator
 import re
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence, Set
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from torch import fx, nn
 
+from utune.engine.sets_code import ROWS, SharedSets, _narrow, _rows_of, compile_sets
 from utune.errors import UserInputError
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_CODE_CACHE = 16  # generated forwards kept per TunerSets (one per combination of sets and rows mode)
 
 
 def _copy_path(root: nn.Module, path: str) -> None:
@@ -116,10 +120,28 @@ class TunerSets(nn.Module):
         names = list(names or (rows or self.built))
         for n in names:
             self.set_active(n)
-        cache: dict[str, Any] = {}
-        if rows is None:
-            return {n: _SharedRun(self.sets[n], cache).run(x) for n in names}
-        return {n: _SharedRun(self.sets[n], cache, rows[n], self.batch_dims(n)).run(x) for n in names}
+        row_args = {f"{ROWS}{i}": rows[n] for i, n in enumerate(names)} if rows is not None else {}
+        outs = self._compiled(names, rows is not None)(x, **row_args)
+        return dict(zip(names, outs, strict=True))
+
+    def _compiled(self, names: list[str], with_rows: bool) -> SharedSets:
+        """The sets' graphs as one generated forward (:func:`utune.engine.sets_code.compile_sets`), kept
+        while the graphs and what each trains stay the same (what is shared depends on both)."""
+        graphs = [cast(fx.GraphModule, self.sets[n]) for n in names]
+        untouched = tuple(_untouched(gm) for gm in graphs)  # the same object while nothing changed: hashed once
+        key = (tuple(names), with_rows, tuple((id(gm), id(gm.graph)) for gm in graphs), untouched)
+        cache = self.__dict__.setdefault("_code", {})
+        if key not in cache:
+            inputs = [{p.name for p in gm.graph.nodes if p.op == "placeholder"} for gm in graphs]
+            shared = [u | i for u, i in zip(untouched, inputs, strict=True)]
+            rows = None
+            if with_rows:
+                dims = [self.batch_dims(n) or {} for n in names]
+                rows = [(_narrowable(gm.graph, sh, d), d) for gm, sh, d in zip(graphs, shared, dims, strict=True)]
+            if len(cache) >= _CODE_CACHE:
+                cache.pop(next(iter(cache)))
+            cache[key] = compile_sets(graphs, shared, rows)
+        return cast(SharedSets, cache[key])
 
     def batch_dims(self, name: str) -> Any:
         """The batch dim of every value of set ``name``'s graph (:func:`utune.graph.batch.batch_dims`), once."""
@@ -164,20 +186,36 @@ class TunerSets(nn.Module):
         return {n: float(v.detach()) for n, v in losses.items()}
 
 
-_UNTOUCHED: weakref.WeakKeyDictionary[fx.GraphModule, tuple[frozenset[str], frozenset[str]]] = (
+_Params = tuple[tuple[int, int], list[str], list[nn.Parameter]]
+_PARAMS: weakref.WeakKeyDictionary[fx.GraphModule, _Params] = weakref.WeakKeyDictionary()
+_UNTOUCHED: weakref.WeakKeyDictionary[fx.GraphModule, tuple[tuple[bool, ...], frozenset[str]]] = (
     weakref.WeakKeyDictionary()
 )
+_REQUIRES_GRAD = operator.attrgetter("requires_grad")
+
+
+def _named_parameters(gm: fx.GraphModule) -> _Params:
+    """``gm``'s parameter names and parameters, remembered while its graph and code stay the same: walking the
+    modules costs more than a small model's forward (0.25 ms of test_vit's 3 ms), and every forward_sets asks."""
+    version = (id(gm.graph), id(gm.__dict__.get("_code")))
+    known = _PARAMS.get(gm)
+    if known is None or known[0] != version:
+        named = list(gm.named_parameters())
+        known = (version, [n for n, _ in named], [p for _, p in named])
+        _PARAMS[gm] = known
+    return known
 
 
 def _untouched(gm: fx.GraphModule) -> frozenset[str]:
     """Names of the nodes no tuner affects (not downstream of a node a rule added, nor of a trained head);
-    remembered per graph while the same parameters are trainable (every step asks)."""
-    trained = frozenset(n for n, p in gm.named_parameters() if p.requires_grad)
+    remembered per graph while the same parameters are trainable (every step asks: a few microseconds)."""
+    _, names, params = _named_parameters(gm)
+    flags = tuple(map(_REQUIRES_GRAD, params))
     known = _UNTOUCHED.get(gm)
-    if known is not None and known[0] == trained:
+    if known is not None and known[0] == flags:
         return known[1]
-    found = _walk_untouched(gm, trained)
-    _UNTOUCHED[gm] = (trained, found)
+    found = _walk_untouched(gm, frozenset(n for n, on in zip(names, flags, strict=True) if on))
+    _UNTOUCHED[gm] = (flags, found)
     return found
 
 
@@ -231,36 +269,12 @@ class _SharedRun(fx.Interpreter):
         return _narrow(self.cache[n.name], self.dims.get(n.name), self.rows)
 
 
-def _narrowable(graph: fx.Graph, shared: Set[str], dims: Mapping[str, Any]) -> bool:
+def _narrowable(graph: fx.Graph, shared: AbstractSet[str], dims: Mapping[str, Any]) -> bool:
     """Every shared value a set's own nodes read has a known batch dim (or none)."""
     from utune.graph.batch import UNKNOWN
 
     frontier = {a.name for n in graph.nodes if n.name not in shared for a in n.all_input_nodes if a.name in shared}
     return bool(dims) and all(dims.get(name, UNKNOWN) != UNKNOWN for name in frontier)
-
-
-def _narrow(value: Any, dim: Any, rows: slice | None) -> Any:
-    from utune.graph.batch import BATCH_SIZE
-
-    if rows is None or dim is None:
-        return value
-    n = rows.stop - rows.start
-    if isinstance(dim, int) and not isinstance(dim, bool) and isinstance(value, torch.Tensor):
-        return value.narrow(dim, rows.start, n)
-    if dim == BATCH_SIZE:
-        return n
-    if isinstance(dim, tuple):  # a shape holding the batch size at these positions
-        sizes = [n if i in dim else v for i, v in enumerate(value)]
-        return torch.Size(sizes) if isinstance(value, torch.Size) else type(value)(sizes)
-    return value
-
-
-def _rows_of(out: Any, rows: slice) -> Any:
-    if isinstance(out, torch.Tensor):
-        return out[rows]
-    if isinstance(out, tuple | list):
-        return type(out)(_rows_of(o, rows) for o in out)
-    return out
 
 
 _SET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")

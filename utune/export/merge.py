@@ -372,11 +372,12 @@ class Verification:
     scale: float  # max |tuned output|
     tolerance: float  # allowed max_abs_diff
     ok: bool
+    what: str = "merged"  # what was compared with the tuned model (onnxruntime, torch.export)
 
     def line(self) -> str:
         verdict = "ok" if self.ok else "FAILED"
         return (
-            f"verify: max |merged - tuned| = {self.max_abs_diff:.3g} (output scale {self.scale:.3g}, "
+            f"verify: max |{self.what} - tuned| = {self.max_abs_diff:.3g} (output scale {self.scale:.3g}, "
             f"tolerance {self.tolerance:.3g}): {verdict}"
         )
 

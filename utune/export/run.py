@@ -18,8 +18,14 @@ from utune.spec import spec_hash
 if TYPE_CHECKING:
     from utune.engine.record import Built
 
-MODES = ("merge", "tuners-only", "peft")
-DEFAULT_NAMES = {"merge": "merged.safetensors", "tuners-only": "tuners.safetensors", "peft": "peft"}
+MODES = ("merge", "tuners-only", "peft", "onnx", "torch-export")
+DEFAULT_NAMES = {
+    "merge": "merged.safetensors",
+    "tuners-only": "tuners.safetensors",
+    "peft": "peft",
+    "onnx": "model.onnx",
+    "torch-export": "model.pt2",
+}
 
 
 def export_merged(built: Built, path: Path, *, force: bool = False, verify: bool = True) -> dict[str, Any]:
@@ -59,8 +65,17 @@ def export_merged(built: Built, path: Path, *, force: bool = False, verify: bool
     return result
 
 
-def export(built: Built, mode: str, path: Path, *, force: bool = False, verify: bool = True) -> dict[str, Any]:
-    """Write ``built`` as ``mode`` (merge | tuners-only | peft) to ``path``; returns a summary dict."""
+def export(
+    built: Built,
+    mode: str,
+    path: Path,
+    *,
+    force: bool = False,
+    verify: bool = True,
+    source: str | Path | None = None,
+) -> dict[str, Any]:
+    """Write ``built`` as ``mode`` (merge | tuners-only | peft | onnx | torch-export) to ``path``; returns a
+    summary dict. ``source``: the run it came from (where deployment formats look for class names)."""
     if mode == "merge":
         return export_merged(built, path, force=force, verify=verify)
     if mode == "tuners-only":
@@ -68,4 +83,8 @@ def export(built: Built, mode: str, path: Path, *, force: bool = False, verify: 
     if mode == "peft":
         check_target(Path(path), force)
         return export_peft(built, path, force=force, verify=verify)
+    if mode in ("onnx", "torch-export"):
+        from utune.export.deploy import export_deployed  # torch.onnx is imported only when asked for
+
+        return export_deployed(built, mode, path, force=force, verify=verify, source=source)
     raise UserInputError(f"unknown export mode {mode!r}", hint=f"use one of: {', '.join(MODES)}")

@@ -499,10 +499,22 @@ def default_output(source: Path | str | None, mode: str) -> Path:
     return run / "export" / DEFAULT_NAMES[mode]
 
 
-def choose_mode(merge: bool = False, tuners_only: bool = False, peft: bool = False, spec_export: Any = None) -> str:
+EXPORT_FLAGS = ("--merge", "--tuners-only", "--peft", "--onnx", "--torch-export")
+
+
+def choose_mode(
+    merge: bool = False,
+    tuners_only: bool = False,
+    peft: bool = False,
+    spec_export: Any = None,
+    *,
+    onnx: bool = False,
+    torch_export: bool = False,
+) -> str:
     """The export mode: the one flag given (two exclude each other), else the spec's ``export:`` section
     (``merge: true`` or ``format: peft``), else ``tuners-only``."""
-    chosen = [name for name, on in (("--merge", merge), ("--tuners-only", tuners_only), ("--peft", peft)) if on]
+    flags = (merge, tuners_only, peft, onnx, torch_export)
+    chosen = [name for name, on in zip(EXPORT_FLAGS, flags, strict=True) if on]
     if len(chosen) > 1:
         raise UserInputError(f"{' and '.join(chosen)} exclude each other", hint="choose one export mode")
     if chosen:
@@ -522,6 +534,8 @@ def export_source(
     merge: bool = False,
     tuners_only: bool = False,
     peft: bool = False,
+    onnx: bool = False,
+    torch_export: bool = False,
     output: Path | None = None,
     force: bool = False,
     verify: bool = True,
@@ -541,7 +555,8 @@ def export_source(
     from utune.export.run import export
 
     say = notify or (lambda level, text: None)
-    choose_mode(merge, tuners_only, peft)  # bad flags fail before anything is read
+    flags = {"onnx": onnx, "torch_export": torch_export}
+    choose_mode(merge, tuners_only, peft, **flags)  # bad flags fail before anything is read
     from_spec = source is not None and str(source).endswith((".yaml", ".yml"))
     if output is not None:
         check_target(output, force)
@@ -553,17 +568,17 @@ def export_source(
         source = latest_run(RUNS)
         say("note", f"using the latest run: {source}")
     built = load_source(source, overrides, tuners=tuners, which=which)
-    mode = choose_mode(merge, tuners_only, peft, getattr(built.spec, "export", None))
+    mode = choose_mode(merge, tuners_only, peft, getattr(built.spec, "export", None), **flags)
     if folder:
         from utune.export.hub import export_folder
 
-        if mode == "peft":
-            raise UserInputError("--peft writes a folder already; --folder goes with --merge or --tuners-only")
+        if mode in ("peft", "onnx", "torch-export"):
+            raise UserInputError(f"--{mode} writes its own format; --folder goes with --merge or --tuners-only")
         run = None if from_spec else Path(source)
         path = output if output is not None else Path(source) / "export" / ("merged" if mode == "merge" else "tuners")
         return mode, export_folder(built, mode, path, run=run, force=force, verify=verify)
     path = output if output is not None else default_output(source, mode)
-    return mode, export(built, mode, path, force=force, verify=verify)
+    return mode, export(built, mode, path, force=force, verify=verify, source=tuners if from_spec else source)
 
 
 def import_peft(
