@@ -1,7 +1,7 @@
 """The spec: one YAML file saying which model, which tuners where, what trains, and how to export.
 
-- :mod:`utune.spec.load`: the spec's schema and its loading (every problem at once, with its line),
-  overrides, hashing and serialisation;
+- :mod:`utune.spec.schema`: the sections as pydantic models and the field types they share;
+- :mod:`utune.spec.load`: loading (every problem at once, with its line), overrides, hashing, serialisation;
 - :mod:`utune.spec.sections`: the ``data:`` and ``train:`` sections;
 - :mod:`utune.spec.yamlpos`: YAML with line numbers, duplicate keys and ``key.path=value`` overrides.
 """
@@ -12,11 +12,6 @@ from typing import Any
 
 from utune.spec.load import (
     PATH_KEYS,
-    SPEC_VERSION,
-    ExportConfig,
-    ModelConfig,
-    Spec,
-    TunerRule,
     load_spec,
     load_spec_text,
     spec_hash,
@@ -25,6 +20,7 @@ from utune.spec.load import (
     spec_to_yaml,
     validate_files,
 )
+from utune.spec.schema import SPEC_VERSION, ExportConfig, ModelConfig, Spec, TunerRule
 from utune.spec.sections import DataConfig, TrainConfig
 
 __all__ = [
@@ -47,10 +43,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    """Anything else :mod:`utune.spec.load` defines (its helpers), read through the package."""
-    from utune.spec import load
+    """Anything else :mod:`utune.spec.load` or :mod:`utune.spec.schema` defines, read through the package."""
+    from utune.spec import load, schema
 
-    try:
-        return getattr(load, name)
-    except AttributeError:
-        raise AttributeError(f"module 'utune.spec' has no attribute {name!r}") from None
+    for module in (load, schema):
+        if hasattr(module, name):
+            return getattr(module, name)
+    raise AttributeError(f"module 'utune.spec' has no attribute {name!r}")
