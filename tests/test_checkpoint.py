@@ -243,6 +243,10 @@ class _Built:
     data_config: dict = field(default_factory=lambda: {"input_size": (3, 32, 32)})
     report: dict = field(default_factory=dict)
 
+    @property
+    def model_label(self) -> str:  # as utune.engine.record.Built names the model
+        return str(self.spec.model.name)
+
 
 def test_train_run_and_eval_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = _Spec(types.SimpleNamespace(name="test_vit"), DataConfig(dataset="digits"), train_cfg(max_steps=12))
