@@ -347,7 +347,7 @@ def test_a_signal_during_export_removes_the_partial_file(tmp_path: Path) -> None
     out.mkdir()
     driver = (
         "import os, signal, sys\n"
-        "import utune.export.io as io\n"
+        "import utune._fs as io\n"  # the one atomic writer every export goes through
         "real = io._write_all\n"
         "def write(fd, data):\n"
         "    os.write(fd, bytes(data[:100]))\n"

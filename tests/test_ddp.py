@@ -52,6 +52,7 @@ class Built:
     spec = Spec
     data_config = {{}}
     report = {{}}
+    model_label = "test_vit"  # as utune.engine.record.Built names the model
 
 run_mod.build_loaders = lambda data_cfg, data_config, tcfg, splits=("train", "val"), **kw: digits_loaders()
 sys.modules["utune.spec"] = types.SimpleNamespace(spec_to_yaml=lambda s: "version: 1\\n")

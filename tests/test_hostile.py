@@ -533,9 +533,12 @@ def test_one_writer_per_run_and_a_second_sigterm_stops_without_a_traceback(work:
             assert r.code == 2 and f"pid {proc.pid}" in r.err and "Traceback" not in r.err, r.err
         assert (d / "run" / "metrics.jsonl").read_bytes().startswith(metrics)  # nobody else wrote there
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.05)
+        # the second signal once the first is acknowledged: two sent back to back can reach the process as one
+        # (POSIX does not queue standard signals), which would test nothing
+        acknowledged = _wait_for(proc, "again to stop at once")
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=120)
+        err = acknowledged + err
     finally:
         proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err and "KeyboardInterrupt" not in err, err

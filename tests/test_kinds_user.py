@@ -69,6 +69,8 @@ def work(tmp_path_factory: pytest.TempPathFactory, site: Path) -> Path:
 
 
 def run(*args: str, cwd: Path, site: Path, **env: str) -> Result:
+    """``utune ARGS`` with the example package on PYTHONPATH. A run folder's spec.yaml is a data file: its
+    kinds are imported only with ``--trust`` (the user names the package), as for model factories."""
     return utune(*args, cwd=cwd, env=env_for(cwd, PYTHONPATH=f"{REPO}{os.pathsep}{site}", **env))
 
 
@@ -87,20 +89,26 @@ def test_a_kind_named_by_import_path_trains_exports_and_loads_back(work: Path, s
     assert rule["kind"] == "my_kinds.kinds:GatedAdapter" and len(rule["sites"]) == 6
     assert rule["identity_at_init"] is True and rep["identity_max_abs_diff"] == 0.0  # tanh(0) = 0: bit-exact
     ok(run("apply", "gated.yaml", "--train", "--out", "run_gated", cwd=work, site=site))
-    doc = ok(run("export", "run_gated", "--tuners-only", "--format", "json", cwd=work, site=site)).json()
+    doc = ok(
+        run("--trust", "my_kinds", "export", "run_gated", "--tuners-only", "--format", "json", cwd=work, site=site)
+    ).json()
     assert isinstance(doc, dict) and doc["tensors"] == 6 * 5 + 2  # down, up (weight, bias), gate per site; head
     args = ("apply", "gated.yaml", "--tuners", doc["path"], "--dry-run", "--verify", "--format", "json")
     loaded = ok(run(*args, cwd=work, site=site)).json()
     assert isinstance(loaded, dict) and loaded["identity_max_abs_diff"] > 0  # the trained gates, not the init
     ok(run("draw", "gated.yaml", "-o", "gated.png", cwd=work, site=site))
     assert (work / "gated.png").stat().st_size > 1000
-    merge = run("export", "run_gated", "--merge", cwd=work, site=site)  # GELU: it declares no fold
+    merge = run(
+        "--trust", "my_kinds", "export", "run_gated", "--merge", cwd=work, site=site
+    )  # GELU: it declares no fold
     refused(merge, "cannot merge", "gated")
 
 
 def test_a_folding_kind_merges_into_weights_a_plain_timm_model_loads(work: Path, site: Path) -> None:
     ok(run("apply", "linear.yaml", "--train", "--out", "run_linear", cwd=work, site=site))
-    doc = ok(run("export", "run_linear", "--merge", "--format", "json", cwd=work, site=site)).json()
+    doc = ok(
+        run("--trust", "my_kinds", "export", "run_linear", "--merge", "--format", "json", cwd=work, site=site)
+    ).json()
     assert isinstance(doc, dict) and doc["verify"]["ok"] is True
     plain = timm.create_model("test_vit", num_classes=10, img_size=32)
     state = load_file(str(work / doc["path"]) if not Path(doc["path"]).is_absolute() else doc["path"])
@@ -119,7 +127,9 @@ def test_kind_module_takes_a_plain_nn_module_through_the_same_chain(work: Path, 
     assert rule["kind"] == "module" and rule["identity_at_init"] is None  # the module decides; --verify measures
     assert rep["identity_max_abs_diff"] == 0.0  # Bottleneck zero-inits its last layer
     assert rule["params"] == 6 * (64 * 4 + 4 + 4 * 64 + 64 + 64)  # down, up, the per-channel scale
-    doc = ok(run("export", "run_module", "--tuners-only", "--format", "json", cwd=work, site=site)).json()
+    doc = ok(
+        run("--trust", "my_kinds", "export", "run_module", "--tuners-only", "--format", "json", cwd=work, site=site)
+    ).json()
     assert isinstance(doc, dict)
     args = ("apply", "module.yaml", "--tuners", doc["path"], "--dry-run", "--verify", "--format", "json")
     loaded = ok(run(*args, cwd=work, site=site)).json()

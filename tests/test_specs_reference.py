@@ -148,7 +148,13 @@ def _model(
 
 
 def _fresh_model(
-    name: str, *, pretrained: Any, num_classes: int | None, kwargs: dict[str, Any], img_size: int | None = None
+    name: str,
+    *,
+    pretrained: Any,
+    num_classes: int | None,
+    kwargs: dict[str, Any],
+    img_size: int | None = None,
+    notes: list[str] | None = None,
 ) -> torch.nn.Module:
     assert pretrained is False, "tests never download weights"
     return copy.deepcopy(_model(name, num_classes, tuple(sorted(kwargs.items())), img_size))

@@ -116,7 +116,17 @@ def main(argv: list[str] | None = None) -> None:
             if debug:
                 raise
             code = _stopped_now(128 + (_signals.last_signal() or signal.SIGINT))
+    _exit_on_signal()  # the command is done: a signal now (a second Ctrl-C) only makes the exit immediate
     sys.exit(code)
+
+
+def _exit_on_signal() -> None:
+    def now(signum: int, frame: object) -> None:
+        sys.stdout.flush()
+        os._exit(128 + signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, now)
 
 
 def _stopped_now(code: int) -> int:
