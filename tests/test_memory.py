@@ -46,7 +46,10 @@ def test_freed_tensors_go_back_to_the_os() -> None:
     _, kept = _kept_mb(False)
     changed, released = _kept_mb(True)
     assert changed == "True"
-    assert kept >= 64 and released <= 16, (kept, released)  # 128 MiB of freed tensors: kept vs returned
+    # 128 MiB of freed 2 MiB tensors: with the threshold fixed they go back at once. Without it glibc keeps those
+    # its heap served (all 128 MiB when an earlier large free raised its dynamic threshold, as here usually; how
+    # much depends on the heap the imports left, 16 MiB seen too): the release must return clearly more.
+    assert released <= 16 and kept >= released + 8, (kept, released)
 
 
 def test_the_trainer_sets_it_when_the_spec_asks(tmp_path: Path) -> None:
